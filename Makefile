@@ -1,0 +1,37 @@
+# make demo: the main job on the tiny model.  make test: the whole suite, as CI runs it.
+# Both set everything up first (scripts/setup.sh), so a fresh clone needs nothing else.
+PY := .venv/bin/python
+export COMFYUI_DIR ?= $(CURDIR)/.comfyui
+PORT ?= 8188
+
+.PHONY: setup test test-core test-comfy test-e2e demo serve bench lint
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest tests/core
+	$(PY) -m pytest tests/comfy
+	$(PY) -m pytest tests/e2e
+
+test-core: setup
+	$(PY) -m pytest tests/core
+
+test-comfy: setup
+	$(PY) -m pytest tests/comfy
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e
+
+demo: setup
+	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")
+
+serve: setup
+	cd "$(COMFYUI_DIR)" && $(CURDIR)/$(PY) main.py --listen 127.0.0.1 --port $(PORT) \
+		$(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),,--cpu)
+
+bench: setup
+	$(PY) scripts/bench.py
+
+lint: setup
+	$(PY) -m ruff check .

@@ -1,0 +1,60 @@
+"""The development host itself: the pack registers in the real ComfyUI, and the tiny
+checkpoint loads, encodes, samples and decodes there."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from conftest import COMFY, REPO, TINY
+
+OUR_NODES = {"TriLoRALoader", "TriLoRALoaderModelOnly"}
+
+
+def test_comfyui_loader_imports_the_pack_and_registers_its_nodes(comfy_host):
+    assert comfy_host.loaded_ok, "ComfyUI's load_custom_node reported an import error for the pack"
+    assert OUR_NODES <= set(comfy_host.nodes.NODE_CLASS_MAPPINGS)
+    import comfy.weight_adapter as registry
+
+    assert "trilora" in {a.name for a in registry.adapters}
+    assert registry.adapter_maps["TriLoRA"].name == "trilora"
+
+
+def test_node_schemas_have_tooltips_and_categories(comfy_host):
+    for node_id in OUR_NODES:
+        cls = comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id]
+        info = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for name, spec in info.get(group, {}).items():
+                assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert cls.CATEGORY == "loaders"
+        assert all(cls.OUTPUT_TOOLTIPS), f"{node_id} has an output without a tooltip"
+        assert "TriLoRA" in comfy_host.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
+
+
+def test_tiny_checkpoint_is_detected_as_sd15_and_samples(comfy_host, tiny):
+    assert type(tiny.model.model.model_config).__name__ == "SD15"
+    nodes = comfy_host.nodes
+    positive = nodes.CLIPTextEncode().encode(tiny.clip, "a red cube")[0]
+    negative = nodes.CLIPTextEncode().encode(tiny.clip, "")[0]
+    assert torch.isfinite(positive[0][0]).all()
+    latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    samples = nodes.KSampler().sample(tiny.model, 7, 3, 7.0, "euler", "normal", positive, negative, latent)[0]
+    assert samples["samples"].shape == (1, 4, 8, 8)
+    assert torch.isfinite(samples["samples"]).all()
+    image = nodes.VAEDecode().decode(tiny.vae, samples)[0]
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
+
+
+def test_tiny_checkpoint_is_reproducible_from_its_seed(tmp_path):
+    out = tmp_path / "again.safetensors"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), "--output", str(out),
+                    "--comfyui", str(COMFY)], check=True, capture_output=True)
+    assert out.read_bytes() == (COMFY / "models" / "checkpoints" / TINY).read_bytes()
+
+
+def test_trilora_core_imports_without_comfyui():
+    code = ("import sys; sys.path.insert(0, %r); import trilora_core; "
+            "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules), 'comfy imported'"
+            % str(REPO))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
