@@ -1,0 +1,131 @@
+"""Loader nodes: a TriLoRA (or a plain LoRA/LoCon, converted exactly) onto MODEL and CLIP."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..trilora_core import truncate
+from .file_cache import file_signature, load_cached
+from .patching import apply_trilora
+
+STRENGTH_LIMIT = 10.0
+
+
+def strength_input(name: str, what: str) -> io.Float.Input:
+    return io.Float.Input(
+        id=name, default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
+        display_mode=io.NumberDisplay.slider,
+        tooltip=f"How strongly to modify the {what}: 1.0 applies the adapter as trained, 0 leaves the "
+                f"{what} untouched, negative values push the other way.")
+
+
+def file_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        id="trilora_name", options=folder_paths.get_filename_list("loras"),
+        tooltip="A TriLoRA file from your loras folder. A standard LoRA/LoCon file works too: it is "
+                "converted exactly, so rank truncation applies to it as well.")
+
+
+def truncation_inputs() -> list:
+    return [
+        io.Int.Input(id="max_rank", default=0, min=0, max=4096, optional=True,
+                     tooltip="Keep at most this many singular directions per layer, the strongest ones "
+                             "(least error possible). 0 keeps them all."),
+        io.Float.Input(id="energy", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
+                       tooltip="Keep the fewest directions per layer that hold this share of the layer's "
+                               "energy (sum of squared singular values). 1.0 keeps them all."),
+    ]
+
+
+def load_layers(trilora_name: str, max_rank: int = 0, energy: float = 1.0):
+    """(path, layers) of a file from the loras folder, truncated as asked."""
+    path = folder_paths.get_full_path_or_raise("loras", trilora_name)
+    layers = load_cached(path).layers
+    if max_rank or energy < 1.0:
+        layers = {p: truncate(layer, rank=max_rank or None, energy=energy if energy < 1.0 else None)
+                  for p, layer in layers.items()}
+    return path, layers
+
+
+def loras_fingerprint(trilora_name: str, **_):
+    """Re-run when the chosen file is replaced on disk, not only when the name changes."""
+    try:
+        return file_signature(folder_paths.get_full_path_or_raise("loras", trilora_name))
+    except Exception:
+        return trilora_name
+
+
+INFO_OUTPUT = io.String.Output(display_name="info", tooltip="Which layers matched, their ranks, and the "
+                               "file keys that matched nothing in this model.")
+
+
+class TriLoRALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TriLoRALoader",
+            display_name="Load TriLoRA",
+            category="loaders",
+            description="Applies a TriLoRA file to the diffusion model and the text encoder.",
+            inputs=[
+                io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to."),
+                io.Clip.Input(id="clip", tooltip="The text encoder (CLIP) the TriLoRA is applied to."),
+                file_input(),
+                strength_input("strength_model", "diffusion model"),
+                strength_input("strength_clip", "text encoder"),
+                *truncation_inputs(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the TriLoRA applied."),
+                INFO_OUTPUT,
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return loras_fingerprint(**kwargs)
+
+    @classmethod
+    def execute(cls, model, clip, trilora_name, strength_model, strength_clip, max_rank=0, energy=1.0):
+        if strength_model == 0 and strength_clip == 0:
+            return io.NodeOutput(model, clip, "strengths are 0: nothing applied")
+        path, layers = load_layers(trilora_name, max_rank, energy)
+        model, clip, report = apply_trilora(model, clip, layers, strength_model, strength_clip, path)
+        return io.NodeOutput(model, clip, report.summary())
+
+
+class TriLoRALoaderModelOnly(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TriLoRALoaderModelOnly",
+            display_name="Load TriLoRA (Model Only)",
+            category="loaders",
+            description="Applies a TriLoRA file to the diffusion model only; text-encoder layers are ignored.",
+            inputs=[
+                io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to."),
+                file_input(),
+                strength_input("strength_model", "diffusion model"),
+                *truncation_inputs(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied."),
+                INFO_OUTPUT,
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return loras_fingerprint(**kwargs)
+
+    @classmethod
+    def execute(cls, model, trilora_name, strength_model, max_rank=0, energy=1.0):
+        if strength_model == 0:
+            return io.NodeOutput(model, "strength is 0: nothing applied")
+        path, layers = load_layers(trilora_name, max_rank, energy)
+        model, _, report = apply_trilora(model, None, layers, strength_model, 0.0, path)
+        return io.NodeOutput(model, report.summary())
+
+
+NODES = [TriLoRALoader, TriLoRALoaderModelOnly]
