@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from trilora_core import prefix_for_weight, prefixes_by_weight, weight_for_prefix
+
+PROJ_IN = "diffusion_model.input_blocks.1.1.proj_in.weight"
+TO_Q = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+FC1 = "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+QKV = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+
+# A hand-written sample of ComfyUI's SD1.5 key map (many aliases per weight).
+SD15_MAP: dict[str, str | tuple] = {
+    "lora_unet_input_blocks_1_1_proj_in": PROJ_IN,
+    "diffusion_model.input_blocks.1.1.proj_in": PROJ_IN,
+    "lora_unet_down_blocks_0_attentions_0_proj_in": PROJ_IN,
+    "lycoris_down_blocks_0_attentions_0_proj_in": PROJ_IN,
+    "down_blocks.0.attentions.0.proj_in": PROJ_IN,
+    "unet.down_blocks.0.attentions.0.proj_in": PROJ_IN,
+    "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q": TO_Q,
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1": FC1,
+    "lora_te_text_model_encoder_layers_0_mlp_fc1": FC1,
+    "lora_te1_text_model_encoder_layers_0_mlp_fc1": FC1,
+    "text_encoder.text_model.encoder.layers.0.mlp.fc1": FC1,
+}
+
+
+def test_unet_prefers_kohya_name_derived_from_the_weight() -> None:
+    assert prefix_for_weight(PROJ_IN, SD15_MAP) == "lora_unet_input_blocks_1_1_proj_in"
+    # Without the derived name, another kohya alias.
+    reduced = {k: v for k, v in SD15_MAP.items() if k != "lora_unet_input_blocks_1_1_proj_in"}
+    assert prefix_for_weight(PROJ_IN, reduced) == "lora_unet_down_blocks_0_attentions_0_proj_in"
+
+
+def test_generic_name_when_no_kohya_alias() -> None:
+    assert prefix_for_weight(TO_Q, SD15_MAP) == "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    clip_only_generic = {"text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1": FC1}
+    assert prefix_for_weight(FC1, clip_only_generic) == (
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1"
+    )
+    # Unknown weight: its key without ".weight".
+    assert prefix_for_weight("diffusion_model.out.2.weight", SD15_MAP) == "diffusion_model.out.2"
+    # Only a non-generic alias: that alias (ComfyUI can load it), never a name it does not know.
+    assert prefix_for_weight(FC1, {"text_encoder.text_model.encoder.layers.0.mlp.fc1": FC1}) == (
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1"
+    )
+
+
+def test_text_encoder_sd15_vs_sdxl() -> None:
+    assert prefix_for_weight(FC1, SD15_MAP) == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    fc1_g = "clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    sdxl = dict(SD15_MAP)
+    sdxl["lora_te2_text_model_encoder_layers_0_mlp_fc1"] = fc1_g
+    sdxl["text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1"] = fc1_g
+    assert prefix_for_weight(FC1, sdxl) == "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    assert prefix_for_weight(fc1_g, sdxl) == "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+
+
+def test_tuple_values() -> None:
+    key_map: dict[str, str | tuple] = {
+        "lora_transformer_single_transformer_blocks_0_attn_to_q": (QKV, (0, 0, 3072)),
+        "diffusion_model.double_blocks.0.img_attn.qkv": QKV,
+        "lora_unet_double_blocks_0_img_attn_qkv": (QKV,),
+        "lora_other_whole": (QKV, None),
+    }
+    # A slice alias never names the whole weight; (key,) and (key, None) do.
+    assert prefix_for_weight(QKV, key_map) == "lora_unet_double_blocks_0_img_attn_qkv"
+    assert weight_for_prefix("lora_transformer_single_transformer_blocks_0_attn_to_q", key_map) == QKV
+    assert weight_for_prefix("lora_unet_double_blocks_0_img_attn_qkv", key_map) == QKV
+    only_slices = {"lora_transformer_x": (QKV, (0, 0, 3072))}
+    assert prefix_for_weight(QKV, only_slices) == "diffusion_model.double_blocks.0.img_attn.qkv"
+    assert prefixes_by_weight(only_slices) == {}
+
+
+def test_other_kohya_prefixes() -> None:
+    key_map = {"transformer.x.to_q": "diffusion_model.x.weight", "lora_transformer_x_to_q": "diffusion_model.x.weight"}
+    assert prefix_for_weight("diffusion_model.x.weight", key_map) == "lora_transformer_x_to_q"
+
+
+def test_weight_for_prefix() -> None:
+    assert weight_for_prefix("lora_unet_down_blocks_0_attentions_0_proj_in", SD15_MAP) == PROJ_IN
+    assert weight_for_prefix("lora_te_text_model_encoder_layers_0_mlp_fc1", SD15_MAP) == FC1
+    assert weight_for_prefix("lora_unet_nothing", SD15_MAP) is None
+
+
+def test_prefixes_by_weight_matches_prefix_for_weight_and_is_deterministic() -> None:
+    chosen = prefixes_by_weight(SD15_MAP)
+    assert set(chosen) == {PROJ_IN, TO_Q, FC1}
+    for weight, prefix in chosen.items():
+        assert prefix == prefix_for_weight(weight, SD15_MAP)
+        assert weight_for_prefix(prefix, SD15_MAP) == weight
+    reversed_map = dict(reversed(list(SD15_MAP.items())))
+    assert prefixes_by_weight(reversed_map) == chosen

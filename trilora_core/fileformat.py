@@ -1,0 +1,345 @@
+"""The TriLoRA file format (see DESIGN.md): reading with full validation, atomic writing.
+
+For each adapted weight with module prefix P: ``P.trilora_u`` [out, r], ``P.trilora_s`` [r],
+``P.trilora_vt`` [r, in] or [r, in, *kernel], optional ``P.alpha`` scalar (absent: alpha = r).
+Reading is the trust boundary: every tensor is checked before a layer is built from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .adapter_keys import (
+    ALPHA_PART,
+    LORA_MID_SUFFIX,
+    LORA_NAMINGS,
+    TRILORA_PARTS,
+    LoraNaming,
+    other_adapter_kind,
+    split_lora_key,
+    split_trilora_key,
+)
+from .canonical import canonicalize, is_canonical
+from .convert import lora_to_trilora
+from .errors import TriLoRAFileError
+from .layer import TriLoRALayer
+from .safetensors_io import SafetensorsReader, atomic_write_bytes, data_hash, serialize
+
+FORMAT_VERSION = "1"
+FORMAT_KEY = "trilora_format"
+TRAINING_ARGS_KEY = "trilora_training_args"  # JSON string of the training arguments
+HASH_KEY = "sshs_model_hash"
+# Anything above this is a broken or hostile file, not a real scale (alpha / rank).
+MAX_ALPHA = 1e6
+
+FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_ALPHA_DTYPES = (*FACTOR_DTYPES, "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+_TORCH_FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_FACTOR_NDIM = 5  # [r, in, kd, kh, kw] for 3-D convs
+
+# Reasons shared by the reader and the writer, so users see one wording.
+R_NOT_FINITE = "contains NaN or infinite values"
+R_FACTOR_DTYPE = "expected a float16, bfloat16, float32 or float64 tensor, got {}"
+R_ALPHA_VALUE = "expected a finite alpha > 0 and <= 1000000, got {}"
+
+
+@dataclass
+class TriLoRAFile:
+    """Layers by module prefix (sorted), and the file's metadata (possibly empty)."""
+
+    layers: dict[str, TriLoRALayer]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _shape_str(shape: list[int] | torch.Size) -> str:
+    return str(list(shape))
+
+
+def _alpha_ok(alpha: float) -> bool:
+    return math.isfinite(alpha) and 0.0 < alpha <= MAX_ALPHA
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Validator:
+    """Checks tensors of one open file, raising TriLoRAFileError with the key at fault."""
+
+    def __init__(self, reader: SafetensorsReader) -> None:
+        self.reader = reader
+        self.path = reader.path
+
+    def fail(self, key: str | None, reason: str) -> TriLoRAFileError:
+        return TriLoRAFileError(self.path, key, reason)
+
+    def factor_dtype(self, key: str) -> None:
+        name = self.reader.dtype_name(key)
+        if name not in FACTOR_DTYPES:
+            raise self.fail(key, R_FACTOR_DTYPE.format(name))
+
+    def no_zero_dims(self, key: str, shape: list[int]) -> None:
+        if 0 in shape:
+            raise self.fail(key, f"expected no zero-sized dimension, got shape {_shape_str(shape)}")
+
+    def finite_tensor(self, key: str) -> Tensor:
+        tensor = self.reader.tensor(key)
+        if not bool(torch.isfinite(tensor).all()):
+            raise self.fail(key, R_NOT_FINITE)
+        return tensor
+
+    def alpha(self, key: str | None, rank: int) -> float:
+        """The layer's alpha; ``key`` None (no alpha tensor) means alpha = rank."""
+        if key is None:
+            return float(rank)
+        shape = self.reader.shape(key)
+        if math.prod(shape) != 1:
+            raise self.fail(key, f"expected a scalar, got shape {_shape_str(shape)}")
+        name = self.reader.dtype_name(key)
+        if name not in _ALPHA_DTYPES:
+            raise self.fail(key, f"expected a numeric scalar, got {name}")
+        value = float(self.reader.tensor(key).reshape(()).item())
+        if not _alpha_ok(value):
+            raise self.fail(key, R_ALPHA_VALUE.format(repr(value)))
+        return value
+
+
+def _no_layers_reason(keys: list[str], what: str) -> str:
+    if not keys:
+        return f"no {what} layers: the file holds no tensors"
+    for key in sorted(keys):
+        kind = other_adapter_kind(key) or ("LoRA" if split_lora_key(key) else None)
+        if kind is not None:
+            return f"no {what} layers: this is a {kind} file; load it with ComfyUI's LoraLoader"
+    return f"no {what} layers: no key ends in .trilora_u, .trilora_s or .trilora_vt"
+
+
+def _read_trilora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALayer]:
+    groups: dict[str, dict[str, str]] = {}
+    unknown: list[str] = []
+    for key in sorted(keys):
+        split = split_trilora_key(key)
+        if split is None:
+            unknown.append(key)
+        else:
+            groups.setdefault(split[0], {})[split[1]] = key
+    if not any(part in TRILORA_PARTS for parts in groups.values() for part in parts):
+        raise check.fail(None, _no_layers_reason(keys, "TriLoRA"))
+    if unknown:
+        raise check.fail(
+            unknown[0], "not a TriLoRA key (expected <prefix>.trilora_u, .trilora_s, .trilora_vt or .alpha)"
+        )
+
+    # Pass 1: names, dtypes and shapes from the header only; no tensor data read yet.
+    for prefix, parts in groups.items():
+        for part in TRILORA_PARTS:
+            if part not in parts:
+                raise check.fail(
+                    f"{prefix}.{part}", "missing (every TriLoRA layer needs .trilora_u, .trilora_s and .trilora_vt)"
+                )
+        u_key, s_key, vt_key = (parts[p] for p in TRILORA_PARTS)
+        for key in (u_key, s_key, vt_key):
+            check.factor_dtype(key)
+        u_shape, s_shape, vt_shape = (check.reader.shape(k) for k in (u_key, s_key, vt_key))
+        if len(u_shape) != 2:
+            raise check.fail(u_key, f"expected a 2-D tensor [out, rank], got shape {_shape_str(u_shape)}")
+        if len(s_shape) != 1:
+            raise check.fail(s_key, f"expected a 1-D tensor of singular values, got shape {_shape_str(s_shape)}")
+        if not 2 <= len(vt_shape) <= _MAX_FACTOR_NDIM:
+            raise check.fail(
+                vt_key,
+                f"expected a tensor [rank, in] or [rank, in, *kernel] (2-D to 5-D), got shape {_shape_str(vt_shape)}",
+            )
+        if s_shape[0] == 0:
+            raise check.fail(s_key, "rank must be at least 1, got shape [0]")
+        check.no_zero_dims(u_key, u_shape)
+        check.no_zero_dims(vt_key, vt_shape)
+        if not u_shape[1] == s_shape[0] == vt_shape[0]:
+            raise check.fail(
+                prefix,
+                f"ranks disagree: trilora_u has shape {_shape_str(u_shape)}, trilora_s has shape "
+                f"{_shape_str(s_shape)}, trilora_vt has shape {_shape_str(vt_shape)}",
+            )
+
+    # Pass 2: values.
+    layers: dict[str, TriLoRALayer] = {}
+    for prefix, parts in sorted(groups.items()):
+        u, s, vt = (check.finite_tensor(parts[p]) for p in TRILORA_PARTS)
+        alpha = check.alpha(parts.get(ALPHA_PART), s.shape[0])
+        layers[prefix] = TriLoRALayer(u=u, s=s, vt=vt, alpha=alpha)
+    return layers
+
+
+def _read_lora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALayer]:
+    """Standard LoRA / LoCon layers, each converted exactly to canonical TriLoRA form."""
+    pairs: dict[str, tuple[LoraNaming, dict[str, str]]] = {}
+    alphas: dict[str, str] = {}
+    for key in sorted(keys):
+        split = split_lora_key(key)
+        if split is not None:
+            prefix, naming, side = split
+            seen_naming, sides = pairs.setdefault(prefix, (naming, {}))
+            if seen_naming != naming:
+                other = next(iter(sides.values()))
+                raise check.fail(key, f"the same layer is also stored as {other}; a layer may use one naming only")
+            sides[side] = key
+        elif key.endswith("." + ALPHA_PART) and len(key) > len(ALPHA_PART) + 1:
+            alphas[key[: -len(ALPHA_PART) - 1]] = key
+        else:
+            raise check.fail(key, "not a LoRA or TriLoRA key")
+    for prefix in alphas:
+        pairs.setdefault(prefix, (LORA_NAMINGS[0], {}))  # an alpha without factors
+
+    for prefix, (naming, sides) in pairs.items():
+        for side, suffix in (("up", naming.up), ("down", naming.down)):
+            if side not in sides:
+                raise check.fail(f"{prefix}{suffix}", "missing (every LoRA layer needs both up and down weights)")
+        up_key, down_key = sides["up"], sides["down"]
+        check.factor_dtype(up_key)
+        check.factor_dtype(down_key)
+        up_shape, down_shape = check.reader.shape(up_key), check.reader.shape(down_key)
+        if not 2 <= len(up_shape) <= _MAX_FACTOR_NDIM or any(d != 1 for d in up_shape[2:]):
+            raise check.fail(up_key, f"expected [out, rank] or [out, rank, 1, 1], got shape {_shape_str(up_shape)}")
+        if not 2 <= len(down_shape) <= _MAX_FACTOR_NDIM:
+            raise check.fail(
+                down_key,
+                f"expected [rank, in] or [rank, in, *kernel] (2-D to 5-D), got shape {_shape_str(down_shape)}",
+            )
+        if up_shape[1] != down_shape[0]:
+            raise check.fail(
+                prefix,
+                f"ranks disagree: {naming.up.lstrip('.')} has shape {_shape_str(up_shape)}, "
+                f"{naming.down.lstrip('.')} has shape {_shape_str(down_shape)}",
+            )
+        if up_shape[1] == 0:
+            raise check.fail(up_key, f"rank must be at least 1, got shape {_shape_str(up_shape)}")
+        check.no_zero_dims(up_key, up_shape)
+        check.no_zero_dims(down_key, down_shape)
+
+    layers: dict[str, TriLoRALayer] = {}
+    for prefix, (_, sides) in sorted(pairs.items()):
+        up, down = check.finite_tensor(sides["up"]), check.finite_tensor(sides["down"])
+        alpha = check.alpha(alphas.get(prefix), up.shape[1])
+        layers[prefix] = lora_to_trilora(up, down, alpha)
+    return layers
+
+
+def read_trilora(path: str | os.PathLike[str]) -> TriLoRAFile:
+    """Read and validate a TriLoRA file; any problem raises TriLoRAFileError naming it."""
+    with SafetensorsReader(path) as reader:
+        layers = _read_trilora_layers(_Validator(reader), reader.keys())
+        return TriLoRAFile(layers=layers, metadata=reader.metadata())
+
+
+def read_adapter_file(path: str | os.PathLike[str]) -> TriLoRAFile:
+    """Read a TriLoRA file, or a standard LoRA / LoCon file converted exactly to canonical
+    TriLoRA layers (prefixes as in the file). Other adapter types raise TriLoRAFileError."""
+    with SafetensorsReader(path) as reader:
+        check = _Validator(reader)
+        keys = sorted(reader.keys())
+        for key in keys:
+            if key.endswith(LORA_MID_SUFFIX):
+                raise check.fail(
+                    key, "LoCon Tucker decomposition (lora_mid) is not supported; load it with ComfyUI's LoraLoader"
+                )
+            kind = other_adapter_kind(key)
+            if kind is not None:
+                raise check.fail(key, f"this is a {kind} file; load it with ComfyUI's LoraLoader")
+        trilora_keys = [k for k in keys if (split := split_trilora_key(k)) and split[1] in TRILORA_PARTS]
+        lora_keys = [k for k in keys if split_lora_key(k)]
+        if trilora_keys and lora_keys:
+            raise check.fail(lora_keys[0], "LoRA key in a TriLoRA file; a file may hold one adapter type only")
+        if trilora_keys:
+            layers = _read_trilora_layers(check, keys)
+        elif lora_keys:
+            layers = _read_lora_layers(check, keys)
+        elif not keys:
+            raise check.fail(None, "no LoRA or TriLoRA layers: the file holds no tensors")
+        else:
+            raise check.fail(None, "no LoRA or TriLoRA layers: no key is a LoRA or TriLoRA factor")
+        return TriLoRAFile(layers=layers, metadata=reader.metadata())
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _format_metadata(layers: Mapping[str, TriLoRALayer], alphas: Mapping[str, float]) -> dict[str, str]:
+    max_rank = max(layer.rank for layer in layers.values())
+    distinct = set(alphas.values())
+    if len(distinct) == 1:
+        alpha = distinct.pop()
+    else:  # kohya has one alpha per network: report the one of the (first) largest-rank layer
+        alpha = next(alphas[p] for p in sorted(layers) if layers[p].rank == max_rank)
+    return {
+        FORMAT_KEY: FORMAT_VERSION,
+        "ss_network_module": "trilora",
+        "ss_network_dim": str(max_rank),
+        "ss_network_alpha": _format_number(alpha),
+    }
+
+
+def write_trilora(
+    path: str | os.PathLike[str],
+    layers: Mapping[str, TriLoRALayer],
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    canonical: bool = True,
+) -> str:
+    """Write ``layers`` (by module prefix) to ``path`` atomically and return the path.
+
+    Layers are put in canonical form first (unless ``canonical`` is False or they already
+    are), cast to ``dtype`` (None keeps each tensor's dtype) and checked like the reader
+    checks them, so every written file can be read back. Alpha is stored as a float32 scalar.
+    Metadata: the caller's entries plus trilora_format, ss_network_module, ss_network_dim,
+    ss_network_alpha and sshs_model_hash (these five always come from the content).
+    """
+    path = os.fspath(path)
+    if not layers:
+        raise TriLoRAFileError(path, None, "no layers to write")
+    if dtype is not None and dtype not in _TORCH_FACTOR_DTYPES:
+        raise TriLoRAFileError(path, None, R_FACTOR_DTYPE.format(str(dtype).removeprefix("torch.")))
+    meta: dict[str, str] = {}
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TriLoRAFileError(path, None, f"metadata must map str to str, got {key!r}: {type(value).__name__}")
+        meta[key] = value
+
+    tensors: dict[str, Tensor] = {}
+    written: dict[str, TriLoRALayer] = {}
+    alphas: dict[str, float] = {}
+    for prefix in sorted(layers, key=str):  # key=str: a bad prefix gets our error, not a TypeError
+        layer = layers[prefix]
+        if not isinstance(prefix, str) or not prefix:
+            raise TriLoRAFileError(path, None, f"invalid layer prefix {prefix!r}")
+        if canonical and not is_canonical(layer):
+            layer = canonicalize(layer)
+        written[prefix] = layer
+        for part, tensor in zip(TRILORA_PARTS, (layer.u, layer.s, layer.vt), strict=True):
+            key = f"{prefix}.{part}"
+            tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype)
+            if tensor.dtype not in _TORCH_FACTOR_DTYPES:
+                raise TriLoRAFileError(path, key, R_FACTOR_DTYPE.format(str(tensor.dtype).removeprefix("torch.")))
+            if not bool(torch.isfinite(tensor).all()):  # after the cast: float16 may overflow
+                raise TriLoRAFileError(path, key, R_NOT_FINITE)
+            # A private contiguous copy: safetensors refuses tensors that share storage.
+            tensors[key] = tensor.clone(memory_format=torch.contiguous_format)
+        alpha = torch.tensor(layer.alpha, dtype=torch.float32)
+        if not _alpha_ok(float(alpha)):
+            raise TriLoRAFileError(path, f"{prefix}.{ALPHA_PART}", R_ALPHA_VALUE.format(repr(layer.alpha)))
+        tensors[f"{prefix}.{ALPHA_PART}"] = alpha
+        alphas[prefix] = float(alpha)
+
+    meta.update(_format_metadata(written, alphas))
+    # The hash covers tensor data only, so adding it to the header does not change it.
+    meta[HASH_KEY] = data_hash(serialize(tensors, meta))
+    atomic_write_bytes(path, serialize(tensors, meta))
+    return path
