@@ -11,7 +11,6 @@ mode, call `h(x, base_out)` / `g(y)` instead of merging weights: every tensor th
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import comfy.model_management
 import torch
@@ -51,12 +50,12 @@ class TriLoRAAdapter(WeightAdapterBase):
         self.weights = weights
 
     @classmethod
-    def from_layer(cls, layer: TriLoRALayer, loaded_keys=None) -> "TriLoRAAdapter":
+    def from_layer(cls, layer: TriLoRALayer, loaded_keys=None) -> TriLoRAAdapter:
         return cls(set(loaded_keys or ()), (layer.u, layer.s, layer.vt, float(layer.alpha)))
 
     @classmethod
     def load(cls, x: str, lora: dict, alpha: float, dora_scale, loaded_keys: set | None = None
-             ) -> Optional["TriLoRAAdapter"]:
+             ) -> TriLoRAAdapter | None:
         names = (x + SUFFIX_U, x + SUFFIX_S, x + SUFFIX_VT)
         if names[0] not in lora:
             return None
@@ -75,11 +74,11 @@ class TriLoRAAdapter(WeightAdapterBase):
         u, s, vt, alpha = self.weights
         return TriLoRALayer(u, s, vt, alpha)
 
-    def to_train(self) -> "TriLoRATrainDiff":
+    def to_train(self) -> TriLoRATrainDiff:
         return TriLoRATrainDiff(*self.weights)
 
     @classmethod
-    def create_train(cls, weight, rank=1, alpha=1.0) -> "TriLoRATrainDiff":
+    def create_train(cls, weight, rank=1, alpha=1.0) -> TriLoRATrainDiff:
         # ComfyUI's trainer seeds the global generator; draw from it for its runs to be repeatable.
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         layer = init_layer(tuple(weight.shape), rank, generator, alpha=alpha, device=weight.device)

@@ -38,9 +38,9 @@ def model_shapes() -> dict[str, torch.Size]:
     comfy.options.enable_args_parsing()
     import comfy.clip_model
     import comfy.ops
+    import comfy.sd1_clip
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     from comfy.taesd.taesd import TAESD
-    import comfy.sd1_clip
 
     ops = comfy.ops.disable_weight_init
     parts = {

@@ -26,6 +26,7 @@ comfy.options.enable_args_parsing()
 
 import comfy.model_management  # noqa: E402
 import folder_paths  # noqa: E402
+
 import nodes  # noqa: E402
 
 _loaded = {}

@@ -54,7 +54,6 @@ def test_tiny_checkpoint_is_reproducible_from_its_seed(tmp_path):
 
 
 def test_trilora_core_imports_without_comfyui():
-    code = ("import sys; sys.path.insert(0, %r); import trilora_core; "
-            "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules), 'comfy imported'"
-            % str(REPO))
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import trilora_core; "
+            "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules), 'comfy imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")

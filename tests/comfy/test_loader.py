@@ -3,14 +3,13 @@ stock LoraLoader patch exactly W + strength*(alpha/r) U diag(s) Vt, unpatch bit 
 refuse bad files without touching the model."""
 from __future__ import annotations
 
+import comfy.model_management as mm
+import comfy.utils
 import pytest
 import torch
 from conftest import run_node
 from safetensors.torch import save_file
-from trilora_files import LAYERS, expected_weight, module_of, random_layers, weight, write_lora
-
-import comfy.model_management as mm
-import comfy.utils
+from trilora_files import LAYERS, expected_weight, random_layers, weight, write_lora
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +43,7 @@ def assert_patched(got, originals, layers, strength_model, strength_clip):
     for prefix, (part, key) in LAYERS.items():
         strength = strength_model if part == "unet" else strength_clip
         want = expected_weight(originals[key], layers[prefix], strength)
-        torch.testing.assert_close(got[prefix], want, **tolerance(want.dtype), msg=lambda m: f"{prefix}: {m}")
+        torch.testing.assert_close(got[prefix], want, **tolerance(want.dtype), msg=lambda m, p=prefix: f"{p}: {m}")
 
 
 def tolerance(dtype) -> dict:
@@ -85,7 +84,7 @@ def test_unpatching_restores_weights_bit_for_bit(comfy_host, tiny, trilora_file,
     patched = patched_weights(model, clip)
     assert not any(torch.equal(patched[p], unload_after[k]) for p, (_, k) in LAYERS.items())
     mm.unload_all_models()
-    for prefix, (part, key) in LAYERS.items():
+    for part, key in LAYERS.values():
         assert torch.equal(weight(tiny, part, key), unload_after[key])
 
 
