@@ -55,8 +55,11 @@ def loras_fingerprint(trilora_name: str, **_):
         return trilora_name
 
 
-INFO_OUTPUT = io.String.Output(display_name="info", tooltip="Which layers matched, their ranks, and the "
-                               "file keys that matched nothing in this model.")
+def info_output() -> io.String.Output:
+    # A new object per schema with an explicit id: newer ComfyUI assigns ids to id-less outputs
+    # in place, so one shared instance would carry another node's id.
+    return io.String.Output(id="info", display_name="info", tooltip="Which layers matched, their ranks, "
+                            "and the file keys that matched nothing in this model.")
 
 
 class TriLoRALoader(io.ComfyNode):
@@ -78,7 +81,7 @@ class TriLoRALoader(io.ComfyNode):
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied."),
                 io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the TriLoRA applied."),
-                INFO_OUTPUT,
+                info_output(),
             ],
         )
 
@@ -111,7 +114,7 @@ class TriLoRALoaderModelOnly(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied."),
-                INFO_OUTPUT,
+                info_output(),
             ],
         )
 

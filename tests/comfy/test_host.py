@@ -57,3 +57,22 @@ def test_trilora_core_imports_without_comfyui():
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import trilora_core; "
             "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules), 'comfy imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_schemas_hold_unique_ids_as_newer_comfyui_validates(comfy_host):
+    """ComfyUI 0.2x rejects a schema whose input or output ids repeat; it assigns ids to id-less
+    outputs in place, so an output object shared between two schemas carries one node's id into
+    the other: every schema builds its own outputs."""
+    pack = comfy_host.pack.__name__
+    ours = [c for c in comfy_host.nodes.NODE_CLASS_MAPPINGS.values() if c.__module__.startswith(pack)]
+    assert len(ours) >= len(OUR_NODES)
+    seen_outputs = {}
+    for cls in ours:
+        schema = cls.GET_SCHEMA()
+        inputs = [i.id for i in schema.inputs]
+        outputs = [o.id or f"_{n}_{o.io_type}_" for n, o in enumerate(schema.outputs)]
+        assert len(set(inputs)) == len(inputs), f"{schema.node_id} repeats an input id: {inputs}"
+        assert len(set(outputs)) == len(outputs), f"{schema.node_id} repeats an output id: {outputs}"
+        for o in schema.outputs:
+            assert id(o) not in seen_outputs, f"{schema.node_id} shares an output object with {seen_outputs[id(o)]}"
+            seen_outputs[id(o)] = schema.node_id
