@@ -51,6 +51,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 
+# 3b. Debian's Chromium for the browser tests and the demo (they drive the real ComfyUI frontend
+#     through Playwright with executable_path; Playwright's own browser download is never used).
+if [ ! -x /usr/bin/chromium ]; then
+    say "installing Debian's chromium"
+    sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+
 # 4. The pack, linked into ComfyUI's custom_nodes as a user would clone it there.
 link=$COMFY/custom_nodes/comfyui-trilora
 if [ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]; then

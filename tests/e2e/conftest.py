@@ -66,14 +66,17 @@ def server(tmp_path_factory):
     loras, output = root / "loras", root / "output"
     loras.mkdir()
     output.mkdir()
+    (root / "user").mkdir()
     config = root / "extra_model_paths.yaml"
-    config.write_text(f"trilora_tests:\n  base_path: {root}\n  loras: loras\n")
+    # is_default: files the graphs save (SaveTriLoRA) land here too, not in the host's loras folder
+    config.write_text(f"trilora_tests:\n  base_path: {root}\n  is_default: true\n  loras: loras\n")
     port = free_port()
     log_path = root / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--output-directory", str(output), "--extra-model-paths-config", str(config),
+             "--user-directory", str(root / "user"), "--temp-directory", str(root),
              "--disable-auto-launch"],
             cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
     srv = Server(url=f"http://127.0.0.1:{port}", proc=proc, loras=loras, output=output, log_path=log_path)
@@ -92,3 +95,16 @@ def server(tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+ARTIFACTS = REPO / "test_artifacts"  # screenshots of the browser tests (git-ignored)
+
+
+@pytest.fixture(scope="session")
+def browser(server):
+    """The server's own frontend in headless Chromium (scripts/comfy_browser.py), opened once."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from comfy_browser import ComfyBrowser
+
+    with ComfyBrowser(server.url) as b:
+        yield b

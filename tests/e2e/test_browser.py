@@ -1,0 +1,182 @@
+"""The workflow files users drag into ComfyUI, in the real frontend: Debian's Chromium (headless,
+network closed) on the real server's own page. Each workflow loads with every node type known and
+no warning, converts with the frontend's own app.graphToPrompt(), and runs to success on the tiny
+checkpoint; the TriLoRA nodes show their sliders and tooltips. Screenshots of every loaded
+workflow go to test_artifacts/."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import ARTIFACTS, REPO, TINY
+from PIL import Image, ImageStat
+
+sys.path.insert(0, str(REPO / "scripts"))
+from comfy_browser import ComfyServer, execution_error  # noqa: E402
+
+from trilora_core import read_trilora  # noqa: E402
+
+WORKFLOW_DIR = REPO / "workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+IDS = [p.stem for p in WORKFLOWS]
+USER_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+TRAIN_STEPS = 3
+# Small enough for the tiny model on two CPU cores; every key must exist in the workflows that
+# have the node (ComfyBrowser.set_widgets fails on a missing widget).
+SMALL = {
+    "CheckpointLoaderSimple": {"ckpt_name": TINY},
+    "TriLoRASampleImages": {"size": 64},
+    "TrainTriLoRA": {"steps": TRAIN_STEPS, "rank": 4, "learning_rate": 0.01, "training_dtype": "fp32",
+                     "gradient_checkpointing": False},
+    "KSampler": {"steps": 2},
+    "EmptyLatentImage": {"width": 64, "height": 64},
+}
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def node_types(workflow) -> set[str]:
+    return {n["type"] for n in workflow["nodes"]}
+
+
+def overrides_for(workflow) -> dict:
+    types = node_types(workflow)
+    return {t: dict(v) for t, v in SMALL.items() if t in types}
+
+
+@pytest.fixture(scope="module")
+def runs(server, browser):
+    """Every workflow converted in the browser and queued on the server, the one that trains
+    first: the others name the file it saves (trilora_sample_style_00001_.safetensors in a fresh
+    loras folder) as they ship. {name: (converted, history entry)}."""
+    client = ComfyServer(server.url)
+    results = {}
+    for path in sorted(WORKFLOWS, key=lambda p: ("SaveTriLoRA" not in node_types(read(p)), p.name)):
+        workflow = read(path)
+        converted = browser.convert(workflow, overrides_for(workflow), name=path.stem)
+        results[path.stem] = (converted, client.run(converted.prompt, converted.workflow, timeout=600))
+    return results
+
+
+def test_the_pack_ships_its_workflows_with_thumbnails_and_comfyui_lists_them(server):
+    assert {"trilora_generate", "trilora_train_style"} <= set(IDS)
+    for path in WORKFLOWS:
+        with Image.open(path.with_suffix(".jpg")) as thumb:
+            assert thumb.format == "JPEG" and thumb.width >= 256
+        served = server.get(f"/api/workflow_templates/comfyui-trilora/{path.name}")
+        assert served == read(path)
+        thumbnail = ComfyServer(server.url).get_bytes(f"/api/workflow_templates/comfyui-trilora/{path.stem}.jpg")
+        assert thumbnail == path.with_suffix(".jpg").read_bytes()
+    listed = server.get("/api/workflow_templates")
+    assert sorted(listed["comfyui-trilora"]) == sorted(IDS)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=IDS)
+def test_workflow_loads_in_the_frontend_with_every_node_known_and_no_warning(browser, path):
+    workflow = read(path)
+    loaded = browser.load(workflow, name=path.stem)
+    assert loaded.missing == []
+    assert loaded.notices == []
+    assert loaded.node_types == [n["type"] for n in workflow["nodes"]]
+    assert browser.page.evaluate("app.graph.nodes.length") == len(workflow["nodes"])
+    assert browser.widget("CheckpointLoaderSimple", "ckpt_name")["value"] == USER_CHECKPOINT
+    notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1 and "What to change" in notes[0]
+    shot = browser.screenshot(ARTIFACTS / f"{path.stem}.png")
+    with Image.open(shot) as image:
+        assert image.size == (1920, 1200)
+        assert max(ImageStat.Stat(image.convert("L")).stddev) > 20  # a drawn graph, not a blank page
+
+
+def test_a_workflow_with_an_unknown_node_type_is_reported(browser):
+    workflow = read(WORKFLOW_DIR / "trilora_generate.json")
+    workflow["nodes"][0] = {**workflow["nodes"][0], "type": "NoSuchTriLoRANode"}
+    loaded = browser.load(workflow, name="broken")
+    assert loaded.missing == ["NoSuchTriLoRANode"]
+    assert len(loaded.notices) == 1  # the frontend's own dialog names it
+    assert "missing nodes" in loaded.notices[0] and "NoSuchTriLoRANode" in loaded.notices[0]
+
+
+def test_committed_workflows_are_what_make_workflows_builds_with_todays_nodes(browser):
+    """Catches a node whose inputs changed since the files were made (their widget values are
+    stored by position): rerun scripts/make_workflows.py then."""
+    import make_workflows
+
+    for name, spec in make_workflows.WORKFLOW_SPECS.items():
+        built = browser.build({**spec(), "id": make_workflows.workflow_id(name)})
+        assert built == read(WORKFLOW_DIR / f"{name}.json"), f"{name}.json is stale: run scripts/make_workflows.py"
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_workflow_converts_and_runs_to_success_on_the_tiny_model(runs, name):
+    converted, entry = runs[name]
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    workflow = read(WORKFLOW_DIR / f"{name}.json")
+    assert {n["class_type"] for n in converted.prompt.values()} == node_types(workflow) - {"Note"}
+    checkpoints = [n for n in converted.prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert [n["inputs"]["ckpt_name"] for n in checkpoints] == [TINY]
+    assert entry["outputs"], "no output node reported anything"
+
+
+def test_training_workflow_saves_a_trilora_plots_the_loss_and_previews_strengths(runs, server):
+    converted, entry = runs["trilora_train_style"]
+    by_type = {}
+    for node_id, node in converted.prompt.items():
+        by_type.setdefault(node["class_type"], []).append(node_id)
+    train = converted.prompt[by_type["TrainTriLoRA"][0]]["inputs"]
+    assert train["latents"][0] in by_type["VAEEncode"] and train["positive"][0] in by_type["CLIPTextEncode"]
+    saved = sorted(server.loras.glob("trilora_sample_style_*.safetensors"))
+    assert len(saved) == 1
+    adapter = read_trilora(str(saved[0]))
+    assert adapter.metadata["trilora_steps"] == str(TRAIN_STEPS)
+    assert len(json.loads(adapter.metadata["trilora_loss_history"])) == TRAIN_STEPS
+    assert max(int(layer.s.shape[0]) for layer in adapter.layers.values()) == 4
+    assert entry["outputs"][by_type["LossGraphNode"][0]]["images"]
+    strengths = sorted(converted.prompt[i]["inputs"]["strength"] for i in by_type["ApplyTriLoRA"])
+    assert strengths == [0.0, 0.5, 1.0]
+    client = ComfyServer(server.url)
+    previews = {}
+    for apply_id in by_type["ApplyTriLoRA"]:
+        sampler = next(i for i in by_type["KSampler"] if converted.prompt[i]["inputs"]["model"][0] == apply_id)
+        decode = next(i for i in by_type["VAEDecode"] if converted.prompt[i]["inputs"]["samples"][0] == sampler)
+        shown = next(i for i in by_type["PreviewImage"] if converted.prompt[i]["inputs"]["images"][0] == decode)
+        strength = converted.prompt[apply_id]["inputs"]["strength"]
+        previews[strength] = client.file(entry["outputs"][shown]["images"][0])
+    assert previews[0.0] != previews[1.0], "the trained TriLoRA changed nothing in the preview"
+
+
+def test_generation_workflow_loads_the_file_the_training_workflow_saved(runs, server):
+    converted, entry = runs["trilora_generate"]
+    loader = next(n for n in converted.prompt.values() if n["class_type"] == "TriLoRALoader")
+    assert loader["inputs"]["trilora_name"] == "trilora_sample_style_00001_.safetensors"  # as shipped
+    assert (server.loras / loader["inputs"]["trilora_name"]).is_file()
+    images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    assert len(images) == 1 and (server.output / images[0]["subfolder"] / images[0]["filename"]).is_file()
+
+
+@pytest.mark.parametrize("workflow, node_type, widget", [
+    ("trilora_generate", "TriLoRALoader", "strength_model"),
+    ("trilora_generate", "TriLoRALoader", "strength_clip"),
+    ("trilora_train_style", "ApplyTriLoRA", "strength"),
+])
+def test_strengths_are_sliders_with_their_tooltips(browser, server, workflow, node_type, widget):
+    browser.load(read(WORKFLOW_DIR / f"{workflow}.json"), name=workflow)
+    shown = browser.widget(node_type, widget)
+    assert shown["type"] == "slider"
+    assert (shown["options"]["min"], shown["options"]["max"]) == (-10, 10)
+    spec = server.get(f"/object_info/{node_type}")[node_type]["input"]["required"][widget][1]
+    assert browser.hover_tooltip(node_type, widget) == spec["tooltip"]
+
+
+@pytest.mark.parametrize("node_type, widget", [
+    ("TrainTriLoRA", "rank"), ("TrainTriLoRA", "learning_rate"), ("TrainTriLoRA", "training_dtype"),
+    ("SaveTriLoRA", "filename_prefix"), ("TriLoRASampleImages", "folder"),
+])
+def test_training_nodes_show_their_tooltips(browser, server, node_type, widget):
+    browser.load(read(WORKFLOW_DIR / "trilora_train_style.json"), name="trilora_train_style")
+    inputs = server.get(f"/object_info/{node_type}")[node_type]["input"]
+    spec = {**inputs["required"], **inputs.get("optional", {})}[widget][1]
+    assert browser.hover_tooltip(node_type, widget) == spec["tooltip"]
