@@ -5,6 +5,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..trilora_core import truncate
+from .blocks import block_group
 from .file_cache import file_signature, load_cached
 from .patching import apply_trilora
 
@@ -55,6 +56,14 @@ def loras_fingerprint(trilora_name: str, **_):
         return trilora_name
 
 
+def validate_file_name(trilora_name) -> bool | str:
+    """A name that is not in the loras folder fails validation, before the graph runs: ComfyUI
+    0.3.75 checks V3 combo values against no options list (its own check runs for V1 nodes only)."""
+    if trilora_name is None or trilora_name in folder_paths.get_filename_list("loras"):  # None: a linked input
+        return True
+    return f"'{trilora_name}' is not in the loras folder"
+
+
 def info_output() -> io.String.Output:
     # A new object per schema with an explicit id: newer ComfyUI assigns ids to id-less outputs
     # in place, so one shared instance would carry another node's id.
@@ -84,6 +93,10 @@ class TriLoRALoader(io.ComfyNode):
                 info_output(),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, trilora_name):
+        return validate_file_name(trilora_name)
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
@@ -119,6 +132,10 @@ class TriLoRALoaderModelOnly(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, trilora_name):
+        return validate_file_name(trilora_name)
+
+    @classmethod
     def fingerprint_inputs(cls, **kwargs):
         return loras_fingerprint(**kwargs)
 
@@ -131,4 +148,80 @@ class TriLoRALoaderModelOnly(io.ComfyNode):
         return io.NodeOutput(model, report.summary())
 
 
-NODES = [TriLoRALoader, TriLoRALoaderModelOnly]
+BLOCK_MULTIPLIERS = (
+    ("input_blocks", "UNet input blocks", "the UNet's input (down) blocks: composition and coarse shapes"),
+    ("middle_block", "UNet middle block", "the UNet's middle block: the most abstract features"),
+    ("output_blocks", "UNet output blocks", "the UNet's output (up) blocks: details, texture and colour"),
+    ("text_encoder", "Text encoder", "the text encoder(s): how the prompt's words are read"),
+)
+
+
+def block_multiplier_input(name: str, what: str) -> io.Float.Input:
+    return io.Float.Input(
+        id=name, default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
+        display_mode=io.NumberDisplay.slider,
+        tooltip=f"Multiplier on the strength for {what}. 1.0 = as the strength says, 0 = leave these layers "
+                f"out, negative = push the other way.")
+
+
+def block_strength(multipliers: dict[str, float]):
+    """key_strength for apply_trilora: a multiplier per UNet block group, one for the text encoder;
+    UNet layers outside the three block groups (time embedding) keep strength_model alone."""
+    by_group = {group: multipliers[name] for name, group, _ in BLOCK_MULTIPLIERS[:3]}
+
+    def key_strength(part: str, weight_key: str) -> float:
+        if part == "CLIP":
+            return multipliers["text_encoder"]
+        return by_group.get(block_group(weight_key), 1.0)
+
+    return key_strength
+
+
+class TriLoRALoaderBlockWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TriLoRALoaderBlockWeights",
+            display_name="Load TriLoRA (Block Weights)",
+            category="loaders",
+            description="Load TriLoRA with a strength per part of the model: UNet input, middle and output "
+                        "blocks and the text encoder, to choose where a style acts.",
+            inputs=[
+                io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to."),
+                io.Clip.Input(id="clip", tooltip="The text encoder (CLIP) the TriLoRA is applied to."),
+                file_input(),
+                strength_input("strength_model", "diffusion model"),
+                strength_input("strength_clip", "text encoder"),
+                *[block_multiplier_input(name, what) for name, _, what in BLOCK_MULTIPLIERS],
+                *truncation_inputs(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the TriLoRA applied."),
+                info_output(),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, trilora_name):
+        return validate_file_name(trilora_name)
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return loras_fingerprint(**kwargs)
+
+    @classmethod
+    def execute(cls, model, clip, trilora_name, strength_model, strength_clip, input_blocks=1.0, middle_block=1.0,
+                output_blocks=1.0, text_encoder=1.0, max_rank=0, energy=1.0):
+        multipliers = {"input_blocks": input_blocks, "middle_block": middle_block, "output_blocks": output_blocks,
+                       "text_encoder": text_encoder}
+        if strength_model == 0 and strength_clip == 0:
+            return io.NodeOutput(model, clip, "strengths are 0: nothing applied")
+        path, layers = load_layers(trilora_name, max_rank, energy)
+        model, clip, report = apply_trilora(model, clip, layers, strength_model, strength_clip, path,
+                                            key_strength=block_strength(multipliers))
+        weights = ", ".join(f"{name} {value:g}" for name, value in multipliers.items())
+        return io.NodeOutput(model, clip, f"{report.summary()}; block weights: {weights}")
+
+
+NODES = [TriLoRALoader, TriLoRALoaderModelOnly, TriLoRALoaderBlockWeights]

@@ -4,6 +4,7 @@ Everything is checked before anything is patched, so a bad file never half-appli
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.lora
@@ -72,10 +73,27 @@ def _numel(shape) -> int:
     return n
 
 
+def group_by_strength(part: str, patches: dict, strength: float,
+                      key_strength: Callable[[str, str], float] | None) -> dict[float, dict]:
+    """{strength: patches} for add_patches, which takes one strength per call; zeros left out."""
+    if key_strength is None:
+        return {strength: patches} if patches else {}
+    groups: dict[float, dict] = {}
+    for key, adapter in patches.items():
+        value = strength * float(key_strength(part, key[0] if isinstance(key, tuple) else key))
+        if value != 0:
+            groups.setdefault(value, {})[key] = adapter
+    return groups
+
+
 def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: float, strength_clip: float,
-                  source: str):
+                  source: str, key_strength: Callable[[str, str], float] | None = None):
     """Returns (model, clip, report): clones carrying the patches, or the inputs where a strength
-    is 0 or there is nothing to patch. Raises TriLoRAFileError when no layer fits the model."""
+    is 0 or there is nothing to patch. Raises TriLoRAFileError when no layer fits the model.
+
+    ``key_strength(part, weight_key)``, when given, is a multiplier on top of the side's strength
+    for each patched weight (part "UNet" or "CLIP", weight_key the model's state-dict key): the
+    block-weights loader uses it. Weights whose strength comes to 0 are left unpatched."""
     report = ApplyReport(source, len(layers))
     sides = []
     if model is not None:
@@ -97,11 +115,13 @@ def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: 
     for part, holder, patches, strength in planned:
         report.matched[part] = len(patches)
         report.ranks += [a.weights[1].shape[0] for a in patches.values()]
-        if strength == 0 or not patches:
+        groups = group_by_strength(part, patches, strength, key_strength) if strength != 0 else {}
+        if not groups:
             results[part] = holder
             continue
         clone = holder.clone()
-        clone.add_patches(patches, strength)
+        for group_strength, group in groups.items():
+            clone.add_patches(group, group_strength)
         results[part] = clone
     report.unmatched = sorted(p for p in layers if p not in claimed)
     log.info("TriLoRA %s", report.summary())

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .canonical import canonicalize, is_canonical, spectrum, truncate
 from .convert import lora_to_trilora, trilora_to_lora
 from .errors import TriLoRAFileError
+from .extract import SVD_METHODS, energy_rank, extract_layer, kept_energy
 from .fileformat import (
     FORMAT_VERSION,
     MAX_ALPHA,
@@ -19,6 +20,7 @@ from .fileformat import (
 )
 from .keys import prefix_for_weight, prefixes_by_weight, weight_for_prefix
 from .layer import TriLoRALayer
+from .merge import merge_files, merge_layers
 from .safetensors_io import content_hash, file_content_hash
 from .training import SCHEDULES, init_layer, lr_lambda, orthogonality_penalty
 
@@ -26,17 +28,23 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_ALPHA",
     "SCHEDULES",
+    "SVD_METHODS",
     "TRAINING_ARGS_KEY",
     "TriLoRAFile",
     "TriLoRAFileError",
     "TriLoRALayer",
     "canonicalize",
     "content_hash",
+    "energy_rank",
+    "extract_layer",
     "file_content_hash",
     "init_layer",
     "is_canonical",
+    "kept_energy",
     "lora_to_trilora",
     "lr_lambda",
+    "merge_files",
+    "merge_layers",
     "orthogonality_penalty",
     "prefix_for_weight",
     "prefixes_by_weight",
