@@ -1,5 +1,5 @@
-"""Parsed adapter files, kept per path, modification time and size: moving a strength slider
-re-runs the loader without re-reading the file, and a file replaced on disk is read again."""
+"""Parsed adapter files, kept per path, modification time, size, inode and ctime: moving a strength
+slider re-runs the loader without re-reading the file, and a file replaced on disk is read again."""
 from __future__ import annotations
 
 import os
@@ -14,8 +14,10 @@ _lock = threading.Lock()
 
 
 def file_signature(path: str) -> tuple:
+    """(real path, ...): a replaced file changes it even with the old size and modification time
+    (a copy that keeps timestamps): a replacement is a new inode, and its ctime cannot be set."""
     stat = os.stat(path)
-    return (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    return (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns)
 
 
 def load_cached(path: str) -> TriLoRAFile:

@@ -47,6 +47,8 @@ _MAX_FACTOR_NDIM = 5  # [r, in, kd, kh, kw] for 3-D convs
 R_NOT_FINITE = "contains NaN or infinite values"
 R_FACTOR_DTYPE = "expected a float16, bfloat16, float32 or float64 tensor, got {}"
 R_ALPHA_VALUE = "expected a finite alpha > 0 and <= 1000000, got {}"
+R_TOO_LARGE = "values too large: delta W overflows {}"
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -63,6 +65,19 @@ def _shape_str(shape: list[int] | torch.Size) -> str:
 
 def _alpha_ok(alpha: float) -> bool:
     return math.isfinite(alpha) and 0.0 < alpha <= MAX_ALPHA
+
+
+def _fits_float32(layer: TriLoRALayer) -> bool:
+    """Whether delta W and the partial products ComfyUI forms on the way to it ((alpha / r) * s,
+    then U diag(s) (alpha / r)) surely fit in float32: finite factors alone do not make a finite
+    patch. Bounded from max|entries|, so no delta W is formed here."""
+    u, s, vt = (float(t.detach().abs().max()) for t in (layer.u, layer.s, layer.vt))
+    bound = abs(layer.scale) * s
+    for factor in (u, vt * layer.rank):
+        if not bound <= _FLOAT32_MAX:  # checked before each product: never inf * 0
+            return False
+        bound *= factor
+    return bound <= _FLOAT32_MAX
 
 
 def _format_number(value: float) -> str:
@@ -96,6 +111,11 @@ class _Validator:
         if not bool(torch.isfinite(tensor).all()):
             raise self.fail(key, R_NOT_FINITE)
         return tensor
+
+    def bounded(self, prefix: str, layer: TriLoRALayer) -> TriLoRALayer:
+        if not _fits_float32(layer):
+            raise self.fail(prefix, R_TOO_LARGE.format("float32"))
+        return layer
 
     def alpha(self, key: str | None, rank: int) -> float:
         """The layer's alpha; ``key`` None (no alpha tensor) means alpha = rank."""
@@ -175,7 +195,7 @@ def _read_trilora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoR
     for prefix, parts in sorted(groups.items()):
         u, s, vt = (check.finite_tensor(parts[p]) for p in TRILORA_PARTS)
         alpha = check.alpha(parts.get(ALPHA_PART), s.shape[0])
-        layers[prefix] = TriLoRALayer(u=u, s=s, vt=vt, alpha=alpha)
+        layers[prefix] = check.bounded(prefix, TriLoRALayer(u=u, s=s, vt=vt, alpha=alpha))
     return layers
 
 
@@ -229,7 +249,14 @@ def _read_lora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALa
     for prefix, (_, sides) in sorted(pairs.items()):
         up, down = check.finite_tensor(sides["up"]), check.finite_tensor(sides["down"])
         alpha = check.alpha(alphas.get(prefix), up.shape[1])
-        layers[prefix] = lora_to_trilora(up, down, alpha)
+        try:
+            layer = lora_to_trilora(up, down, alpha)
+        except torch.linalg.LinAlgError as err:  # the SVD met values that overflowed float32
+            raise check.fail(prefix, R_TOO_LARGE.format("float32")) from err
+        if not all(bool(torch.isfinite(t).all()) for t in (layer.u, layer.s, layer.vt)):
+            # huge finite factors: the canonical form overflowed in float32 or in their dtype
+            raise check.fail(prefix, R_TOO_LARGE.format(str(layer.u.dtype).removeprefix("torch.")))
+        layers[prefix] = check.bounded(prefix, layer)
     return layers
 
 
@@ -335,6 +362,9 @@ def write_trilora(
         alpha = torch.tensor(layer.alpha, dtype=torch.float32)
         if not _alpha_ok(float(alpha)):
             raise TriLoRAFileError(path, f"{prefix}.{ALPHA_PART}", R_ALPHA_VALUE.format(repr(layer.alpha)))
+        stored = TriLoRALayer(*(tensors[f"{prefix}.{part}"] for part in TRILORA_PARTS), alpha=float(alpha))
+        if not _fits_float32(stored):  # the reader would refuse it
+            raise TriLoRAFileError(path, prefix, R_TOO_LARGE.format("float32"))
         tensors[f"{prefix}.{ALPHA_PART}"] = alpha
         alphas[prefix] = float(alpha)
 
