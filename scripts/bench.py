@@ -1,0 +1,822 @@
+#!/usr/bin/env python
+"""`make bench`: TriLoRA against ComfyUI's own LoRA, side by side, in the real ComfyUI.
+
+What is measured (see BENCHMARKS.md for what each figure means):
+
+1. training step: TrainTriLoRA vs ComfyUI's TrainLoraNode (LoRA), same rank, steps, data, dtype,
+   optimizer, loss, gradient checkpointing off. A step's time is the interval between two
+   progress-bar updates (ComfyUI's global progress hook, which both nodes drive once per
+   optimizer step), the first step left out: setup, the first step's lazy allocations and the
+   result's post-processing never count. The median over the run's steps is the run's figure.
+2. adapter overhead: a TrainTriLoRA step vs the same node's step with no adapter: only the first
+   layer (input_blocks.0.0, a 4-channel conv) keeps a tiny adapter, so the backward still runs
+   through every layer (activation gradients, as with adapters everywhere) and costs nothing else.
+3. load and patch: TriLoRALoader vs LoraLoader on equal-rank files over the same layers (the
+   TriLoRA file and its exact LoRA equivalent, up = U diag(s), down = Vt), node plus
+   comfy.model_management.load_models_gpu (which patches the weights) plus the unload (which
+   restores them). "cold": the file is read and parsed (our cache cleared, a fresh LoraLoader);
+   "warm": both nodes' own caches hold it (a re-run with another strength).
+4. training memory: each side in a fresh subprocess (clean peak): peak RSS (VmHWM, reset after
+   the model load where the kernel allows, else ru_maxrss) minus the RSS after the model load;
+   on CUDA max_memory_allocated minus memory_allocated after the model load.
+5. scaling: step-time ratio against rank and latent size; load-and-patch ratio against rank.
+6. on a GPU only: a full-size SD1.5 UNet (ComfyUI's own SD15 config, random weights), 512 px,
+   bf16, gradient checkpointing on and off: steps/s and peak memory against TrainLoraNode.
+
+Sides run alternately in ONE process (A B A B ...), and each figure is the median of the per-pair
+ratios ours / theirs: the machine is shared and noisy, ratios of neighbouring runs are stable
+where absolute times are not. Absolute times are reported as context only.
+
+    .venv/bin/python scripts/bench.py            # full run (make bench), < 10 min on 2 CPU cores
+    .venv/bin/python scripts/bench.py --quick    # smoke run (tests/comfy/test_bench_smoke.py)
+
+Results: bench_output/bench-<time>.json (raw), bench_output/latest.json, bench_output/latest.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMFY = Path(os.environ.get("COMFYUI_DIR") or REPO / ".comfyui").resolve()
+TINY = "trilora-tiny-sd15.safetensors"
+SCHEMA_VERSION = 1
+
+# name -> (goal for ours / theirs, stretch goal or None)
+GOALS = {
+    "train_step": (1.0, 0.8),
+    "adapter_overhead": (1.15, None),
+    "load_patch_cold": (1.05, None),
+    "load_patch_warm": (1.05, None),
+    "train_memory": (1.0, None),
+}
+
+FULL = {
+    "latent": 16,         # latent side (x8 = pixels): 16 -> 128 px, 256 tokens in the tiny UNet
+    "rank": 8,
+    "steps": 5,           # per training run; the first step is left out of the per-step figure
+    "rounds": 5,          # A/B(/base) rounds for sections 1-2
+    "load_rounds": 5,
+    "mem_steps": 3,
+    "mem_pairs": 1,
+    "scale_ranks": [4, 32, 128],
+    "scale_latents": [8, 32],
+    "scale_steps": 4,
+    "scale_pairs": 2,
+    "patch_ranks": [4, 32, 128],
+    "patch_pairs": 2,
+    "clip": True,         # loaders get CLIP-L too (their key maps cover it); --quick leaves it out
+    # section 6 (GPU only)
+    "full_latent": 64,    # 512 px
+    "full_rank": 8,
+    "full_steps": 8,
+    "full_rounds": 2,
+}
+
+QUICK = {
+    **FULL,
+    "latent": 8, "steps": 3, "rounds": 1, "load_rounds": 1, "mem_steps": 2, "mem_pairs": 1,
+    "scale_ranks": [4], "scale_latents": [], "scale_steps": 2, "scale_pairs": 1,
+    "patch_ranks": [4], "patch_pairs": 1, "clip": False,
+    "full_latent": 8, "full_steps": 3, "full_rounds": 1,
+}
+
+
+def say(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def ratio_summary(ours: list[float], theirs: list[float], ours_cpu=None, theirs_cpu=None) -> dict:
+    """Per-pair ratios ours/theirs and their median; absolute medians as context. With CPU times
+    (process time: single-threaded runs), their ratios too, under ``cpu``."""
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True) if a is not None and b]
+    extra = {"cpu": ratio_summary(ours_cpu, theirs_cpu)} if ours_cpu is not None else {}
+    return {
+        **extra,
+        "ratio_median": median(ratios),
+        "ratio_min": min(ratios) if ratios else None,
+        "ratio_max": max(ratios) if ratios else None,
+        "ratios": ratios,
+        "ours_median": median(ours),
+        "theirs_median": median(theirs),
+        "ours": ours,
+        "theirs": theirs,
+        "pairs": len(ratios),
+    }
+
+
+# =========================================================================== worker side: ComfyUI
+
+
+class Host:
+    """The real ComfyUI in this process (CPU unless the device is cuda), with the pack loaded by
+    ComfyUI's own custom-node loader, as tests/comfy/conftest.py does."""
+
+    def __init__(self, device: str, threads: int = 0):
+        sys.path.insert(0, str(COMFY))
+        sys.argv = [sys.argv[0]] + (["--cpu"] if device == "cpu" else [])
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import logging
+
+        import comfy.model_management
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+        import torch
+
+        import nodes
+
+        logging.getLogger().setLevel(logging.ERROR)
+        if threads:
+            torch.set_num_threads(threads)
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        pack_dir = COMFY / "custom_nodes" / "comfyui-trilora"
+        if not asyncio.run(nodes.load_custom_node(str(pack_dir))):
+            raise SystemExit(f"the pack did not load from {pack_dir}")
+        pack = next(m for m in list(sys.modules.values())
+                    if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
+        comfy.utils.PROGRESS_BAR_ENABLED = False  # TrainLoraNode's tqdm bar
+        self.torch, self.nodes, self.mm, self.utils = torch, nodes, comfy.model_management, comfy.utils
+        self.sd, self.folder_paths = comfy.sd, folder_paths
+        self.train_mod = sys.modules[pack.__name__ + ".nodes.train"]
+        self.file_cache = sys.modules[pack.__name__ + ".nodes.file_cache"]
+        self.core = sys.modules[pack.__name__ + ".trilora_core"]
+        self.device = device
+        self.tmp = tempfile.TemporaryDirectory(prefix="trilora-bench-")
+        loras = Path(self.tmp.name) / "loras"
+        loras.mkdir()
+        self.loras = loras
+        folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+        folder_paths.set_output_directory(str(Path(self.tmp.name) / "output"))
+        self.stamps: list[tuple[float, float]] = []  # (wall, process CPU time) at each progress update
+        comfy.utils.set_progress_bar_global_hook(
+            lambda *a, **k: self.stamps.append((time.perf_counter(), time.process_time())))
+        self.ours = nodes.NODE_CLASS_MAPPINGS["TrainTriLoRA"]
+        self.theirs = nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
+
+    def load_tiny(self, clip: bool = False):
+        path = self.folder_paths.get_full_path_or_raise("checkpoints", TINY)
+        out = self.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=clip,
+                                                   embedding_directory=self.folder_paths.get_folder_paths("embeddings"))
+        return out[0], out[1]
+
+    def data(self, latent: int, seed: int = 0):
+        """Two latents of one size (TrainLoraNode 0.3.75 crashes on a single LATENT input), one
+        random conditioning shaped like CLIP-L's (the UNet cannot tell it from an encoded prompt)."""
+        g = self.torch.Generator().manual_seed(seed)
+        latents = [{"samples": self.torch.randn(1, 4, latent, latent, generator=g)} for _ in range(2)]
+        positive = [[self.torch.randn(1, 77, 768, generator=g), {}]]
+        return latents, positive
+
+    def settle(self) -> None:
+        """Between runs, untimed: nothing loaded, garbage gone (both trainers leave their clone loaded)."""
+        self.mm.unload_all_models()
+        gc.collect()
+        self.mm.soft_empty_cache()
+
+    # ---- one training run per side; returns {"step_s": median step time, "steps": [...], "total_s"}
+
+    def _timed(self, fn) -> dict:
+        self.settle()
+        self.stamps.clear()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+        wall = [b[0] - a[0] for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        cpu = [b[1] - a[1] for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        self.settle()
+        return {"step_s": median(wall), "step_cpu_s": median(cpu), "steps": wall, "steps_cpu": cpu,
+                "total_s": total, "total_cpu_s": total_cpu}
+
+    def run_ours(self, model, latents, positive, steps, rank, dtype, checkpointing, only_first=False) -> dict:
+        kwargs = dict(model=[model], latents=latents, positive=[positive], steps=[steps], rank=[rank],
+                      learning_rate=[1e-4], seed=[0], alpha=[float(rank)], batch_size=[1],
+                      training_dtype=[dtype], gradient_checkpointing=[checkpointing],
+                      optimizer=["AdamW"], loss_function=["MSE"], target_layers=["all linear+conv"])
+        if not only_first:
+            return self._timed(lambda: self.ours.execute(**kwargs))
+        # The no-adapter baseline: one tiny adapter on the first layer only (see the module doc).
+        find = self.train_mod.find_targets
+
+        def first_only(mp, target):
+            found = [t for t in find(mp, target) if t.name.endswith("input_blocks.0.0")]
+            return found or find(mp, target)[:1]
+
+        self.train_mod.find_targets = first_only
+        try:
+            return self._timed(lambda: self.ours.execute(**kwargs))
+        finally:
+            self.train_mod.find_targets = find
+
+    def run_theirs(self, model, latents, positive, steps, rank, dtype, checkpointing) -> dict:
+        # Keyword args only, from the schema's defaults (newer ComfyUI inserts inputs mid-list).
+        kwargs = {}
+        with contextlib.suppress(Exception):
+            for inp in self.theirs.define_schema().inputs:
+                if getattr(inp, "default", None) is not None:
+                    kwargs[inp.id] = [inp.default]
+        kwargs.update(model=[model], latents=latents, positive=[positive], batch_size=[1], steps=[steps],
+                      grad_accumulation_steps=[1], learning_rate=[1e-4], rank=[rank], optimizer=["AdamW"],
+                      loss_function=["MSE"], seed=[0], training_dtype=[dtype],
+                      lora_dtype=["fp32"],  # our factors train in fp32: the same for theirs
+                      algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
+        import inspect
+
+        accepted = inspect.signature(self.theirs.execute).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+        return self._timed(lambda: self.theirs.execute(**kwargs))
+
+
+def training_dtype(device: str) -> str:
+    return "fp32" if device == "cpu" else "bf16"
+
+
+# ---------------------------------------------------------------- sections 1 + 2
+
+
+def section_train(host: Host, cfg: dict, model) -> dict:
+    latents, positive = host.data(cfg["latent"])
+    dtype, steps, rank = training_dtype(host.device), cfg["steps"], cfg["rank"]
+    runs = {"ours": [], "theirs": [], "base": []}
+    orders = [("ours", "theirs", "base"), ("theirs", "base", "ours"), ("base", "ours", "theirs")]
+    for r in range(cfg["rounds"]):
+        for side in orders[r % 3]:
+            if side == "ours":
+                res = host.run_ours(model, latents, positive, steps, rank, dtype, False)
+            elif side == "theirs":
+                res = host.run_theirs(model, latents, positive, steps, rank, dtype, False)
+            else:
+                res = host.run_ours(model, latents, positive, steps, rank, dtype, False, only_first=True)
+            runs[side].append(res)
+        say(f"  round {r + 1}/{cfg['rounds']}: step (wall / cpu time) ours {runs['ours'][-1]['step_s']:.3f}/"
+            f"{runs['ours'][-1]['step_cpu_s']:.3f}s, theirs {runs['theirs'][-1]['step_s']:.3f}/"
+            f"{runs['theirs'][-1]['step_cpu_s']:.3f}s, no adapter {runs['base'][-1]['step_s']:.3f}/"
+            f"{runs['base'][-1]['step_cpu_s']:.3f}s")
+    step = {k: [x["step_s"] for x in v] for k, v in runs.items()}
+    cpu = {k: [x["step_cpu_s"] for x in v] for k, v in runs.items()}
+    total = {k: [x["total_s"] for x in v] for k, v in runs.items()}
+    total_cpu = {k: [x["total_cpu_s"] for x in v] for k, v in runs.items()}
+    setting = {"latent": cfg["latent"], "rank": rank, "steps": steps, "dtype": dtype, "checkpointing": False}
+
+    def pair(a, b, unit):
+        return {**ratio_summary(step[a], step[b], cpu[a], cpu[b]), "unit": unit, "setting": setting}
+
+    return {
+        "train_step": pair("ours", "theirs", "s/step"),
+        "adapter_overhead": pair("ours", "base", "s/step"),
+        "theirs_overhead": pair("theirs", "base", "s/step"),
+        "node_total": {**ratio_summary(total["ours"], total["theirs"], total_cpu["ours"], total_cpu["theirs"]),
+                       "unit": "s/run", "setting": setting},
+        "raw": runs,
+    }
+
+
+# ---------------------------------------------------------------- section 3
+
+
+def write_files(host: Host, model, rank: int, seed: int = 0) -> tuple[str, str, int]:
+    """A TriLoRA file over every layer TrainTriLoRA adapts by default, and its exact LoRA twin."""
+    torch, core = host.torch, host.core
+    from safetensors.torch import save_file
+
+    targets = host.train_mod.find_targets(model, "all linear+conv")
+    g = torch.Generator().manual_seed(seed)
+    layers, lora = {}, {}
+    for t in targets:
+        layer = core.init_layer(t.weight_shape, rank, g, alpha=float(rank))
+        s = torch.linspace(0.02, 0.01, layer.rank)  # descending, positive: canonical
+        layer = core.TriLoRALayer(layer.u, s, layer.vt, layer.alpha)
+        layers[t.prefix] = layer
+        up = layer.u * s
+        if len(t.weight_shape) > 2:
+            up = up.reshape(*up.shape, *([1] * (len(t.weight_shape) - 2)))
+        lora[f"{t.prefix}.lora_up.weight"] = up.contiguous()
+        lora[f"{t.prefix}.lora_down.weight"] = layer.vt.contiguous()
+        lora[f"{t.prefix}.alpha"] = torch.tensor(float(layer.alpha))
+    tri_name, lora_name = f"bench_trilora_r{rank}.safetensors", f"bench_lora_r{rank}.safetensors"
+    core.write_trilora(host.loras / tri_name, layers)
+    save_file(lora, str(host.loras / lora_name))
+    return tri_name, lora_name, len(targets)
+
+
+def load_patch_cycle(host: Host, side: str, model, clip, name: str, cold: bool, state: dict) -> dict:
+    host.settle()
+    if side == "ours":
+        if cold:
+            host.file_cache._cache.clear()
+        node = host.nodes.NODE_CLASS_MAPPINGS["TriLoRALoader"]
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = node.execute(model=model, clip=clip, trilora_name=name, strength_model=1.0, strength_clip=1.0)
+        patched = out.result[0] if hasattr(out, "result") else out[0]
+    else:
+        if cold or "lora_loader" not in state:
+            state["lora_loader"] = host.nodes.LoraLoader()
+        t0, c0 = time.perf_counter(), time.process_time()
+        patched = state["lora_loader"].load_lora(model, clip, name, 1.0, 1.0)[0]
+    t1 = time.perf_counter()
+    host.mm.load_models_gpu([patched])
+    t2 = time.perf_counter()
+    host.mm.unload_all_models()
+    t3, c3 = time.perf_counter(), time.process_time()
+    del patched
+    host.settle()
+    return {"total_s": t3 - t0, "total_cpu_s": c3 - c0, "node_s": t1 - t0, "load_s": t2 - t1, "unload_s": t3 - t2}
+
+
+def section_load(host: Host, cfg: dict, model, clip) -> dict:
+    rank = cfg["rank"]
+    tri, lora, n_layers = write_files(host, model, rank)
+    out = {}
+    for mode in ("cold", "warm"):
+        state: dict = {}
+        if mode == "warm":  # fill both caches first
+            load_patch_cycle(host, "ours", model, clip, tri, False, state)
+            load_patch_cycle(host, "theirs", model, clip, lora, True, state)
+        runs = {"ours": [], "theirs": []}
+        for r in range(cfg["load_rounds"]):
+            for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+                runs[side].append(load_patch_cycle(host, side, model, clip, tri if side == "ours" else lora,
+                                                   mode == "cold", state))
+        total = {k: [x["total_s"] for x in v] for k, v in runs.items()}
+        cpu = {k: [x["total_cpu_s"] for x in v] for k, v in runs.items()}
+        summary = ratio_summary(total["ours"], total["theirs"], cpu["ours"], cpu["theirs"])
+        for part in ("node_s", "load_s", "unload_s"):
+            summary[f"{part}_ours_median"] = median([x[part] for x in runs["ours"]])
+            summary[f"{part}_theirs_median"] = median([x[part] for x in runs["theirs"]])
+        summary.update(unit="s/cycle", setting={"rank": rank, "layers": n_layers, "file": mode}, raw=runs)
+        out[f"load_patch_{mode}"] = summary
+        say(f"  load+patch {mode}: ours {summary['ours_median']:.3f}s, theirs {summary['theirs_median']:.3f}s, "
+            f"ratio {summary['ratio_median']:.3f} (cpu time {summary['cpu']['ratio_median']:.3f})")
+    return out
+
+
+# ---------------------------------------------------------------- section 5
+
+
+def section_scaling(host: Host, cfg: dict, model, clip) -> dict:
+    dtype = training_dtype(host.device)
+    out = {"step_vs_rank": [], "step_vs_latent": [], "patch_vs_rank": []}
+    points = [("step_vs_rank", rank, cfg["latent"]) for rank in cfg["scale_ranks"]]
+    points += [("step_vs_latent", cfg["rank"], size) for size in cfg["scale_latents"]]
+    for kind, rank, size in points:
+        latents, positive = host.data(size)
+        res = {"ours": [], "theirs": []}
+        for p in range(cfg["scale_pairs"]):
+            for side in (("ours", "theirs") if p % 2 == 0 else ("theirs", "ours")):
+                fn = host.run_ours if side == "ours" else host.run_theirs
+                res[side].append(fn(model, latents, positive, cfg["scale_steps"], rank, dtype, False))
+        row = {**ratio_summary(*([x[key] for x in res[side]] for key in ("step_s",) for side in ("ours", "theirs")),
+                               *([x["step_cpu_s"] for x in res[side]] for side in ("ours", "theirs"))),
+               "rank": rank, "latent": size, "unit": "s/step"}
+        out[kind].append(row)
+        say(f"  {kind} rank {rank} latent {size}: ours {row['ours_median']:.3f}s theirs {row['theirs_median']:.3f}s "
+            f"ratio {row['ratio_median']:.3f} (cpu time {row['cpu']['ratio_median']:.3f})")
+    for rank in cfg["patch_ranks"]:
+        tri, lora, n_layers = write_files(host, model, rank)
+        runs = {"ours": [], "theirs": []}
+        state: dict = {}
+        for p in range(cfg["patch_pairs"]):
+            for side in (("ours", "theirs") if p % 2 == 0 else ("theirs", "ours")):
+                runs[side].append(load_patch_cycle(host, side, model, clip, tri if side == "ours" else lora, True,
+                                                   state))
+        wall = {k: [x["total_s"] for x in v] for k, v in runs.items()}
+        cpu = {k: [x["total_cpu_s"] for x in v] for k, v in runs.items()}
+        row = {**ratio_summary(wall["ours"], wall["theirs"], cpu["ours"], cpu["theirs"]), "rank": rank,
+               "layers": n_layers, "unit": "s/cycle"}
+        out["patch_vs_rank"].append(row)
+        say(f"  patch rank {rank}: ours {row['ours_median']:.3f}s theirs {row['theirs_median']:.3f}s "
+            f"ratio {row['ratio_median']:.3f} (cpu time {row['cpu']['ratio_median']:.3f})")
+    return out
+
+
+# ---------------------------------------------------------------- section 6
+
+
+def sd15_unet_config() -> dict:
+    """ComfyUI's own SD1.5 UNet config: the `SD15` entry of
+    comfy.model_detection.unet_config_from_diffusers_unet, read from its source (it is a local
+    there); a copy of it if that source ever moves."""
+    import ast
+    import inspect
+
+    import comfy.model_detection as md
+
+    fallback = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+                'legacy': False, 'adm_in_channels': None, 'dtype': None, 'in_channels': 4, 'model_channels': 320,
+                'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0],
+                'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
+                'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                'use_temporal_attention': False, 'use_temporal_resblock': False}
+    try:
+        tree = ast.parse(inspect.getsource(md.unet_config_from_diffusers_unet).lstrip())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id == "SD15" and isinstance(node.value, ast.Dict)):
+                config = {}
+                for k, v in zip(node.value.keys, node.value.values, strict=True):
+                    config[ast.literal_eval(k)] = None if isinstance(v, ast.Name) else ast.literal_eval(v)
+                return config
+    except Exception:
+        pass
+    return fallback
+
+
+def full_size_model(host: Host, dtype):
+    """A ModelPatcher around a full-size SD1.5 UNet with random weights, built the way ComfyUI
+    builds a detected checkpoint's model (its SD15 model config, its operations)."""
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    torch = host.torch
+    unet_config = sd15_unet_config()
+    model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
+    if type(model_config).__name__ != "SD15":
+        raise RuntimeError(f"ComfyUI did not take the config for SD15 but {type(model_config).__name__}")
+    model_config.set_inference_dtype(dtype, None)
+    load_device = host.mm.get_torch_device()
+    model = model_config.get_model({}, "", device=None)
+    model.to(load_device)
+    g = torch.Generator(device=load_device).manual_seed(0)
+    with torch.no_grad():  # ComfyUI's ops leave weights uninitialised: give every tensor a value
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, (1.0 / max(1, p[0].numel())) ** 0.5, generator=g)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+    n_params = sum(p.numel() for p in model.diffusion_model.parameters())
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
+                                            offload_device=host.mm.unet_offload_device()), n_params
+
+
+def section_fullsize(host: Host, cfg: dict) -> dict:
+    torch = host.torch
+    cuda = host.device == "cuda"
+    dtype = "bf16"
+    mp, n_params = full_size_model(host, torch.bfloat16)
+    latents, positive = host.data(cfg["full_latent"])
+    rank, steps = cfg["full_rank"], cfg["full_steps"]
+    out = {"params": n_params, "latent": cfg["full_latent"], "rank": rank, "dtype": dtype, "rows": []}
+    for checkpointing in (True, False):
+        runs = {"ours": [], "theirs": []}
+        for r in range(cfg["full_rounds"]):
+            for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
+                if cuda:
+                    host.settle()
+                    host.mm.load_models_gpu([mp])
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                fn = host.run_ours if side == "ours" else host.run_theirs
+                res = fn(mp, latents, positive, steps, rank, dtype, checkpointing)
+                if cuda:
+                    res["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+                runs[side].append(res)
+        step = {k: [x["step_s"] for x in v] for k, v in runs.items()}
+        row = {"checkpointing": checkpointing, "step": ratio_summary(step["ours"], step["theirs"]),
+               "steps_per_s_ours": 1 / median(step["ours"]), "steps_per_s_theirs": 1 / median(step["theirs"])}
+        if cuda:
+            peak = {k: [x["peak_bytes"] for x in v] for k, v in runs.items()}
+            row["memory"] = ratio_summary(peak["ours"], peak["theirs"])
+        out["rows"].append(row)
+        say(f"  full-size SD1.5, checkpointing {checkpointing}: {row['steps_per_s_ours']:.2f} vs "
+            f"{row['steps_per_s_theirs']:.2f} steps/s, step ratio {row['step']['ratio_median']:.3f}")
+    return out
+
+
+# ---------------------------------------------------------------- section 4 (one side per process)
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker_memory(host: Host, cfg: dict, side: str) -> dict:
+    torch = host.torch
+    model, _ = host.load_tiny()
+    latents, positive = host.data(cfg["latent"])
+    dtype, rank, steps = training_dtype(host.device), cfg["rank"], cfg["mem_steps"]
+    host.settle()
+    host.mm.load_models_gpu([model])
+    result = {"side": side, "device": host.device, "latent": cfg["latent"], "rank": rank, "steps": steps}
+    if host.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result["method"] = "cuda max_memory_allocated - memory_allocated after model load"
+    else:
+        gc.collect()
+        reset = _reset_peak_rss()
+        before_kib = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result["method"] = ("VmHWM after a reset (clear_refs 5) - VmRSS after model load" if reset
+                            else "ru_maxrss - ru_maxrss after model load")
+    # The node's own model load happens inside the node (on the clone of an already loaded model).
+    fn = host.run_ours if side == "ours" else host.run_theirs
+    t0 = time.perf_counter()
+    fn(model, latents, positive, steps, rank, dtype, False)
+    result["total_s"] = time.perf_counter() - t0
+    if host.device == "cuda":
+        result["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    else:
+        peak_kib = _status_kib("VmHWM") if result["method"].startswith("VmHWM") else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result["peak_bytes"] = (peak_kib - before_kib) * 1024
+        result["rss_after_model_load_bytes"] = before_kib * 1024
+    return result
+
+
+def worker_timing(host: Host, cfg: dict, sections: list[str]) -> dict:
+    out: dict = {}
+    t0 = time.perf_counter()
+    if {"train", "load", "scaling"} & set(sections):
+        model, clip = host.load_tiny(clip=cfg.get("clip", True) and bool({"load", "scaling"} & set(sections)))
+        if "train" in sections:
+            say(f"[{host.device}] 1-2. training step and adapter overhead")
+            out["train"] = section_train(host, cfg, model)
+        if "load" in sections:
+            say(f"[{host.device}] 3. load and patch")
+            out["load"] = section_load(host, cfg, model, clip)
+        if "scaling" in sections:
+            say(f"[{host.device}] 5. scaling")
+            out["scaling"] = section_scaling(host, cfg, model, clip)
+        del model, clip
+        host.settle()
+    if "fullsize" in sections:
+        say(f"[{host.device}] 6. full-size SD1.5 UNet")
+        out["fullsize"] = section_fullsize(host, cfg)
+    out["elapsed_s"] = time.perf_counter() - t0
+    return out
+
+
+# =========================================================================== orchestrator
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "loadavg_start": os.getloadavg(), "comfyui_dir": str(COMFY),
+    }
+    with contextlib.suppress(Exception):
+        info["comfyui_version"] = (COMFY / "comfyui_version.py").read_text().split('"')[1]
+    with contextlib.suppress(Exception):
+        info["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True).stdout.strip()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def spawn(args: list[str], result: Path, timeout: float, threads: int = 0) -> dict:
+    """Runs a worker; its [bench] lines are shown as they come, the rest kept for an error."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--result", str(result)]
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1, env=env) as proc:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("[bench]"):
+                print(line, end="", flush=True)
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"worker {' '.join(args)} ran past {timeout:.0f} s")
+        code = proc.wait()
+    if code != 0 or not result.exists():
+        tail = "\n".join(lines[-40:])
+        raise RuntimeError(f"worker {' '.join(args)} failed (exit {code}):\n{tail}")
+    return json.loads(result.read_text())
+
+
+def fmt(value, digits=3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def goal_text(name: str, value) -> str:
+    if name not in GOALS or value is None:
+        return ""
+    goal, stretch = GOALS[name]
+    verdict = "met" if value <= goal else "MISSED"
+    if stretch is not None and value <= stretch:
+        verdict += f", stretch <= {stretch} met"
+    return f"<= {goal}: {verdict}"
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per figure. Times are judged on CPU time where the CPU runs were single-threaded
+    (process time then counts this process's work only, not the time other processes on a shared
+    machine take from it); else, and on CUDA, on wall time. Both ratios are kept."""
+    rows = []
+    single = results["config"].get("threads") == 1
+
+    def add(device, name, label, s, unit_scale=1.0, unit="s"):
+        basis = "cpu" if "cpu" in s and device == "cpu" and single else "wall"
+        b = s["cpu"] if basis == "cpu" else s
+        rows.append({
+            "device": device, "name": name, "what": label, "basis": basis if unit == "s" else "peak",
+            "ratio": b.get("ratio_median"), "ratio_range": [b.get("ratio_min"), b.get("ratio_max")],
+            "ratio_wall": s.get("ratio_median"), "ratio_cpu": s.get("cpu", {}).get("ratio_median"),
+            "pairs": b.get("pairs"),
+            "ours": None if b.get("ours_median") is None else b["ours_median"] * unit_scale,
+            "theirs": None if b.get("theirs_median") is None else b["theirs_median"] * unit_scale,
+            "unit": unit, "goal": goal_text(name, b.get("ratio_median")),
+        })
+
+    for device, res in results["devices"].items():
+        timing = res.get("timing", {})
+        if "train" in timing:
+            t = timing["train"]
+            st = t["train_step"]["setting"]
+            where = f"rank {st['rank']}, latent {st['latent']}x{st['latent']}, {st['dtype']}"
+            add(device, "train_step", f"1. training step, TrainTriLoRA / TrainLoraNode ({where})", t["train_step"])
+            add(device, "adapter_overhead", "2. adapter overhead, TrainTriLoRA step / no-adapter step",
+                t["adapter_overhead"])
+            add(device, "theirs_overhead", "2'. (context) TrainLoraNode step / no-adapter step", t["theirs_overhead"])
+            add(device, "node_total", f"(context) whole node run, {st['steps']} steps incl. setup", t["node_total"])
+        if "load" in timing:
+            for mode in ("cold", "warm"):
+                s = timing["load"][f"load_patch_{mode}"]
+                add(device, f"load_patch_{mode}", f"3. load+patch+unload, TriLoRALoader / LoraLoader, file {mode} "
+                    f"(rank {s['setting']['rank']}, {s['setting']['layers']} layers)", s)
+        if "memory" in res:
+            m = res["memory"]
+            add(device, "train_memory", f"4. training memory over the loaded model ({m['method']})", m,
+                unit_scale=1 / 2**20, unit="MiB")
+        if "scaling" in timing:
+            sc = timing["scaling"]
+            for row in sc["step_vs_rank"]:
+                add(device, "step_vs_rank", f"5. training step, rank {row['rank']} (latent {row['latent']})", row)
+            for row in sc["step_vs_latent"]:
+                add(device, "step_vs_latent", f"5. training step, latent {row['latent']}x{row['latent']} "
+                    f"(rank {row['rank']})", row)
+            for row in sc["patch_vs_rank"]:
+                add(device, "patch_vs_rank", f"5. load+patch+unload (cold), rank {row['rank']}", row)
+        if "fullsize" in timing:
+            fs = timing["fullsize"]
+            for row in fs["rows"]:
+                ck = "on" if row["checkpointing"] else "off"
+                add(device, "full_step", f"6. full-size SD1.5 {fs['latent'] * 8}px {fs['dtype']}, checkpointing "
+                    f"{ck}: step", row["step"])
+                if "memory" in row:
+                    add(device, "full_memory", f"6. full-size SD1.5, checkpointing {ck}: peak memory", row["memory"],
+                        unit_scale=1 / 2**20, unit="MiB")
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| device | figure | ratio ours/theirs, median | range | pairs | basis | wall-time ratio | ours | "
+             "theirs | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["ratio_range"]
+        digits = 1 if r["unit"] == "MiB" else 3
+        lines.append(f"| {r['device']} | {r['what']} | **{fmt(r['ratio'])}** | {fmt(lo)}-{fmt(hi)} | {r['pairs']} | "
+                     f"{r['basis']} | {fmt(r['ratio_wall']) if r['basis'] == 'cpu' else ''} | "
+                     f"{fmt(r['ours'], digits)} {r['unit']} | {fmt(r['theirs'], digits)} {r['unit']} | {r['goal']} |")
+    return "\n".join(lines)
+
+
+def orchestrate(opts) -> int:
+    import torch
+
+    cfg = dict(QUICK if opts.quick else FULL)
+    if opts.rounds:
+        cfg["rounds"] = opts.rounds
+    cfg["threads"] = opts.threads
+    sections = opts.sections.split(",")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not opts.cpu_only else [])
+    out_dir = Path(opts.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = _dt.datetime.now().astimezone()
+    results = {"schema": SCHEMA_VERSION, "quick": opts.quick, "started": started.isoformat(timespec="seconds"),
+               "command": " ".join([Path(sys.executable).name, "scripts/bench.py", *sys.argv[1:]]),
+               "machine": machine_info(), "config": cfg, "sections": sections, "devices": {}}
+    say(f"{'quick' if opts.quick else 'full'} run on {', '.join(devices)}, CPU threads "
+        f"{opts.threads or 'torch default'}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="trilora-bench-") as tmp:
+        for device in devices:
+            dev: dict = {}
+            dev_sections = [s for s in sections if s != "memory" and (s != "fullsize" or device == "cuda"
+                                                                        or opts.fullsize_on_cpu)]
+            if dev_sections:
+                dev["timing"] = spawn(["--worker", "timing", "--device", device, "--config", json.dumps(cfg),
+                                       "--sections", ",".join(dev_sections)], Path(tmp) / f"timing-{device}.json",
+                                      opts.timeout, cfg["threads"] if device == "cpu" else 0)
+            if "memory" in sections:
+                say(f"[{device}] 4. training memory (one subprocess per run)")
+                runs = {"ours": [], "theirs": []}
+                for p in range(cfg["mem_pairs"]):
+                    for side in (("ours", "theirs") if p % 2 == 0 else ("theirs", "ours")):
+                        res = spawn(["--worker", "memory", "--device", device, "--side", side, "--config",
+                                     json.dumps(cfg)], Path(tmp) / f"mem-{device}-{side}-{p}.json", opts.timeout,
+                                    cfg["threads"] if device == "cpu" else 0)
+                        runs[side].append(res)
+                        say(f"  {side}: {res['peak_bytes'] / 2**20:.1f} MiB over the loaded model")
+                mem = ratio_summary([r["peak_bytes"] for r in runs["ours"]], [r["peak_bytes"] for r in runs["theirs"]])
+                mem.update(unit="bytes", method=runs["ours"][0]["method"], raw=runs)
+                dev["memory"] = mem
+            results["devices"][device] = dev
+    results["elapsed_s"] = time.perf_counter() - t0
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    results["summary"] = summary_rows(results)
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    raw = out_dir / f"bench-{stamp}{'-quick' if opts.quick else ''}.json"
+    text = json.dumps(results, indent=1, default=str)
+    raw.write_text(text)
+    (out_dir / ("latest-quick.json" if opts.quick else "latest.json")).write_text(text)
+    md = (f"Run {results['started']}, {results['command']}, {results['elapsed_s']:.0f} s; "
+          f"{results['machine']['cpu']}, {results['machine']['cores']} cores, torch {results['machine']['torch']}, "
+          f"CPU threads {opts.threads or 'torch default'}; "
+          f"load average {results['machine']['loadavg_start'][0]:.1f} at start, "
+          f"{results['machine']['loadavg_end'][0]:.1f} at end.\n\n{table(results['summary'])}\n")
+    (out_dir / ("latest-quick.md" if opts.quick else "latest.md")).write_text(md)
+    print()
+    print(md)
+    say(f"raw results: {raw}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one round (< 60 s)")
+    parser.add_argument("--out", default=str(REPO / "bench_output"), help="folder for the results")
+    parser.add_argument("--sections", default="train,load,memory,scaling,fullsize",
+                        help="comma-separated subset of train,load,memory,scaling,fullsize")
+    parser.add_argument("--rounds", type=int, default=0, help="override the rounds of sections 1-2")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads in the workers (default 1: on a shared machine a single thread's "
+                             "process time is the robust measure; 0 = torch's default, judged on wall time)")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU even when there is one")
+    parser.add_argument("--fullsize-on-cpu", action="store_true",
+                        help="development check of section 6's code path on the CPU (slow; sizes from --quick)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    # internal: worker processes
+    parser.add_argument("--worker", choices=["timing", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.worker is None:
+        return orchestrate(opts)
+    cfg = json.loads(opts.config)
+    host = Host(opts.device, cfg.get("threads", 0) if opts.device == "cpu" else 0)
+    if opts.worker == "timing":
+        res = worker_timing(host, cfg, opts.sections.split(","))
+    else:
+        res = worker_memory(host, cfg, opts.side)
+    Path(opts.result).write_text(json.dumps(res, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
