@@ -1,7 +1,8 @@
 # make demo: the main job on the tiny model.  make test: the whole suite, as CI runs it.
 # Both set everything up first (scripts/setup.sh), so a fresh clone needs nothing else.
 PY := .venv/bin/python
-export COMFYUI_DIR ?= $(CURDIR)/.comfyui
+# COMFYUI_DIR=/path uses an existing ComfyUI; by default setup builds one in .comfyui/.
+COMFY := $(or $(COMFYUI_DIR),$(CURDIR)/.comfyui)
 PORT ?= 8188
 
 .PHONY: setup test test-core test-comfy test-e2e demo serve bench lint
@@ -27,7 +28,7 @@ demo: setup
 	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")
 
 serve: setup
-	cd "$(COMFYUI_DIR)" && $(CURDIR)/$(PY) main.py --listen 127.0.0.1 --port $(PORT) \
+	cd "$(COMFY)" && $(CURDIR)/$(PY) main.py --listen 127.0.0.1 --port $(PORT) \
 		$(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),,--cpu)
 
 bench: setup
