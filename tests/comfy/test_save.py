@@ -44,12 +44,12 @@ def test_saves_canonical_files_with_metadata_listed_at_once(comfy_host):
 
 
 def test_never_overwrites(comfy_host):
-    folder = comfy_host.loras / "keep"
+    folder = comfy_host.loras / "never_overwrites"
     folder.mkdir()
     (folder / "x_00005_.safetensors").write_bytes(b"someone else's file")
-    first = run(comfy_host, "SaveTriLoRA", trilora=adapter(comfy_host, 1), filename_prefix="keep/x")[0]
-    second = run(comfy_host, "SaveTriLoRA", trilora=adapter(comfy_host, 1), filename_prefix="keep/x")[0]
-    assert (first, second) == ("keep/x_00006_.safetensors", "keep/x_00007_.safetensors")
+    first = run(comfy_host, "SaveTriLoRA", trilora=adapter(comfy_host, 1), filename_prefix="never_overwrites/x")[0]
+    second = run(comfy_host, "SaveTriLoRA", trilora=adapter(comfy_host, 1), filename_prefix="never_overwrites/x")[0]
+    assert (first, second) == ("never_overwrites/x_00006_.safetensors", "never_overwrites/x_00007_.safetensors")
     assert (folder / "x_00005_.safetensors").read_bytes() == b"someone else's file"
     assert (comfy_host.loras / first).read_bytes() == (comfy_host.loras / second).read_bytes()
 
