@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import comfy.model_management as mm
 import comfy.samplers
+import comfy.sd
 import comfy.utils
 import pytest
 import torch
@@ -409,11 +410,18 @@ def test_defaults_fit_at_least_as_fast_as_comfyui_trainloranode(comfy_host, data
     steps = 10
     base = denoise_loss(data.model, data.latent, data.conds)
     torch.manual_seed(0)  # TrainLoraNode draws its initialisation and order from the global generator
+    # By keyword, the rest at the node's own defaults: newer ComfyUI inserts inputs mid-list.
+    inputs = {i.id: [i.default] for i in TrainLoraNode.GET_SCHEMA().inputs if getattr(i, "default", None) is not None}
+    inputs.update(model=[data.model], latents=[single(data.latent, i) for i in range(4)], positive=data.conds,
+                  batch_size=[1], steps=[steps], grad_accumulation_steps=[1], learning_rate=[5e-4], rank=[8],
+                  optimizer=["AdamW"], loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"],
+                  algorithm=["LoRA"], gradient_checkpointing=[True], existing_lora=["[None]"])
     with torch.inference_mode():
-        lora = TrainLoraNode.execute(
-            [data.model], [single(data.latent, i) for i in range(4)], data.conds, [1], [steps], [1], [5e-4], [8],
-            ["AdamW"], ["MSE"], [0], ["fp32"], ["fp32"], ["LoRA"], [True], ["[None]"]).result
-    lora_loss = denoise_loss(lora[0], data.latent, data.conds)
+        result = TrainLoraNode.execute(**inputs).result
+    # 0.3.75 returns the trained MODEL first; since 0.11 only the LoRA weights, applied here as ComfyUI does.
+    trained = result[0] if hasattr(result[0], "model") else comfy.sd.load_lora_for_models(
+        data.model, None, result[0], 1.0, 0)[0]
+    lora_loss = denoise_loss(trained, data.latent, data.conds)
     ours = train(comfy_host, data, steps=steps, seed=0, gradient_checkpointing=True)
     ours_loss = denoise_loss(ours[0], data.latent, data.conds)
     print(f"\nheld-fixed denoising loss after {steps} steps (eps-MSE, x0-MSE): untrained {base}, "
