@@ -40,90 +40,6 @@ def bypass_delta(x, up, vt, is_conv, conv_dim, kw_dict) -> torch.Tensor:
     return conv(hidden, up.reshape(*up.shape, *([1] * conv_dim)))
 
 
-class _LowRankAddLinear(torch.autograd.Function):
-    """base_out + x Vt^T (U diag(s) scale)^T for a linear layer, as ONE autograd node.
-
-    Written out by hand for speed (issue 8, see BENCHMARKS.md): the add is fused into the GEMM
-    (addmm), the factors' gradients are formed here instead of by five autograd nodes, and every
-    small GEMM is laid out with the rank as its first dimension ([r, N] rather than [N, r]):
-    on the CPU the [N, r] forms (g @ U, g^T @ h) run about 3x slower than their transposes.
-    Same math as ``bypass_delta`` (tests compare the two), in the dtype of ``base_out``."""
-
-    @staticmethod
-    def forward(ctx, base_out, x, u, s, vt, scale):
-        dtype = base_out.dtype
-        sc = s * scale
-        up = (u * sc).to(dtype)  # [out, r]
-        vt2 = vt.flatten(1).to(dtype)  # [r, in]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # [N, in]
-        h_t = vt2 @ x2.t()  # [r, N]
-        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h_t.t(), up.t())
-        ctx.save_for_backward(x2, h_t, u, sc, vt2, up, scale)
-        ctx.x_shape, ctx.vt_shape = x.shape, vt.shape
-        return out.view(base_out.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, h_t, u, sc, vt2, up, scale = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])  # [N, out]
-        gh_t = up.t() @ g2.t()  # [r, N]
-        d_up = (h_t @ g2).t().to(u.dtype)  # [out, r]
-        grad_x = (gh_t.t() @ vt2).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        d_vt = (gh_t @ x2).view(ctx.vt_shape)
-        return grad, grad_x, d_up * sc, (d_up * u).sum(0) * scale, d_vt, None
-
-
-class _LowRankAddConv(torch.autograd.Function):
-    """base_out + conv(conv(x, Vt), U diag(s) scale) for a conv layer, as ONE autograd node (see
-    _LowRankAddLinear). 1x1 convs (stride 1, no padding) run as channel GEMMs; others through
-    the conv kernels, their two backward convolutions in one convolution_backward call."""
-
-    @staticmethod
-    def forward(ctx, base_out, x, u, s, vt, scale, stride, padding, dilation):
-        dtype = base_out.dtype
-        sc = s * scale
-        up = (u * sc).to(dtype)  # [out, r]
-        vtc = vt.to(dtype)  # [r, in, *kernel]
-        x = x.to(dtype)
-        batch, rank = x.shape[0], vt.shape[0]
-        pointwise = all(k == 1 for k in vt.shape[2:]) and all(v == 1 for v in stride) \
-            and not any(padding) and all(v == 1 for v in dilation)
-        if pointwise:
-            hidden = torch.matmul(vtc.flatten(1), x.reshape(batch, x.shape[1], -1))  # [B, r, L]
-        else:
-            conv = (F.conv1d, F.conv2d, F.conv3d)[vt.ndim - 3]
-            hidden = conv(x, vtc, None, stride, padding, dilation)
-        hidden3 = hidden.reshape(batch, rank, -1)
-        out = torch.baddbmm(base_out.reshape(batch, up.shape[0], -1), up.expand(batch, *up.shape), hidden3)
-        ctx.save_for_backward(x, hidden3, u, sc, vtc, up, scale)
-        ctx.conf = (stride, padding, dilation, pointwise, hidden.shape)
-        return out.view(base_out.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, hidden3, u, sc, vtc, up, scale = ctx.saved_tensors
-        stride, padding, dilation, pointwise, hidden_shape = ctx.conf
-        batch = x.shape[0]
-        g3 = grad.reshape(batch, grad.shape[1], -1)  # [B, out, L]
-        gh = torch.matmul(up.t(), g3)  # [B, r, L]
-        d_up = torch.matmul(hidden3, g3.transpose(1, 2)).sum(0).t().to(u.dtype)  # [out, r]
-        need_x = ctx.needs_input_grad[1]
-        if pointwise:
-            vt2 = vtc.flatten(1)
-            grad_x = torch.matmul(vt2.t(), gh).view(x.shape) if need_x else None
-            d_vt = torch.matmul(gh, x.reshape(batch, x.shape[1], -1).transpose(1, 2)).sum(0).view(vtc.shape)
-        else:
-            dims = vtc.ndim - 2
-            grad_x, d_vt, _ = torch.ops.aten.convolution_backward(
-                gh.view(hidden_shape), x, vtc, None, stride, padding, dilation, False, [0] * dims, 1,
-                [need_x, True, False])
-        return grad, grad_x, d_up * sc, (d_up * u).sum(0) * scale, d_vt, None, None, None, None
-
-
-def _tuple(value, dims: int) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
-
-
 class TriLoRAAdapter(WeightAdapterBase):
     """An inference adapter: weights = (u, s, vt, alpha)."""
 
@@ -223,19 +139,6 @@ class TriLoRATrainDiff(WeightAdapterTrainBase):
 
     def g(self, y: torch.Tensor) -> torch.Tensor:
         return y
-
-    def add_bypass(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """``base_out + h(x, base_out)`` through the fused one-node path (TrainTriLoRA's hooks):
-        the same result, faster (see _LowRankAddLinear)."""
-        # A 0-d tensor, not float(alpha): reading a GPU scalar per layer would sync every forward.
-        scale = self.alpha * (getattr(self, "multiplier", 1.0) / self.trilora_s.shape[0])
-        if not self.is_conv:
-            return _LowRankAddLinear.apply(base_out, x, self.trilora_u, self.trilora_s, self.trilora_vt, scale)
-        kw = self.kw_dict
-        dims = self.conv_dim
-        return _LowRankAddConv.apply(base_out, x, self.trilora_u, self.trilora_s, self.trilora_vt, scale,
-                                     _tuple(kw.get("stride", 1), dims), _tuple(kw.get("padding", 0), dims),
-                                     _tuple(kw.get("dilation", 1), dims))
 
     def passive_memory_usage(self):
         return sum(p.numel() * p.element_size() for p in self.parameters())
