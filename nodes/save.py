@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Callable
 
 import folder_paths
 from comfy_api.latest import io
@@ -83,13 +84,18 @@ def _refresh_lora_list() -> None:
 
 
 def save_new_file(adapter: TriLoRAFile, folder: str, base: str, suffix: str = "") -> str:
-    """Writes ``<folder>/<base>_<counter>_<suffix>.safetensors`` with the next free counter and
-    returns its path. Never replaces a file: the finished file is hard-linked to its name, which
-    fails if the name exists (then the next counter is tried)."""
+    """Writes a TriLoRA as ``<folder>/<base>_<counter>_<suffix>.safetensors`` (see place_new_file)."""
+    return place_new_file(lambda tmp: write_trilora(tmp, adapter.layers, adapter.metadata), folder, base, suffix)
+
+
+def place_new_file(write: Callable[[str], None], folder: str, base: str, suffix: str = "") -> str:
+    """``write(tmp)``, then gives the finished file the name ``<base>_<counter>_<suffix>.safetensors``
+    with the next free counter and returns its path. Never replaces a file: the file is hard-linked
+    to its name, which fails if the name exists (then the next counter is tried)."""
     os.makedirs(folder, exist_ok=True)
     counter = _next_counter(folder, base)
     tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.partial")
-    write_trilora(tmp, adapter.layers, adapter.metadata)
+    write(tmp)
     try:
         for _ in range(_MAX_TRIES):
             path = os.path.join(folder, f"{base}_{counter:05}_{suffix}{EXTENSION}")

@@ -6,11 +6,8 @@ Files are named by filename_prefix inside the first loras folder with a counter,
 a file (nodes/save.py's rules); the TriLoRA ones come back read from disk as TRILORA."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable
 
 import comfy.lora
@@ -39,7 +36,7 @@ from ..trilora_core.safetensors_io import atomic_write_bytes, data_hash, seriali
 from . import spectrum as spectrum_view
 from .file_cache import file_signature, load_cached
 from .load import validate_file_name
-from .save import TRILORA, _next_counter, _refresh_lora_list, prefix_location, relative_name, save_new_file
+from .save import TRILORA, place_new_file, prefix_location, relative_name, save_new_file
 from .train import NONE_FILE, base_model_metadata
 
 log = logging.getLogger("comfyui-trilora")
@@ -183,36 +180,6 @@ def write_layers(location: tuple[str, str], layers: dict[str, TriLoRALayer], met
     path = save_new_file(TriLoRAFile(ready, metadata), *location)
     log.info("TriLoRA written to %s", path)
     return relative_name(path), read_trilora(path)
-
-
-def place_new_file(write: Callable[[str], None], folder: str, base: str) -> str:
-    """``write(tmp)`` then link it to ``<folder>/<base>_<counter>_.safetensors`` with the next free
-    counter, as save_new_file does for TriLoRA files: an existing file is never replaced."""
-    os.makedirs(folder, exist_ok=True)
-    counter = _next_counter(folder, base)
-    tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.partial")
-    write(tmp)
-    try:
-        for _ in range(1000):
-            path = os.path.join(folder, f"{base}_{counter:05}_.safetensors")
-            try:
-                os.link(tmp, path)
-                break
-            except FileExistsError:
-                counter += 1
-            except OSError:  # no hard links on this file system
-                if os.path.exists(path):
-                    counter += 1
-                    continue
-                os.replace(tmp, path)
-                break
-        else:
-            raise FileExistsError(f"no free file name for {base} in {folder}")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _refresh_lora_list()
-    return path
 
 
 def _number(value: float) -> str:
