@@ -71,7 +71,20 @@ def info_output() -> io.String.Output:
                             "and the file keys that matched nothing in this model.")
 
 
-class TriLoRALoader(io.ComfyNode):
+class LorasFileNode(io.ComfyNode):
+    """What every node with a trilora_name from the loras folder shares: the name is checked when
+    the graph is queued, and the node re-runs when the file is replaced on disk."""
+
+    @classmethod
+    def validate_inputs(cls, trilora_name):
+        return validate_file_name(trilora_name)
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return loras_fingerprint(**kwargs)
+
+
+class TriLoRALoader(LorasFileNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -95,14 +108,6 @@ class TriLoRALoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, trilora_name):
-        return validate_file_name(trilora_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return loras_fingerprint(**kwargs)
-
-    @classmethod
     def execute(cls, model, clip, trilora_name, strength_model, strength_clip, max_rank=0, energy=1.0):
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip, "strengths are 0: nothing applied")
@@ -111,7 +116,7 @@ class TriLoRALoader(io.ComfyNode):
         return io.NodeOutput(model, clip, report.summary())
 
 
-class TriLoRALoaderModelOnly(io.ComfyNode):
+class TriLoRALoaderModelOnly(LorasFileNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -130,14 +135,6 @@ class TriLoRALoaderModelOnly(io.ComfyNode):
                 info_output(),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, trilora_name):
-        return validate_file_name(trilora_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return loras_fingerprint(**kwargs)
 
     @classmethod
     def execute(cls, model, trilora_name, strength_model, max_rank=0, energy=1.0):
@@ -177,7 +174,7 @@ def block_strength(multipliers: dict[str, float]):
     return key_strength
 
 
-class TriLoRALoaderBlockWeights(io.ComfyNode):
+class TriLoRALoaderBlockWeights(LorasFileNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -201,14 +198,6 @@ class TriLoRALoaderBlockWeights(io.ComfyNode):
                 info_output(),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, trilora_name):
-        return validate_file_name(trilora_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return loras_fingerprint(**kwargs)
 
     @classmethod
     def execute(cls, model, clip, trilora_name, strength_model, strength_clip, input_blocks=1.0, middle_block=1.0,
