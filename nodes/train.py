@@ -12,11 +12,13 @@ Adapted layers train in bypass form (forward hooks add x -> Vt -> U diag(s) to t
 as newer ComfyUI does for adapters), so no full weight gradient is ever formed; layers that are
 not plain Linear/Conv fall back to a weight wrapper (W + delta). Everything attached to the
 shared model is removed in `finally`, also on cancel (InterruptProcessingException, a
-BaseException in newer ComfyUI, is never caught).
+BaseException in newer ComfyUI, is never caught). A step that runs out of memory ends the run
+the way a diverged step does: the last good adapter is saved, then a clear error is raised.
 """
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import math
@@ -102,6 +104,20 @@ _BASE_MODELS = {
 
 class TrainingDivergedError(RuntimeError):
     """The loss or the gradients stopped being finite."""
+
+
+class TrainingOutOfMemoryError(torch.OutOfMemoryError):
+    """A step ran out of memory. An OutOfMemoryError, so ComfyUI's executor also unloads its models."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    is_oom = getattr(comfy.model_management, "is_oom", None)  # newer ComfyUI: accelerator OOMs too
+    if is_oom is not None and is_oom(err):
+        return True
+    # torch's CPU allocator reports a failed allocation as a plain RuntimeError
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -578,35 +594,21 @@ class TriLoRATrainer:
             self.optimizer.zero_grad(set_to_none=True)
 
     def _loop(self, model_wrap, extra_args) -> None:
-        args, mm = self.args, comfy.model_management
+        args = self.args
         pbar = comfy.utils.ProgressBar(args.steps)
         text = _progress_text_sender()
         console = tqdm.trange(args.steps, desc="Training TriLoRA", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
         for k in console:
             step = self.start.step + k  # updates done before this one
-            factor = self.schedule(step)
-            for group in self.groups:
-                group["lr"] = group["base_lr"] * factor
-            loss = 0.0
-            for micro in range(args.grad_accumulation_steps):
-                mm.throw_exception_if_processing_interrupted()
-                micro_loss = self._micro(model_wrap, extra_args, step, micro)
-                if not math.isfinite(micro_loss):
-                    self._diverged(step + 1, f"the loss is not finite ({micro_loss})")
-                loss += micro_loss / args.grad_accumulation_steps
-            if args.orthogonality_penalty > 0:
-                penalty = torch.stack([orthogonality_penalty(a.trilora_u, a.trilora_vt)
-                                       for a in self.adapters.values()]).mean()
-                self.scaler.scale(penalty * args.orthogonality_penalty).backward()
-            self.scaler.unscale_(self.optimizer)
-            if self.dtype != torch.float16 and not topt.all_finite(p.grad for p in self.params):
-                self._diverged(step + 1, "the gradients are not finite")
-            with torch.no_grad():  # the factors that gave this finite loss: the last good adapter
-                torch._foreach_copy_(self.good, [p.detach() for p in self.params])
-                self.good_step = step
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            oom = None
+            try:
+                loss = self._step(model_wrap, extra_args, step)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                oom = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if oom is not None:  # handled out here, where the failed step's tensors are already freed
+                self._out_of_memory(step + 1, oom)
             self.losses.append(loss)
             if k == 0:
                 self._warn_unused()
@@ -617,6 +619,34 @@ class TriLoRATrainer:
                 self.checkpoints.append(self.write_checkpoint(step + 1))
         if not topt.all_finite(self.params):
             self._diverged(self.total, "the adapter's factors are not finite after the last update")
+
+    def _step(self, model_wrap, extra_args, step: int) -> float:
+        """One optimizer update; returns its loss."""
+        args = self.args
+        factor = self.schedule(step)
+        for group in self.groups:
+            group["lr"] = group["base_lr"] * factor
+        loss = 0.0
+        for micro in range(args.grad_accumulation_steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            micro_loss = self._micro(model_wrap, extra_args, step, micro)
+            if not math.isfinite(micro_loss):
+                self._diverged(step + 1, f"the loss is not finite ({micro_loss})")
+            loss += micro_loss / args.grad_accumulation_steps
+        if args.orthogonality_penalty > 0:
+            penalty = torch.stack([orthogonality_penalty(a.trilora_u, a.trilora_vt)
+                                   for a in self.adapters.values()]).mean()
+            self.scaler.scale(penalty * args.orthogonality_penalty).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.dtype != torch.float16 and not topt.all_finite(p.grad for p in self.params):
+            self._diverged(step + 1, "the gradients are not finite")
+        with torch.no_grad():  # the factors that gave this finite loss: the last good adapter
+            torch._foreach_copy_(self.good, [p.detach() for p in self.params])
+            self.good_step = step
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
 
     def _warn_unused(self) -> None:
         # A model that calls F.linear on a layer's weight directly skips the layer's hooks.
@@ -640,6 +670,41 @@ class TriLoRATrainer:
         else:
             message += "No step succeeded, so there is no trained adapter to keep."
         raise TrainingDivergedError(message)
+
+    def _out_of_memory(self, step: int, what: str):
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+        message = (f"TrainTriLoRA: out of memory at step {step} of {self.total} on {self.device} ({what}). "
+                   f"The memory of the run was released. To fit, {self._memory_hints()}. ")
+        done = step - 1
+        if done > self.start.step:
+            # Before the update the factors and the optimizer state are those after step `done`.
+            # The snapshot is taken just before the update: once it is, the update may be half done.
+            in_update = self.good_step == done
+            if in_update:
+                with torch.no_grad():
+                    torch._foreach_copy_([p.data for p in self.params], self.good)
+            path = self.write_checkpoint(done, suffix="last_good", with_optimizer=not in_update)
+            message += (f"The adapter after step {done} was saved to {path}; choose it as existing_lora "
+                        "to go on from there.")
+        elif self.start.source:
+            message += f"No step succeeded; the adapter you resumed from is unchanged: {self.start.source}."
+        else:
+            message += "No step succeeded, so there is no trained adapter to keep."
+        self.optimizer.state.clear()
+        raise TrainingOutOfMemoryError(message)
+
+    def _memory_hints(self) -> str:
+        args, hints = self.args, []
+        if self.batch > 1:
+            hints.append("lower batch_size (raise grad_accumulation_steps to keep the effective batch)")
+        if not args.gradient_checkpointing:
+            hints.append("turn gradient_checkpointing on")
+        if self.dtype == torch.float32:
+            hints.append("train in bf16")
+        hints.append("use smaller latents or a lower rank")
+        return ", ".join(hints[:-1]) + (" or " if len(hints) > 1 else "") + hints[-1]
 
     # ---- results
 

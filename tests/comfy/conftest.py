@@ -42,17 +42,20 @@ def _load_pack():
     return _loaded
 
 
-@pytest.fixture(scope="session")
-def comfy_host(tmp_path_factory):
-    """ComfyUI's modules and the loaded pack (its package and its trilora_core)."""
+def boot_host(loras: Path, output: Path) -> SimpleNamespace:
+    """ComfyUI's modules and the loaded pack (its package and its trilora_core), saving to these folders."""
     loaded = _load_pack()
-    loras = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
-    folder_paths.set_output_directory(str(tmp_path_factory.mktemp("output")))
+    folder_paths.set_output_directory(str(output))
     pack = loaded["module"]
     return SimpleNamespace(nodes=nodes, folder_paths=folder_paths, mm=comfy.model_management,
                            loaded_ok=loaded["ok"], pack=pack, pack_dir=COMFY / "custom_nodes" / "comfyui-trilora",
                            core=sys.modules[pack.__name__ + ".trilora_core"], loras=loras)
+
+
+@pytest.fixture(scope="session")
+def comfy_host(tmp_path_factory):
+    return boot_host(tmp_path_factory.mktemp("loras"), tmp_path_factory.mktemp("output"))
 
 
 @pytest.fixture(scope="session")
