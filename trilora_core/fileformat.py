@@ -67,11 +67,18 @@ def _alpha_ok(alpha: float) -> bool:
     return math.isfinite(alpha) and 0.0 < alpha <= MAX_ALPHA
 
 
-def _fits_float32(layer: TriLoRALayer) -> bool:
+def max_abs(tensor: Tensor) -> float:
+    """max |entry|: NaN when there is a NaN, inf when an inf. One pass and no temporary, so it is
+    also the finiteness check (isfinite costs about ten times as much)."""
+    low, high = torch.aminmax(tensor.detach())
+    return float(torch.maximum(-low, high))
+
+
+def _fits_float32(layer: TriLoRALayer, maxima: tuple[float, float, float] | None = None) -> bool:
     """Whether delta W and the partial products ComfyUI forms on the way to it ((alpha / r) * s,
     then U diag(s) (alpha / r)) surely fit in float32: finite factors alone do not make a finite
-    patch. Bounded from max|entries|, so no delta W is formed here."""
-    u, s, vt = (float(t.detach().abs().max()) for t in (layer.u, layer.s, layer.vt))
+    patch. Bounded from max|entries| (``maxima`` of U, s, Vt where known), so no delta W is formed."""
+    u, s, vt = maxima or tuple(max_abs(t) for t in (layer.u, layer.s, layer.vt))
     bound = abs(layer.scale) * s
     for factor in (u, vt * layer.rank):
         if not bound <= _FLOAT32_MAX:  # checked before each product: never inf * 0
@@ -106,14 +113,16 @@ class _Validator:
         if 0 in shape:
             raise self.fail(key, f"expected no zero-sized dimension, got shape {_shape_str(shape)}")
 
-    def finite_tensor(self, key: str) -> Tensor:
+    def finite_tensor(self, key: str) -> tuple[Tensor, float]:
+        """The tensor and its max |entry|."""
         tensor = self.reader.tensor(key)
-        if not bool(torch.isfinite(tensor).all()):
+        largest = max_abs(tensor)
+        if not math.isfinite(largest):
             raise self.fail(key, R_NOT_FINITE)
-        return tensor
+        return tensor, largest
 
-    def bounded(self, prefix: str, layer: TriLoRALayer) -> TriLoRALayer:
-        if not _fits_float32(layer):
+    def bounded(self, prefix: str, layer: TriLoRALayer, maxima=None) -> TriLoRALayer:
+        if not _fits_float32(layer, maxima):
             raise self.fail(prefix, R_TOO_LARGE.format("float32"))
         return layer
 
@@ -193,9 +202,9 @@ def _read_trilora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoR
     # Pass 2: values.
     layers: dict[str, TriLoRALayer] = {}
     for prefix, parts in sorted(groups.items()):
-        u, s, vt = (check.finite_tensor(parts[p]) for p in TRILORA_PARTS)
+        (u, u_max), (s, s_max), (vt, vt_max) = (check.finite_tensor(parts[p]) for p in TRILORA_PARTS)
         alpha = check.alpha(parts.get(ALPHA_PART), s.shape[0])
-        layers[prefix] = check.bounded(prefix, TriLoRALayer(u=u, s=s, vt=vt, alpha=alpha))
+        layers[prefix] = check.bounded(prefix, TriLoRALayer(u=u, s=s, vt=vt, alpha=alpha), (u_max, s_max, vt_max))
     return layers
 
 
@@ -247,16 +256,17 @@ def _read_lora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALa
 
     layers: dict[str, TriLoRALayer] = {}
     for prefix, (_, sides) in sorted(pairs.items()):
-        up, down = check.finite_tensor(sides["up"]), check.finite_tensor(sides["down"])
+        (up, _), (down, _) = check.finite_tensor(sides["up"]), check.finite_tensor(sides["down"])
         alpha = check.alpha(alphas.get(prefix), up.shape[1])
         try:
             layer = lora_to_trilora(up, down, alpha)
         except torch.linalg.LinAlgError as err:  # the SVD met values that overflowed float32
             raise check.fail(prefix, R_TOO_LARGE.format("float32")) from err
-        if not all(bool(torch.isfinite(t).all()) for t in (layer.u, layer.s, layer.vt)):
+        maxima = tuple(max_abs(t) for t in (layer.u, layer.s, layer.vt))
+        if not all(math.isfinite(m) for m in maxima):
             # huge finite factors: the canonical form overflowed in float32 or in their dtype
             raise check.fail(prefix, R_TOO_LARGE.format(str(layer.u.dtype).removeprefix("torch.")))
-        layers[prefix] = check.bounded(prefix, layer)
+        layers[prefix] = check.bounded(prefix, layer, maxima)
     return layers
 
 
@@ -350,12 +360,14 @@ def write_trilora(
         if canonical and not is_canonical(layer):
             layer = canonicalize(layer)
         written[prefix] = layer
+        maxima = []
         for part, tensor in zip(TRILORA_PARTS, (layer.u, layer.s, layer.vt), strict=True):
             key = f"{prefix}.{part}"
             tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype)
             if tensor.dtype not in _TORCH_FACTOR_DTYPES:
                 raise TriLoRAFileError(path, key, R_FACTOR_DTYPE.format(str(tensor.dtype).removeprefix("torch.")))
-            if not bool(torch.isfinite(tensor).all()):  # after the cast: float16 may overflow
+            maxima.append(max_abs(tensor))
+            if not math.isfinite(maxima[-1]):  # after the cast: float16 may overflow
                 raise TriLoRAFileError(path, key, R_NOT_FINITE)
             # A private contiguous copy: safetensors refuses tensors that share storage.
             tensors[key] = tensor.clone(memory_format=torch.contiguous_format)
@@ -363,7 +375,7 @@ def write_trilora(
         if not _alpha_ok(float(alpha)):
             raise TriLoRAFileError(path, f"{prefix}.{ALPHA_PART}", R_ALPHA_VALUE.format(repr(layer.alpha)))
         stored = TriLoRALayer(*(tensors[f"{prefix}.{part}"] for part in TRILORA_PARTS), alpha=float(alpha))
-        if not _fits_float32(stored):  # the reader would refuse it
+        if not _fits_float32(stored, tuple(maxima)):  # the reader would refuse it
             raise TriLoRAFileError(path, prefix, R_TOO_LARGE.format("float32"))
         tensors[f"{prefix}.{ALPHA_PART}"] = alpha
         alphas[prefix] = float(alpha)

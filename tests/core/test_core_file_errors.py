@@ -298,9 +298,10 @@ def test_ranks_disagree(tmp_path: Path, reader: Reader) -> None:
 @BOTH_READERS
 @pytest.mark.parametrize("part", ["trilora_u", "trilora_s", "trilora_vt"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_values(tmp_path: Path, reader: Reader, part: str, bad: float) -> None:
+@pytest.mark.parametrize("where", [0, -1])  # first element, and the last (a vector loop's tail)
+def test_non_finite_values(tmp_path: Path, reader: Reader, part: str, bad: float, where: int) -> None:
     tensors = trilora_tensors()
-    tensors[f"lora_unet_x.{part}"].view(-1)[0] = bad
+    tensors[f"lora_unet_x.{part}"].view(-1)[where] = bad
     expect(reader, save(tmp_path, tensors), f"lora_unet_x.{part}: contains NaN or infinite values")
 
 
