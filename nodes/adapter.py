@@ -122,10 +122,8 @@ class TriLoRATrainDiff(WeightAdapterTrainBase):
         self.trilora_s = torch.nn.Parameter(s.detach().clone().float())
         self.trilora_vt = torch.nn.Parameter(vt.detach().clone().float())
         self.alpha = torch.nn.Parameter(torch.tensor(float(alpha)), requires_grad=False)
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return self.alpha / self.trilora_s.shape[0]
+        # A Python number: no tensor ops (and no device sync) per forward for a fixed factor.
+        self.scale = float(alpha) / self.trilora_s.shape[0]
 
     def __call__(self, w):
         up = self.trilora_u * (self.trilora_s * self.scale)

@@ -68,6 +68,11 @@ def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
                "RMSprop": torch.optim.RMSprop}
     if name not in classes:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    if name in ("AdamW", "Adam"):
+        try:  # one fused kernel for all factors instead of ten small ops per factor
+            return classes[name](groups, lr=groups[0]["lr"], fused=True)
+        except RuntimeError:  # a device (or torch) without the fused kernel
+            pass
     return classes[name](groups, lr=groups[0]["lr"])
 
 
@@ -116,8 +121,9 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return True
-    # One reduction and one sync for the lot.
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    # Each tensor's min and max hold any NaN or inf it has: one pass each (isfinite costs about
+    # ten times as much), then one reduction and one sync for the lot.
+    return bool(torch.stack([bound for t in tensors for bound in torch.aminmax(t.detach())]).isfinite().all())
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -159,7 +165,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str,
                 if value.shape != param.shape:
                     raise ValueError(f"optimizer state {name}.{field} has shape {list(value.shape)}, "
                                      f"the parameter {list(param.shape)}")
-                state[field] = value.to(device=param.device, dtype=param.dtype).clone()
+                # In the parameter's own layout, as the optimizer makes its state: a fused kernel
+                # rounds differently when the two layouts differ.
+                state[field] = torch.empty_like(param, memory_format=torch.preserve_format).copy_(value)
         new_state[param] = state
     for param, state in new_state.items():
         optimizer.state[param] = state

@@ -66,6 +66,25 @@ def test_make_optimizer_builds_each_choice(name):
         topt.make_optimizer("Lion", [])
 
 
+@pytest.mark.parametrize("name", ["AdamW", "Adam"])
+def test_adam_optimizers_take_the_fused_kernel_with_the_same_updates(name):
+    shapes = {"a": (8, 6), "b": (5, 3)}
+    runs = []
+    for fused in (True, False):
+        factors = _factors(shapes, 2)
+        params = [p for f in factors.values() for p in f]
+        groups = topt.param_groups(factors, shapes, 1e-2, 1.0)
+        opt = topt.make_optimizer(name, groups) if fused else getattr(torch.optim, name)(groups, lr=1e-2)
+        assert bool(opt.defaults.get("fused")) == fused
+        for step in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 2) + 1)
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_functions():
     err = torch.tensor([0.5, -2.0])
     assert topt.loss_function("MSE")(err).item() == pytest.approx((0.25 + 4.0) / 2)
