@@ -42,6 +42,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as _dt
+import functools
 import gc
 import json
 import os
@@ -93,7 +94,7 @@ FULL = {
 QUICK = {
     **FULL,
     "latent": 8, "steps": 3, "rounds": 1, "load_rounds": 1, "mem_steps": 2, "mem_pairs": 1,
-    "scale_ranks": [4], "scale_latents": [], "scale_steps": 2, "scale_pairs": 1,
+    "scale_ranks": [4], "scale_latents": [4], "scale_steps": 2, "scale_pairs": 1,
     "patch_ranks": [4], "patch_pairs": 1, "clip": False,
     "full_latent": 8, "full_steps": 3, "full_rounds": 1,
 }
@@ -379,15 +380,17 @@ def section_load(host: Host, cfg: dict, model, clip) -> dict:
 
 def section_scaling(host: Host, cfg: dict, model, clip) -> dict:
     dtype = training_dtype(host.device)
-    out = {"step_vs_rank": [], "step_vs_latent": [], "patch_vs_rank": []}
+    out = {"step_vs_rank": [], "step_vs_latent": [], "overhead_vs_latent": [], "patch_vs_rank": []}
     points = [("step_vs_rank", rank, cfg["latent"]) for rank in cfg["scale_ranks"]]
-    points += [("step_vs_latent", cfg["rank"], size) for size in cfg["scale_latents"]]
+    points += [(kind, cfg["rank"], size) for kind in ("step_vs_latent", "overhead_vs_latent")
+               for size in cfg["scale_latents"]]
     for kind, rank, size in points:
         latents, positive = host.data(size)
-        res = {"ours": [], "theirs": []}
+        res = {"ours": [], "theirs": []}  # for overhead_vs_latent "theirs" is the no-adapter run
+        other = functools.partial(host.run_ours, only_first=True) if kind == "overhead_vs_latent" else host.run_theirs
         for p in range(cfg["scale_pairs"]):
             for side in (("ours", "theirs") if p % 2 == 0 else ("theirs", "ours")):
-                fn = host.run_ours if side == "ours" else host.run_theirs
+                fn = host.run_ours if side == "ours" else other
                 res[side].append(fn(model, latents, positive, cfg["scale_steps"], rank, dtype, False))
         row = {**ratio_summary(*([x[key] for x in res[side]] for key in ("step_s",) for side in ("ours", "theirs")),
                                *([x["step_cpu_s"] for x in res[side]] for side in ("ours", "theirs"))),
@@ -702,6 +705,9 @@ def summary_rows(results: dict) -> list[dict]:
             for row in sc["step_vs_latent"]:
                 add(device, "step_vs_latent", f"5. training step, latent {row['latent']}x{row['latent']} "
                     f"(rank {row['rank']})", row)
+            for row in sc.get("overhead_vs_latent", []):
+                add(device, "overhead_vs_latent", f"5. adapter overhead, latent {row['latent']}x{row['latent']} "
+                    f"(rank {row['rank']}): TrainTriLoRA / no adapter", row)
             for row in sc["patch_vs_rank"]:
                 add(device, "patch_vs_rank", f"5. load+patch+unload (cold), rank {row['rank']}", row)
         if "fullsize" in timing:

@@ -24,7 +24,7 @@ def test_bench_quick_writes_well_formed_results(tmp_path):
     assert {"train", "load", "scaling"} <= set(cpu["timing"])
     names = {row["name"] for row in results["summary"]}
     assert {"train_step", "adapter_overhead", "load_patch_cold", "load_patch_warm", "train_memory",
-            "step_vs_rank", "patch_vs_rank"} <= names
+            "step_vs_rank", "step_vs_latent", "overhead_vs_latent", "patch_vs_rank"} <= names
     for row in results["summary"]:
         assert row["pairs"] >= 1, row
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
