@@ -60,9 +60,8 @@ class Server(SimpleNamespace):
         return self.log_path.read_text(errors="replace")[-n:]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
+def start_server(root: Path) -> Server:
+    """A ComfyUI server whose loras, output, user and temp folders are under ``root``."""
     loras, output = root / "loras", root / "output"
     loras.mkdir()
     output.mkdir()
@@ -84,17 +83,27 @@ def server(tmp_path_factory):
     while True:
         try:
             srv.get("/object_info/CheckpointLoaderSimple")
-            break
+            return srv
         except (urllib.error.URLError, ConnectionError, OSError):
             if proc.poll() is not None or time.time() > deadline:
+                stop_server(srv)
                 raise RuntimeError(f"ComfyUI did not start:\n{srv.log_tail()}") from None
             time.sleep(0.5)
-    yield srv
-    proc.terminate()
+
+
+def stop_server(srv: Server) -> None:
+    srv.proc.terminate()
     try:
-        proc.wait(timeout=20)
+        srv.proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        srv.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("server"))
+    yield srv
+    stop_server(srv)
 
 
 ARTIFACTS = REPO / "test_artifacts"  # screenshots of the browser tests (git-ignored)
