@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from ..trilora_core import truncate
 from .blocks import block_group
-from .file_cache import file_signature, load_cached
+from .file_cache import load_cached
+from .loras_folder import check_names, file_choice, files_fingerprint
 from .patching import apply_trilora
 
 STRENGTH_LIMIT = 10.0
@@ -21,10 +22,8 @@ def strength_input(name: str, what: str) -> io.Float.Input:
 
 
 def file_input() -> io.Combo.Input:
-    return io.Combo.Input(
-        id="trilora_name", options=folder_paths.get_filename_list("loras"),
-        tooltip="A TriLoRA file from your loras folder. A standard LoRA/LoCon file works too: it is "
-                "converted exactly, so rank truncation applies to it as well.")
+    return file_choice("trilora_name", "A TriLoRA file from your loras folder. A standard LoRA/LoCon file works too: "
+                       "it is converted exactly, so rank truncation applies to it as well.")
 
 
 def truncation_inputs() -> list:
@@ -48,22 +47,6 @@ def load_layers(trilora_name: str, max_rank: int = 0, energy: float = 1.0):
     return path, layers
 
 
-def loras_fingerprint(trilora_name: str, **_):
-    """Re-run when the chosen file is replaced on disk, not only when the name changes."""
-    try:
-        return file_signature(folder_paths.get_full_path_or_raise("loras", trilora_name))
-    except Exception:
-        return trilora_name
-
-
-def validate_file_name(trilora_name) -> bool | str:
-    """A name that is not in the loras folder fails validation, before the graph runs: ComfyUI
-    0.3.75 checks V3 combo values against no options list (its own check runs for V1 nodes only)."""
-    if trilora_name is None or trilora_name in folder_paths.get_filename_list("loras"):  # None: a linked input
-        return True
-    return f"'{trilora_name}' is not in the loras folder"
-
-
 def info_output() -> io.String.Output:
     # A new object per schema with an explicit id: newer ComfyUI assigns ids to id-less outputs
     # in place, so one shared instance would carry another node's id.
@@ -77,11 +60,11 @@ class LorasFileNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, trilora_name):
-        return validate_file_name(trilora_name)
+        return check_names(trilora_name, none=False)
 
     @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return loras_fingerprint(**kwargs)
+    def fingerprint_inputs(cls, trilora_name, **_):
+        return files_fingerprint(trilora_name)
 
 
 class TriLoRALoader(LorasFileNode):

@@ -34,10 +34,10 @@ from ..trilora_core import (
 )
 from ..trilora_core.safetensors_io import atomic_write_bytes, data_hash, serialize
 from . import spectrum as spectrum_view
-from .file_cache import file_signature, load_cached
-from .load import validate_file_name
+from .file_cache import load_cached
+from .loras_folder import NONE_FILE, check_names, file_choice, files_fingerprint
 from .save import TRILORA, place_new_file, prefix_location, relative_name, save_new_file
-from .train import NONE_FILE, base_model_metadata
+from .train import base_model_metadata
 
 log = logging.getLogger("comfyui-trilora")
 
@@ -51,11 +51,6 @@ _NETWORK_KEYS = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_
 
 
 # --------------------------------------------------------------------------- shared inputs
-
-
-def trilora_choice(tooltip: str, input_id: str = "trilora_name") -> io.Combo.Input:
-    return io.Combo.Input(id=input_id, options=[NONE_FILE, *folder_paths.get_filename_list("loras")],
-                          default=NONE_FILE, tooltip=tooltip)
 
 
 def optional_trilora_input(tooltip: str, input_id: str = "trilora"):
@@ -127,34 +122,6 @@ def read_source(node: str, trilora_name: str, trilora=None, input_name: str = "t
         raise ValueError(f"{node}: choose a file in {input_name} or connect the {socket_name} input")
     path = folder_paths.get_full_path_or_raise("loras", trilora_name)
     return trilora_name, load_cached(path)
-
-
-def valid_choice(name) -> bool | str:
-    """validate_inputs for a file combo: [None], a linked value (None) or a file in the loras folder
-    (ComfyUI 0.3.75 checks no V3 combo value against its options)."""
-    return True if name in (None, NONE_FILE) else validate_file_name(name)
-
-
-def first_invalid(*names) -> bool | str:
-    for name in names:
-        result = valid_choice(name)
-        if result is not True:
-            return result
-    return True
-
-
-def source_fingerprint(*names) -> str:
-    """Changes when a chosen file is replaced on disk, not only when a name changes."""
-    parts = []
-    for name in names:
-        if not isinstance(name, str) or name in ("", NONE_FILE):
-            parts.append(str(name))
-            continue
-        try:
-            parts.append(str(file_signature(folder_paths.get_full_path_or_raise("loras", name))))
-        except Exception:
-            parts.append(name)
-    return "|".join(parts)
 
 
 # --------------------------------------------------------------------------- writing
@@ -283,8 +250,7 @@ class TriLoRAConvertLoRA(io.ComfyNode):
                         "canonical TriLoRA file with exactly the same weight change, so any LoRA gains optimal "
                         "rank truncation and a spectrum.",
             inputs=[
-                io.Combo.Input(id="lora_name", options=folder_paths.get_filename_list("loras"),
-                               tooltip="The LoRA/LoCon file to convert, from your loras folder."),
+                file_choice("lora_name", "The LoRA/LoCon file to convert, from your loras folder."),
                 prefix_input("trilora/converted"),
                 dtype_input("fp32", EXACT_DTYPE),
                 *reference_inputs("the pack's kohya-style names (lora_unet_..., lora_te_...)"),
@@ -296,11 +262,11 @@ class TriLoRAConvertLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
-        return valid_choice(lora_name)
+        return check_names(lora_name, none=False)
 
     @classmethod
     def fingerprint_inputs(cls, lora_name, **_):
-        return source_fingerprint(lora_name)
+        return files_fingerprint(lora_name)
 
     @classmethod
     def execute(cls, lora_name, filename_prefix, save_dtype, model=None, clip=None):
@@ -374,8 +340,8 @@ class TriLoRAExportLoRA(io.ComfyNode):
                         "networks.lora metadata) with exactly the same weight change, for ComfyUI's stock "
                         "Load LoRA, kohya's sd-scripts and other tools.",
             inputs=[
-                trilora_choice("The TriLoRA file to export, from your loras folder. Ignored when the trilora "
-                               "input is connected."),
+                file_choice("trilora_name", "The TriLoRA file to export, from your loras folder. Ignored when "
+                            "the trilora input is connected.", none=True),
                 prefix_input("trilora/lora"),
                 dtype_input("fp32", EXACT_DTYPE),
                 optional_trilora_input("An in-memory TriLoRA to export instead of a file."),
@@ -387,11 +353,11 @@ class TriLoRAExportLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, trilora_name=None):
-        return valid_choice(trilora_name)
+        return check_names(trilora_name)
 
     @classmethod
     def fingerprint_inputs(cls, trilora_name, **_):
-        return source_fingerprint(trilora_name)
+        return files_fingerprint(trilora_name)
 
     @classmethod
     def execute(cls, trilora_name, filename_prefix, save_dtype, trilora=None, model=None, clip=None):
@@ -591,8 +557,8 @@ class TriLoRAResize(io.ComfyNode):
             description="Cuts each layer of a TriLoRA to its strongest directions and saves a smaller file: the "
                         "optimal cut (least error possible), as the loaders' max_rank / energy do at load time.",
             inputs=[
-                trilora_choice("The TriLoRA (or plain LoRA/LoCon, converted exactly) to resize, from your loras "
-                               "folder. Ignored when the trilora input is connected."),
+                file_choice("trilora_name", "The TriLoRA (or plain LoRA/LoCon, converted exactly) to resize, "
+                            "from your loras folder. Ignored when the trilora input is connected.", none=True),
                 prefix_input("trilora/resized"),
                 max_rank_input("Keep at most this many directions per layer, the strongest ones. 0 = no limit.",
                                default=16),
@@ -607,11 +573,11 @@ class TriLoRAResize(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, trilora_name=None):
-        return valid_choice(trilora_name)
+        return check_names(trilora_name)
 
     @classmethod
     def fingerprint_inputs(cls, trilora_name, **_):
-        return source_fingerprint(trilora_name)
+        return files_fingerprint(trilora_name)
 
     @classmethod
     def execute(cls, trilora_name, filename_prefix, max_rank, energy, save_dtype, trilora=None):
@@ -637,9 +603,9 @@ class TriLoRAResize(io.ComfyNode):
 def _merge_inputs() -> list:
     inputs = []
     for i in range(1, MERGE_SLOTS + 1):
-        inputs.append(trilora_choice(f"TriLoRA (or plain LoRA/LoCon) number {i} from your loras folder; "
-                                     f"{NONE_FILE} leaves the slot empty. Ignored when trilora_{i} is "
-                                     "connected.", input_id=f"trilora_name_{i}"))
+        inputs.append(file_choice(f"trilora_name_{i}", f"TriLoRA (or plain LoRA/LoCon) number {i} from your loras "
+                                  f"folder; {NONE_FILE} leaves the slot empty. Ignored when trilora_{i} is "
+                                  "connected.", none=True))
         inputs.append(io.Float.Input(id=f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
                                      tooltip=f"Weight of TriLoRA {i} in the sum: 1.0 = as is, 0.5 = half, "
                                              "negative = subtracted."))
@@ -674,11 +640,11 @@ class TriLoRAMerge(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, trilora_name_1=None, trilora_name_2=None, trilora_name_3=None, trilora_name_4=None):
-        return first_invalid(trilora_name_1, trilora_name_2, trilora_name_3, trilora_name_4)
+        return check_names(trilora_name_1, trilora_name_2, trilora_name_3, trilora_name_4)
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):
-        return source_fingerprint(*(kwargs.get(f"trilora_name_{i}") for i in range(1, MERGE_SLOTS + 1)))
+        return files_fingerprint(*(kwargs.get(f"trilora_name_{i}") for i in range(1, MERGE_SLOTS + 1)))
 
     @classmethod
     def execute(cls, filename_prefix, max_rank, energy, save_dtype, **slots):
@@ -724,8 +690,8 @@ class TriLoRASpectrum(io.ComfyNode):
                         "directions each part of the model uses (UNet input/middle/output blocks, text "
                         "encoder): a guide for max_rank / energy and for block weights.",
             inputs=[
-                trilora_choice("The TriLoRA (or plain LoRA/LoCon, converted exactly) to look at, from your "
-                               "loras folder. Ignored when the trilora input is connected."),
+                file_choice("trilora_name", "The TriLoRA (or plain LoRA/LoCon, converted exactly) to look at, "
+                            "from your loras folder. Ignored when the trilora input is connected.", none=True),
                 optional_trilora_input("An in-memory TriLoRA (e.g. from Train TriLoRA or Extract TriLoRA) to "
                                        "look at instead of a file."),
             ],
@@ -742,11 +708,11 @@ class TriLoRASpectrum(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, trilora_name=None):
-        return valid_choice(trilora_name)
+        return check_names(trilora_name)
 
     @classmethod
     def fingerprint_inputs(cls, trilora_name, **_):
-        return source_fingerprint(trilora_name)
+        return files_fingerprint(trilora_name)
 
     @classmethod
     def execute(cls, trilora_name, trilora=None):

@@ -52,7 +52,7 @@ from ..trilora_core import (
 from ..trilora_core import optim as topt
 from ..trilora_core.safetensors_io import SafetensorsReader, atomic_write_bytes, serialize
 from .adapter import TriLoRATrainDiff
-from .file_cache import file_signature
+from .loras_folder import NONE_FILE, check_names, file_choice, files_fingerprint
 from .patching import apply_trilora
 from .save import TRILORA, prefix_location, save_new_file
 
@@ -66,7 +66,6 @@ except ImportError:  # pragma: no cover - depends on the ComfyUI version
 log = logging.getLogger("comfyui-trilora")
 
 LOSS_MAP = io.Custom("LOSS_MAP")
-NONE_FILE = "[None]"
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 TARGETS = ("attention", "attention+feedforward", "all linear", "all linear+conv")
 ANY_LAYER = "any"  # a resumed file may adapt any weight ComfyUI's key map knows
@@ -801,10 +800,6 @@ class TrainSampler(comfy.samplers.Sampler):
 # --------------------------------------------------------------------------- nodes
 
 
-def _lora_choices() -> list[str]:
-    return [NONE_FILE, *folder_paths.get_filename_list("loras")]
-
-
 class TrainTriLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -863,9 +858,9 @@ class TrainTriLoRA(io.ComfyNode):
                                        "0 (off) learns fastest; saved files are made orthonormal anyway."),
                 io.Combo.Input(id="target_layers", options=list(TARGETS), default=DEFAULT_TARGET, optional=True,
                                tooltip="Which layers of the diffusion model get an adapter. Ignored when resuming."),
-                io.Combo.Input(id="existing_lora", options=_lora_choices(), default=NONE_FILE, optional=True,
-                               tooltip="Continue training this TriLoRA (or LoRA) file from the loras folder: its "
-                                       "layers, step count and, for a checkpoint, optimizer state. [None] starts fresh."),
+                file_choice("existing_lora", "Continue training this TriLoRA (or LoRA) file from the loras folder: "
+                            "its layers, step count and, for a checkpoint, optimizer state. [None] starts fresh.",
+                            none=True, optional=True),
                 io.Int.Input(id="checkpoint_every", default=0, min=0, max=1_000_000, optional=True,
                              tooltip="Save a checkpoint (with optimizer state, for resuming) every N steps into the "
                                      "loras folder. 0 = off."),
@@ -885,15 +880,12 @@ class TrainTriLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, existing_lora=None):
+        return check_names(_one(existing_lora))
+
+    @classmethod
     def fingerprint_inputs(cls, existing_lora=NONE_FILE, **_):
-        """Re-run when the file to resume from is replaced on disk, not only when its name changes."""
-        name = _one(existing_lora)
-        if name in (NONE_FILE, None, ""):
-            return NONE_FILE
-        try:
-            return file_signature(folder_paths.get_full_path_or_raise("loras", name))
-        except Exception:
-            return name
+        return files_fingerprint(_one(existing_lora))
 
     @classmethod
     def execute(cls, model, latents, positive, steps=100, rank=DEFAULT_RANK, learning_rate=DEFAULT_LR, seed=0,
