@@ -4,21 +4,25 @@ refuse bad files without touching the model."""
 from __future__ import annotations
 
 import comfy.model_management as mm
-import comfy.utils
 import pytest
 import torch
 from conftest import run_node
 from safetensors.torch import save_file
-from trilora_files import LAYERS, expected_weight, random_layers, weight, write_lora
+from trilora_files import (
+    LAYERS,
+    assert_patched,
+    patched_weights,
+    random_layers,
+    tolerance,
+    weight,
+    weights_restored,
+    write_lora,
+)
 
 
 @pytest.fixture(autouse=True)
 def unload_after(tiny):
-    originals = {key: weight(tiny, part, key).clone() for part, key in LAYERS.values()}
-    yield originals
-    mm.unload_all_models()
-    for part, key in LAYERS.values():  # every test leaves the shared model as it found it
-        assert torch.equal(weight(tiny, part, key), originals[key]), f"{key} not restored"
+    yield from weights_restored(tiny)
 
 
 @pytest.fixture
@@ -27,29 +31,6 @@ def trilora_file(comfy_host, tiny):
     name = "loader_test.safetensors"
     comfy_host.core.write_trilora(str(comfy_host.loras / name), random_layers(comfy_host.core, tiny))
     return name, comfy_host.core.read_trilora(str(comfy_host.loras / name)).layers
-
-
-def patched_weights(model, clip):
-    """Loads the patchers as ComfyUI does before sampling and reads the weights it computed."""
-    mm.load_models_gpu([p for p in (model, clip and clip.patcher) if p is not None])
-    out = {}
-    for prefix, (part, key) in LAYERS.items():
-        holder = model.model if part == "unet" else clip.cond_stage_model
-        out[prefix] = comfy.utils.get_attr(holder, key).detach().clone()
-    return out
-
-
-def assert_patched(got, originals, layers, strength_model, strength_clip):
-    for prefix, (part, key) in LAYERS.items():
-        strength = strength_model if part == "unet" else strength_clip
-        want = expected_weight(originals[key], layers[prefix], strength)
-        torch.testing.assert_close(got[prefix], want, **tolerance(want.dtype), msg=lambda m, p=prefix: f"{p}: {m}")
-
-
-def tolerance(dtype) -> dict:
-    """fp32 weights: float rounding only. fp16 weights (the CPU text encoder): ComfyUI casts the
-    patched weight back with stochastic rounding, one unit in the last place either way."""
-    return dict(rtol=1e-3, atol=1e-5) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("strength_model, strength_clip", [(1.0, 1.0), (0.6, -1.5)])

@@ -6,10 +6,12 @@
 - two loaders using one file at different strengths never disturb each other: each gives
   exactly its own weights and its own samples, however their runs interleave, and the cached
   factors they share are never changed;
-- the temp file a killed save leaves in the loras folder never shows in ComfyUI's file list.
+- the temp file a killed save leaves in the loras folder never shows in ComfyUI's file list;
+- a file name not in the loras folder is refused when the graph is queued.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,38 +19,16 @@ import sys
 import time
 
 import comfy.model_management as mm
-import comfy.utils
+import execution
 import pytest
 import torch
-from conftest import run_node
-from trilora_files import LAYERS, expected_weight, random_layers, weight
+from conftest import TINY, run_node
+from trilora_files import LAYERS, assert_patched, patched_weights, random_layers, weights_restored
 
 
 @pytest.fixture(autouse=True)
 def originals(tiny):
-    before = {key: weight(tiny, part, key).clone() for part, key in LAYERS.values()}
-    yield before
-    mm.unload_all_models()
-    for part, key in LAYERS.values():  # every test leaves the shared model as it found it
-        assert torch.equal(weight(tiny, part, key), before[key]), f"{key} not restored"
-
-
-def patched_weights(model, clip) -> dict[str, torch.Tensor]:
-    """Loads the patchers as ComfyUI does before sampling and reads the weights it computed."""
-    mm.load_models_gpu([model, clip.patcher])
-    out = {}
-    for prefix, (part, key) in LAYERS.items():
-        holder = model.model if part == "unet" else clip.cond_stage_model
-        out[prefix] = comfy.utils.get_attr(holder, key).detach().clone()
-    return out
-
-
-def assert_patched(got, originals, layers, strength: float) -> None:
-    for prefix, (_, key) in LAYERS.items():
-        want = expected_weight(originals[key], layers[prefix], strength)
-        # fp16 text-encoder weights: ComfyUI's stochastic rounding, one unit in the last place
-        tol = dict(rtol=1e-3, atol=1e-5) if want.dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got[prefix], want, **tol, msg=lambda m, p=prefix: f"{p}: {m}")
+    yield from weights_restored(tiny)
 
 
 def load(comfy_host, tiny, name: str, strength: float):
@@ -184,14 +164,42 @@ def test_temp_files_of_a_killed_save_never_show_in_the_loras_list(comfy_host, ti
             os.unlink(loras / name)
 
 
+def validation_errors(prompt: dict) -> dict[str, list[str]]:
+    """ComfyUI's own check of a queued prompt (execution.validate_prompt): node id -> error details."""
+    _, _, _, node_errors = asyncio.run(execution.validate_prompt("validation-test", prompt, None))
+    return {node: [e["details"] for e in err["errors"]] for node, err in node_errors.items()}
+
+
+def file_prompts(loader: str, resize: str, existing: str) -> dict:
+    """A loader, a tool and a trainer, each choosing a file from the loras folder."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY}},
+        "2": {"class_type": "TriLoRALoaderModelOnly", "inputs": {"model": ["1", 0], "trilora_name": loader,
+                                                                  "strength_model": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cube"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "TrainTriLoRA", "inputs": {"model": ["2", 0], "latents": ["4", 0], "positive": ["3", 0],
+                                                       "steps": 1, "rank": 4, "alpha": 4.0, "learning_rate": 0.001,
+                                                       "seed": 0, "batch_size": 1, "training_dtype": "fp32",
+                                                       "gradient_checkpointing": False, "existing_lora": existing}},
+        "6": {"class_type": "SaveTriLoRA", "inputs": {"trilora": ["5", 1], "filename_prefix": "validation"}},
+        "7": {"class_type": "TriLoRAResize", "inputs": {"trilora_name": resize, "filename_prefix": "validation",
+                                                        "max_rank": 2, "energy": 1.0, "save_dtype": "fp32"}},
+    }
+
+
 def test_a_name_not_in_the_loras_folder_fails_validation(comfy_host, tiny):
-    """ComfyUI 0.3.75 checks no V3 combo value against its options: the loaders do it themselves,
-    so a missing file is a validation error before the graph runs, not a failure halfway."""
+    """ComfyUI 0.3.75 checks no V3 combo value against its options: the nodes do it themselves,
+    so a missing file is a validation error when the graph is queued, not a failure halfway."""
     core = comfy_host.core
-    core.write_trilora(str(comfy_host.loras / "reliability_present.safetensors"), random_layers(core, tiny, seed=41))
-    for node_id in ("TriLoRALoader", "TriLoRALoaderModelOnly"):
-        loader = comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id]
-        assert loader.validate_inputs(trilora_name="reliability_present.safetensors") is True
-        assert loader.validate_inputs(trilora_name="reliability_absent.safetensors") == \
-            "'reliability_absent.safetensors' is not in the loras folder"
-        assert loader.validate_inputs(trilora_name=None) is True  # a linked input: checked when it runs
+    present, absent = "reliability_present.safetensors", "reliability_absent.safetensors"
+    core.write_trilora(str(comfy_host.loras / present), random_layers(core, tiny, seed=41))
+    assert validation_errors(file_prompts(present, present, present)) == {}
+    assert validation_errors(file_prompts(present, "[None]", "[None]")) == {}  # where no file is a choice
+    missing = f"'{absent}' is not in the loras folder"
+    assert validation_errors(file_prompts(absent, absent, absent)) == {
+        "2": [f"trilora_name - {missing}"], "5": [f"existing_lora - {missing}"], "7": [f"trilora_name - {missing}"]}
+    assert validation_errors(file_prompts("[None]", present, present)) == {
+        "2": ["trilora_name - '[None]' is not in the loras folder"]}  # a loader needs a file
+    loader = comfy_host.nodes.NODE_CLASS_MAPPINGS["TriLoRALoader"]
+    assert loader.validate_inputs(trilora_name=None) is True  # a linked input: checked when it runs

@@ -1,6 +1,8 @@
 """TriLoRA and LoRA files made for the tiny checkpoint, and the weights they should give."""
 from __future__ import annotations
 
+import comfy.model_management as mm
+import comfy.utils
 import torch
 from safetensors.torch import save_file
 
@@ -55,3 +57,37 @@ def write_lora(path, layers_updown: dict):
         tensors[f"{prefix}.lora_down.weight"] = down.contiguous()
         tensors[f"{prefix}.alpha"] = torch.tensor(float(alpha))
     save_file(tensors, str(path))
+
+
+def weights_restored(tiny):
+    """Generator for a fixture: yields the LAYERS weights as they are, and after the test unloads
+    every model and checks that the shared model is as it was, bit for bit."""
+    originals = {key: weight(tiny, part, key).clone() for part, key in LAYERS.values()}
+    yield originals
+    mm.unload_all_models()
+    for part, key in LAYERS.values():
+        assert torch.equal(weight(tiny, part, key), originals[key]), f"{key} not restored"
+
+
+def patched_weights(model, clip):
+    """Loads the patchers as ComfyUI does before sampling and reads the weights it computed."""
+    mm.load_models_gpu([p for p in (model, clip and clip.patcher) if p is not None])
+    out = {}
+    for prefix, (part, key) in LAYERS.items():
+        holder = model.model if part == "unet" else clip.cond_stage_model
+        out[prefix] = comfy.utils.get_attr(holder, key).detach().clone()
+    return out
+
+
+def tolerance(dtype) -> dict:
+    """fp32 weights: float rounding only. fp16 weights (the CPU text encoder): ComfyUI casts the
+    patched weight back with stochastic rounding, one unit in the last place either way."""
+    return dict(rtol=1e-3, atol=1e-5) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
+
+
+def assert_patched(got, originals, layers, strength_model, strength_clip=None):
+    """Every LAYERS weight is W + strength (alpha / r) U diag(s) Vt (strength_clip defaults to strength_model)."""
+    for prefix, (part, key) in LAYERS.items():
+        strength = strength_model if part == "unet" or strength_clip is None else strength_clip
+        want = expected_weight(originals[key], layers[prefix], strength)
+        torch.testing.assert_close(got[prefix], want, **tolerance(want.dtype), msg=lambda m, p=prefix: f"{p}: {m}")
