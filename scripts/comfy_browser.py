@@ -239,6 +239,9 @@ class Loaded:
     missing: list[str]                                      # types the frontend does not know
     notices: list[str] = field(default_factory=list)        # texts of dialogs/toasts shown on load
     console_errors: list[str] = field(default_factory=list)
+    # "Type.widget=value" for a file choice this server does not have (e.g. the user's own
+    # checkpoint); newer frontends flag such nodes, which is not a missing node type
+    missing_files: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -259,9 +262,12 @@ _JS_LOAD = """async ([workflow, name]) => {
   for (const sg of (workflow.definitions?.subgraphs || [])) walk(sg.nodes);
   const known = LiteGraph.registered_node_types;
   const missing = [...new Set(types.filter(t => !(t in known)))];
-  const broken = app.graph.nodes.filter(n => n.has_errors).map(n => n.type);
+  const absent = n => (n.widgets || []).filter(w => w.type === 'combo' && Array.isArray(w.options?.values)
+                                                   && !w.options.values.includes(w.value));
+  const files = app.graph.nodes.flatMap(n => absent(n).map(w => `${n.type}.${w.name}=${w.value}`));
+  const broken = app.graph.nodes.filter(n => n.has_errors && !absent(n).length).map(n => n.type);
   const notices = shown().filter(e => !before.has(e)).map(e => e.innerText.trim()).filter(t => t);
-  return {node_types: types, missing: [...new Set([...missing, ...broken])], notices};
+  return {node_types: types, missing: [...new Set([...missing, ...broken])], notices, files};
 }"""
 
 _JS_SET_WIDGETS = """(overrides) => {
@@ -383,7 +389,7 @@ class ComfyBrowser:
             self.page.keyboard.press("Escape")
             self.page.wait_for_timeout(200)
         return Loaded(result["node_types"], sorted(result["missing"]), result["notices"],
-                      self.console_errors[errors_before:])
+                      self.console_errors[errors_before:], sorted(result["files"]))
 
     def set_widgets(self, overrides: dict[str, dict]) -> None:
         """Sets widget values in the loaded graph: {node type, id or title: {widget: value}}.

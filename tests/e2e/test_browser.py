@@ -80,6 +80,9 @@ def test_workflow_loads_in_the_frontend_with_every_node_known_and_no_warning(bro
     loaded = browser.load(workflow, name=path.stem)
     assert loaded.missing == []
     assert loaded.notices == []
+    # Only files the user points at: their checkpoint, and the TriLoRA the training workflow makes.
+    assert all(f.startswith("CheckpointLoaderSimple.ckpt_name=") or "=trilora_sample_style_" in f
+               for f in loaded.missing_files), loaded.missing_files
     assert loaded.node_types == [n["type"] for n in workflow["nodes"]]
     assert browser.page.evaluate("app.graph.nodes.length") == len(workflow["nodes"])
     assert browser.widget("CheckpointLoaderSimple", "ckpt_name")["value"] == USER_CHECKPOINT
