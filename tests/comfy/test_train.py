@@ -5,8 +5,10 @@ does: weights and inputs are then inference tensors, which training must cope wi
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import comfy.model_management as mm
@@ -349,6 +351,14 @@ def test_cancel_stops_within_a_step_and_leaves_nothing_behind(comfy_host, data):
     assert machinery_state(data.model) == before_state
     assert denoise_loss(data.model, data.latent, data.conds) == before
 
+    # Resuming from the last checkpoint before the cancel ends where an uninterrupted run does.
+    last = next(f for f in files if f.endswith("step000002.safetensors"))
+    _, resumed, _, steps = train(comfy_host, data, steps=2, existing_lora=f"cancel/{last}")
+    _, straight, _, _ = train(comfy_host, data, steps=4)
+    assert steps == 4
+    for prefix, layer in straight.layers.items():
+        assert torch.equal(layer.u, resumed.layers[prefix].u) and torch.equal(layer.s, resumed.layers[prefix].s)
+
 
 def test_diverging_training_names_the_step_and_keeps_the_last_good_adapter(comfy_host, data):
     core = comfy_host.core
@@ -364,6 +374,11 @@ def test_diverging_training_names_the_step_and_keeps_the_last_good_adapter(comfy
     _, one_step, _, _ = train(comfy_host, data, steps=1, learning_rate=1.0)
     for prefix, layer in one_step.layers.items():
         assert torch.equal(layer.s, kept.layers[prefix].s) and torch.equal(layer.u, kept.layers[prefix].u)
+    # The user lowers the learning rate and goes on from the kept adapter.
+    name = str(Path(match.group(2)).relative_to(comfy_host.loras))
+    _, resumed, loss_map, steps = train(comfy_host, data, steps=2, learning_rate=1e-3, existing_lora=name)
+    assert steps == 3 and all(math.isfinite(v) for v in loss_map["loss"])
+    assert json.loads(resumed.metadata["trilora_training_args"])["resumed_from_step"] == 1
     assert machinery_state(data.model) == before_state
 
 
