@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ..trilora_core import truncate
 from .blocks import block_group
 from .file_cache import load_cached
-from .loras_folder import check_names, file_choice, files_fingerprint
+from .loras_folder import LorasFileNode, file_choice
 from .patching import apply_trilora
 
 STRENGTH_LIMIT = 10.0
@@ -52,19 +52,6 @@ def info_output() -> io.String.Output:
     # in place, so one shared instance would carry another node's id.
     return io.String.Output(id="info", display_name="info", tooltip="Which layers matched, their ranks, "
                             "and the file keys that matched nothing in this model.")
-
-
-class LorasFileNode(io.ComfyNode):
-    """What every node with a trilora_name from the loras folder shares: the name is checked when
-    the graph is queued, and the node re-runs when the file is replaced on disk."""
-
-    @classmethod
-    def validate_inputs(cls, trilora_name):
-        return check_names(trilora_name, none=False)
-
-    @classmethod
-    def fingerprint_inputs(cls, trilora_name, **_):
-        return files_fingerprint(trilora_name)
 
 
 class TriLoRALoader(LorasFileNode):

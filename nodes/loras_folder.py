@@ -41,3 +41,24 @@ def files_fingerprint(*names) -> str:
         except Exception:  # no name, NONE_FILE, a linked input or a missing file: the name itself
             parts.append(str(name))
     return "|".join(parts)
+
+
+class LorasFileNode(io.ComfyNode):
+    """A node whose trilora_name names a file of the loras folder: the name is checked when the
+    graph is queued, and the node re-runs when the file is replaced on disk."""
+
+    @classmethod
+    def validate_inputs(cls, trilora_name):
+        return check_names(trilora_name, none=False)
+
+    @classmethod
+    def fingerprint_inputs(cls, trilora_name=None, **_):
+        return files_fingerprint(trilora_name)
+
+
+class OptionalLorasFileNode(LorasFileNode):
+    """The same where trilora_name may be NONE_FILE, because a TRILORA input can stand in for it."""
+
+    @classmethod
+    def validate_inputs(cls, trilora_name=None):
+        return check_names(trilora_name)

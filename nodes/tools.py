@@ -35,7 +35,7 @@ from ..trilora_core import (
 from ..trilora_core.safetensors_io import atomic_write_bytes, data_hash, serialize
 from . import spectrum as spectrum_view
 from .file_cache import load_cached
-from .loras_folder import NONE_FILE, check_names, file_choice, files_fingerprint
+from .loras_folder import NONE_FILE, OptionalLorasFileNode, check_names, file_choice, files_fingerprint
 from .save import TRILORA, place_new_file, prefix_location, relative_name, save_new_file
 from .train import base_model_metadata
 
@@ -328,7 +328,7 @@ def kohya_metadata(layers: dict[str, TriLoRALayer], carried: dict[str, str], out
     return meta
 
 
-class TriLoRAExportLoRA(io.ComfyNode):
+class TriLoRAExportLoRA(OptionalLorasFileNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -350,14 +350,6 @@ class TriLoRAExportLoRA(io.ComfyNode):
             outputs=[filename_output(),
                      info_output("How many layers were written, their ranks, and the naming used.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, trilora_name=None):
-        return check_names(trilora_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, trilora_name, **_):
-        return files_fingerprint(trilora_name)
 
     @classmethod
     def execute(cls, trilora_name, filename_prefix, save_dtype, trilora=None, model=None, clip=None):
@@ -546,7 +538,7 @@ class TriLoRAExtract(io.ComfyNode):
 # --------------------------------------------------------------------------- resize
 
 
-class TriLoRAResize(io.ComfyNode):
+class TriLoRAResize(OptionalLorasFileNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -570,14 +562,6 @@ class TriLoRAResize(io.ComfyNode):
             outputs=[trilora_output(), filename_output(),
                      info_output("Ranks before and after, and the share of the energy kept.")],
         )
-
-    @classmethod
-    def validate_inputs(cls, trilora_name=None):
-        return check_names(trilora_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, trilora_name, **_):
-        return files_fingerprint(trilora_name)
 
     @classmethod
     def execute(cls, trilora_name, filename_prefix, max_rank, energy, save_dtype, trilora=None):
@@ -679,7 +663,7 @@ class TriLoRAMerge(io.ComfyNode):
 # --------------------------------------------------------------------------- spectrum
 
 
-class TriLoRASpectrum(io.ComfyNode):
+class TriLoRASpectrum(OptionalLorasFileNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -705,14 +689,6 @@ class TriLoRASpectrum(io.ComfyNode):
                                          "and 99% of the energy, and each part's share of the total energy."),
             ],
         )
-
-    @classmethod
-    def validate_inputs(cls, trilora_name=None):
-        return check_names(trilora_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, trilora_name, **_):
-        return files_fingerprint(trilora_name)
 
     @classmethod
     def execute(cls, trilora_name, trilora=None):
