@@ -659,15 +659,8 @@ class TriLoRATrainer:
         hint = "" if self.dtype == torch.float32 else " (or try training_dtype fp32)"
         message = (f"TrainTriLoRA: training diverged at step {step} of {self.total}: {what}; "
                    f"learning_rate {lr:g} is probably too high{hint}. ")
-        if self.good_step > self.start.step:
-            with torch.no_grad():
-                torch._foreach_copy_([p.data for p in self.params], self.good)
-            path = self.write_checkpoint(self.good_step, suffix="last_good", with_optimizer=False)
-            message += f"The last good adapter (after step {self.good_step}) was saved to {path}."
-        elif self.start.source:
-            message += f"No step succeeded; the adapter you resumed from is unchanged: {self.start.source}."
-        else:
-            message += "No step succeeded, so there is no trained adapter to keep."
+        message += self._keep_last_good(self.good_step, from_snapshot=True, with_optimizer=False,
+                                        saved="The last good adapter (after step {step}) was saved to {path}.")
         raise TrainingDivergedError(message)
 
     def _out_of_memory(self, step: int, what: str):
@@ -676,23 +669,28 @@ class TriLoRATrainer:
         comfy.model_management.soft_empty_cache()
         message = (f"TrainTriLoRA: out of memory at step {step} of {self.total} on {self.device} ({what}). "
                    f"The memory of the run was released. To fit, {self._memory_hints()}. ")
+        # Before the update the factors and the optimizer state are those after step `done`.
+        # The snapshot is taken just before the update: once it is, the update may be half done.
         done = step - 1
-        if done > self.start.step:
-            # Before the update the factors and the optimizer state are those after step `done`.
-            # The snapshot is taken just before the update: once it is, the update may be half done.
-            in_update = self.good_step == done
-            if in_update:
-                with torch.no_grad():
-                    torch._foreach_copy_([p.data for p in self.params], self.good)
-            path = self.write_checkpoint(done, suffix="last_good", with_optimizer=not in_update)
-            message += (f"The adapter after step {done} was saved to {path}; choose it as existing_lora "
-                        "to go on from there.")
-        elif self.start.source:
-            message += f"No step succeeded; the adapter you resumed from is unchanged: {self.start.source}."
-        else:
-            message += "No step succeeded, so there is no trained adapter to keep."
+        in_update = self.good_step == done
+        message += self._keep_last_good(done, from_snapshot=in_update, with_optimizer=not in_update,
+                                        saved="The adapter after step {step} was saved to {path}; choose it as "
+                                              "existing_lora to go on from there.")
         self.optimizer.state.clear()
         raise TrainingOutOfMemoryError(message)
+
+    def _keep_last_good(self, steps_done: int, from_snapshot: bool, with_optimizer: bool, saved: str) -> str:
+        """Saves the adapter after ``steps_done`` steps (the factors of the last snapshot where
+        ``from_snapshot``) when this run made any; returns what the error message says of it."""
+        if steps_done > self.start.step:
+            if from_snapshot:
+                with torch.no_grad():
+                    torch._foreach_copy_([p.data for p in self.params], self.good)
+            path = self.write_checkpoint(steps_done, suffix="last_good", with_optimizer=with_optimizer)
+            return saved.format(step=steps_done, path=path)
+        if self.start.source:
+            return f"No step succeeded; the adapter you resumed from is unchanged: {self.start.source}."
+        return "No step succeeded, so there is no trained adapter to keep."
 
     def _memory_hints(self) -> str:
         args, hints = self.args, []
