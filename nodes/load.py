@@ -13,12 +13,24 @@ from .patching import apply_trilora
 STRENGTH_LIMIT = 10.0
 
 
+def slider_input(name: str, tooltip: str) -> io.Float.Input:
+    return io.Float.Input(id=name, default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
+                          display_mode=io.NumberDisplay.slider, tooltip=tooltip)
+
+
 def strength_input(name: str, what: str) -> io.Float.Input:
-    return io.Float.Input(
-        id=name, default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
-        display_mode=io.NumberDisplay.slider,
-        tooltip=f"How strongly to modify the {what}: 1.0 applies the adapter as trained, 0 leaves the "
-                f"{what} untouched, negative values push the other way.")
+    return slider_input(name, f"How strongly to modify the {what}: 1.0 applies the adapter as trained, 0 leaves "
+                              f"the {what} untouched, negative values push the other way.")
+
+
+def targets(clip: bool) -> tuple[list, list]:
+    """The model (and CLIP) inputs a loader patches, and its outputs: them patched, and info."""
+    inputs = [io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to.")]
+    outputs = [io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied.")]
+    if clip:
+        inputs.append(io.Clip.Input(id="clip", tooltip="The text encoder (CLIP) the TriLoRA is applied to."))
+        outputs.append(io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the TriLoRA applied."))
+    return inputs, [*outputs, info_output()]
 
 
 def file_input() -> io.Combo.Input:
@@ -57,24 +69,20 @@ def info_output() -> io.String.Output:
 class TriLoRALoader(LorasFileNode):
     @classmethod
     def define_schema(cls):
+        inputs, outputs = targets(clip=True)
         return io.Schema(
             node_id="TriLoRALoader",
             display_name="Load TriLoRA",
             category="loaders",
             description="Applies a TriLoRA file to the diffusion model and the text encoder.",
             inputs=[
-                io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to."),
-                io.Clip.Input(id="clip", tooltip="The text encoder (CLIP) the TriLoRA is applied to."),
+                *inputs,
                 file_input(),
                 strength_input("strength_model", "diffusion model"),
                 strength_input("strength_clip", "text encoder"),
                 *truncation_inputs(),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied."),
-                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the TriLoRA applied."),
-                info_output(),
-            ],
+            outputs=outputs,
         )
 
     @classmethod
@@ -89,21 +97,19 @@ class TriLoRALoader(LorasFileNode):
 class TriLoRALoaderModelOnly(LorasFileNode):
     @classmethod
     def define_schema(cls):
+        inputs, outputs = targets(clip=False)
         return io.Schema(
             node_id="TriLoRALoaderModelOnly",
             display_name="Load TriLoRA (Model Only)",
             category="loaders",
             description="Applies a TriLoRA file to the diffusion model only; text-encoder layers are ignored.",
             inputs=[
-                io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to."),
+                *inputs,
                 file_input(),
                 strength_input("strength_model", "diffusion model"),
                 *truncation_inputs(),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied."),
-                info_output(),
-            ],
+            outputs=outputs,
         )
 
     @classmethod
@@ -124,11 +130,8 @@ BLOCK_MULTIPLIERS = (
 
 
 def block_multiplier_input(name: str, what: str) -> io.Float.Input:
-    return io.Float.Input(
-        id=name, default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
-        display_mode=io.NumberDisplay.slider,
-        tooltip=f"Multiplier on the strength for {what}. 1.0 = as the strength says, 0 = leave these layers "
-                f"out, negative = push the other way.")
+    return slider_input(name, f"Multiplier on the strength for {what}. 1.0 = as the strength says, 0 = leave "
+                              f"these layers out, negative = push the other way.")
 
 
 def block_strength(multipliers: dict[str, float]):
@@ -147,6 +150,7 @@ def block_strength(multipliers: dict[str, float]):
 class TriLoRALoaderBlockWeights(LorasFileNode):
     @classmethod
     def define_schema(cls):
+        inputs, outputs = targets(clip=True)
         return io.Schema(
             node_id="TriLoRALoaderBlockWeights",
             display_name="Load TriLoRA (Block Weights)",
@@ -154,19 +158,14 @@ class TriLoRALoaderBlockWeights(LorasFileNode):
             description="Load TriLoRA with a strength per part of the model: UNet input, middle and output "
                         "blocks and the text encoder, to choose where a style acts.",
             inputs=[
-                io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to."),
-                io.Clip.Input(id="clip", tooltip="The text encoder (CLIP) the TriLoRA is applied to."),
+                *inputs,
                 file_input(),
                 strength_input("strength_model", "diffusion model"),
                 strength_input("strength_clip", "text encoder"),
                 *[block_multiplier_input(name, what) for name, _, what in BLOCK_MULTIPLIERS],
                 *truncation_inputs(),
             ],
-            outputs=[
-                io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied."),
-                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the TriLoRA applied."),
-                info_output(),
-            ],
+            outputs=outputs,
         )
 
     @classmethod
