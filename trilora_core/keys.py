@@ -166,8 +166,8 @@ def lookup(prefix: str, key_map: KeyMap) -> tuple[object, Target] | None:
 
 
 def whole_weight_layer(layer: TriLoRALayer, target: Target, weight_shape: Sequence[int]) -> TriLoRALayer:
-    """The layer on the whole weight: a slice's factors padded with zeros (rows: U, columns: Vt),
-    ``function`` applied to U. Exact for the row permutations ComfyUI's maps use (swap_scale_shift).
+    """The layer on the whole weight, Vt shaped like it: a slice's factors padded with zeros
+    (rows: U, columns: Vt), ``function`` applied to U. Exact for the row permutations ComfyUI's maps use (swap_scale_shift).
     Raises ValueError when the layer does not fit the weight."""
     out, rest = int(weight_shape[0]), math.prod(weight_shape[1:])
     rows, cols = out, rest
@@ -180,7 +180,10 @@ def whole_weight_layer(layer: TriLoRALayer, target: Target, weight_shape: Sequen
         where = f"{target.weight}{list(weight_shape)}" + (f" slice {target.offset}" if target.offset else "")
         raise ValueError(f"layer shape {list(layer.weight_shape)} does not fit the model's {where}")
     if target.offset is None and target.function is None:
-        return layer
+        if tuple(layer.vt.shape[1:]) == tuple(weight_shape[1:]):
+            return layer
+        # a conv LoRA stored flattened ([r, in*kh*kw], as ComfyUI's TrainLoraNode writes it)
+        return TriLoRALayer(layer.u, layer.s, layer.vt.reshape(layer.rank, *weight_shape[1:]), layer.alpha)
     u, vt = layer.u, layer.vt.reshape(layer.rank, -1)
     if target.offset is not None:
         dim, start, length = target.offset
