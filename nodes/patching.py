@@ -12,7 +12,7 @@ import comfy.lora
 import torch
 
 from ..trilora_core import TriLoRAFileError, TriLoRALayer
-from ..trilora_core.keys import lookup, sum_layers
+from ..trilora_core.keys import lookup, sum_layers, target_of
 from .adapter import TriLoRAAdapter
 from .blocks import TEXT_ENCODERS, block_group
 
@@ -57,10 +57,9 @@ class ApplyReport:
 def weight_shape(state_dict, value) -> tuple[int, ...] | None:
     """Shape of what a key-map value points at (a slice (dim, start, length) where it has one);
     None when the model has no such weight."""
-    found = lookup("_", {"_": value})
-    if found is None or found[1].weight not in state_dict:
+    target = target_of(value)
+    if target is None or target.weight not in state_dict:
         return None
-    target = found[1]
     shape = list(state_dict[target.weight].shape)
     if target.offset is not None:
         dim, _start, length = target.offset

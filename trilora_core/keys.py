@@ -1,9 +1,10 @@
-"""Module prefixes for adapted weights, driven by a ComfyUI-style key map.
+"""File prefixes and model weights, driven by a ComfyUI key map (comfy.lora.model_lora_keys_*,
+which nodes/ passes in): the one place where any file naming is resolved to a weight.
 
-A key map is {file_prefix: model_weight_key}, with many aliases per weight (kohya
-``lora_unet_...``/``lora_te_...`` names, generic ``diffusion_model....`` names, diffusers names).
-A value may be a tuple whose first element is the weight key (ComfyUI uses that for slices of a
-weight); the rest says which slice.
+A key map is {file_prefix: value}, with many aliases per weight (kohya ``lora_unet_...``/
+``lora_te_...`` names, generic ``diffusion_model....`` names, diffusers/PEFT names, ...). The
+value names the weight in one of three forms (``target_of``). Choosing the name to write a weight
+under: ``prefix_for_weight``; reading a file: ``lookup`` and ``layers_by_weight``.
 """
 
 from __future__ import annotations
@@ -26,14 +27,11 @@ _TEXT_ENCODER_GENERIC_PREFIX = "text_encoders."
 
 
 def _target(value: object) -> tuple[str | None, bool]:
-    """(weight key, addresses the whole weight) for one key-map value."""
-    if isinstance(value, str):
-        return value, True
-    if isinstance(value, tuple) and value and isinstance(value[0], str):
-        # (key,) or (key, None) still mean the whole weight; (key, slice) means part of it.
-        whole = len(value) == 1 or all(part is None for part in value[1:])
-        return value[0], whole
-    return None, False
+    """(weight key, addresses the whole weight as it is) for one key-map value."""
+    found = target_of(value)
+    if found is None:
+        return None, False
+    return found.weight, found.offset is None and found.function is None
 
 
 def _strip_weight(weight_key: str) -> str:
@@ -139,6 +137,7 @@ def target_of(value: object) -> Target | None:
         return Target(value)
     if not isinstance(value, tuple) or not value or not isinstance(value[0], str):
         return None
+    # (key,) and (key, None) still mean the whole weight
     offset = value[1] if len(value) > 1 else None
     if offset is not None and not (isinstance(offset, tuple) and len(offset) == 3):
         return None

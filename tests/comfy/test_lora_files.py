@@ -353,3 +353,29 @@ def test_merge_adds_one_weight_under_two_names(comfy_host, tiny, key_maps):
     merged = comfy_host.core.keys.layers_by_weight(trilora.layers, key_maps["unet"], shapes)
     assert_deltas({w: layer.delta(torch.float64) for w, layer in merged.layers.items()},
                   {w: a[w] - 0.5 * b[w] for w in a})
+
+
+def test_one_weight_under_two_names_in_one_file_is_their_sum_everywhere(comfy_host, tiny, key_maps):
+    """A loader never applies one alias and drops the other (ComfyUI's LoraLoader keeps the last);
+    Resize and Spectrum see one weight."""
+    key = "diffusion_model.input_blocks.1.1.proj_in.weight"
+    names = ("lora_unet_down_blocks_0_attentions_0_proj_in", "unet.down_blocks.0.attentions.0.proj_in")
+    g = torch.Generator().manual_seed(9)
+    tensors, want = {}, torch.zeros(320, 320, dtype=torch.float64)
+    for prefix in names:
+        up, down = torch.randn(320, 2, 1, 1, generator=g) * 0.1, torch.randn(2, 320, 1, 1, generator=g) * 0.1
+        tensors |= {f"{prefix}.lora_up.weight": up, f"{prefix}.lora_down.weight": down}
+        want += up.double().flatten(1) @ down.double().flatten(1)
+    save_file(tensors, str(comfy_host.loras / "two_names.safetensors"))
+    model, info = run_node(comfy_host, "TriLoRALoaderModelOnly", model=tiny.model, trilora_name="two_names.safetensors",
+                           strength_model=1.0)
+    assert f"{names[0]} and {names[1]} adapt the same weight: applied as their sum" in info, info
+    delta = computed(model, key).double() - tiny.model.model.state_dict()[key].double()
+    torch.testing.assert_close(delta.flatten(1), want, rtol=1e-4, atol=1e-6)
+
+    resized, _, info = run_node(comfy_host, "TriLoRAResize", trilora_name="two_names.safetensors",
+                                filename_prefix="trilora/two_names", max_rank=0, energy=1.0, save_dtype="fp32")
+    assert list(resized.layers) == [names[0]] and "adapt one weight: saved as their sum" in info
+    torch.testing.assert_close(resized.layers[names[0]].delta(torch.float64).flatten(1), want, rtol=1e-5, atol=1e-7)
+    _, summary = run_node(comfy_host, "TriLoRASpectrum", trilora_name="two_names.safetensors")
+    assert "1 layers" in summary, summary
