@@ -171,7 +171,8 @@ def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: 
             claimed.update(prefixes)
             if len(prefixes) > 1:
                 report.aliases.append(prefixes)
-        planned.append((part, holder, {**patches, **diff_patches}, len(patches), len(diff_patches), strength))
+        n_layers = sum(len(prefixes) for prefixes in found.values())
+        planned.append((part, holder, {**patches, **diff_patches}, n_layers, len(diff_patches), strength))
     rest = sorted(p for p in layers if p not in claimed)
     if clip is None:
         report.text_encoder_left = [p for p in rest if block_group(p) in TEXT_ENCODERS]
