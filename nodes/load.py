@@ -50,13 +50,14 @@ def truncation_inputs() -> list:
 
 
 def load_layers(trilora_name: str, max_rank: int = 0, energy: float = 1.0):
-    """(path, layers) of a file from the loras folder, truncated as asked."""
+    """(path, layers, full-weight diffs) of a file from the loras folder, layers truncated as asked."""
     path = folder_paths.get_full_path_or_raise("loras", trilora_name)
-    layers = load_cached(path).layers
+    read = load_cached(path)
+    layers = read.layers
     if max_rank or energy < 1.0:
         layers = {p: truncate(layer, rank=max_rank or None, energy=energy if energy < 1.0 else None)
                   for p, layer in layers.items()}
-    return path, layers
+    return path, layers, read.diffs
 
 
 def info_output() -> io.String.Output:
@@ -89,8 +90,8 @@ class TriLoRALoader(LorasFileNode):
     def execute(cls, model, clip, trilora_name, strength_model, strength_clip, max_rank=0, energy=1.0):
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip, "strengths are 0: nothing applied")
-        path, layers = load_layers(trilora_name, max_rank, energy)
-        model, clip, report = apply_trilora(model, clip, layers, strength_model, strength_clip, path)
+        path, layers, diffs = load_layers(trilora_name, max_rank, energy)
+        model, clip, report = apply_trilora(model, clip, layers, strength_model, strength_clip, path, diffs=diffs)
         return io.NodeOutput(model, clip, report.summary())
 
 
@@ -116,8 +117,8 @@ class TriLoRALoaderModelOnly(LorasFileNode):
     def execute(cls, model, trilora_name, strength_model, max_rank=0, energy=1.0):
         if strength_model == 0:
             return io.NodeOutput(model, "strength is 0: nothing applied")
-        path, layers = load_layers(trilora_name, max_rank, energy)
-        model, _, report = apply_trilora(model, None, layers, strength_model, 0.0, path)
+        path, layers, diffs = load_layers(trilora_name, max_rank, energy)
+        model, _, report = apply_trilora(model, None, layers, strength_model, 0.0, path, diffs=diffs)
         return io.NodeOutput(model, report.summary())
 
 
@@ -175,9 +176,9 @@ class TriLoRALoaderBlockWeights(LorasFileNode):
                        "text_encoder": text_encoder}
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip, "strengths are 0: nothing applied")
-        path, layers = load_layers(trilora_name, max_rank, energy)
+        path, layers, diffs = load_layers(trilora_name, max_rank, energy)
         model, clip, report = apply_trilora(model, clip, layers, strength_model, strength_clip, path,
-                                            key_strength=block_strength(multipliers))
+                                            key_strength=block_strength(multipliers), diffs=diffs)
         weights = ", ".join(f"{name} {value:g}" for name, value in multipliers.items())
         return io.NodeOutput(model, clip, f"{report.summary()}; block weights: {weights}")
 

@@ -1,6 +1,7 @@
-"""Puts TriLoRA layers onto ComfyUI models: file prefixes matched through ComfyUI's own key maps,
-shapes checked against the model, then patches added to clones (the inputs are never changed).
-Everything is checked before anything is patched, so a bad file never half-applies."""
+"""Puts TriLoRA layers onto ComfyUI models: file prefixes resolved through ComfyUI's own key maps
+(trilora_core.keys.lookup: every naming and every form of map entry ComfyUI has), shapes checked
+against the model, then patches added to clones (the inputs are never changed). Everything is
+checked before anything is patched, so a bad file never half-applies."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import comfy.lora
+import torch
 
 from ..trilora_core import TriLoRAFileError, TriLoRALayer
+from ..trilora_core.keys import lookup, sum_layers, target_of
 from .adapter import TriLoRAAdapter
+from .blocks import TEXT_ENCODERS, block_group
 
 log = logging.getLogger("comfyui-trilora")
 
@@ -24,6 +28,9 @@ class ApplyReport:
     matched: dict[str, int] = field(default_factory=dict)  # "UNet"/"CLIP" -> layers patched
     unmatched: list[str] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)
+    aliases: list[list[str]] = field(default_factory=list)  # prefixes applied together on one weight
+    diffs: dict[str, int] = field(default_factory=dict)  # "UNet"/"CLIP" -> full-weight diffs patched
+    text_encoder_left: list[str] = field(default_factory=list)  # TE layers a model-only node leaves out
 
     def summary(self) -> str:
         parts = ", ".join(f"{part} {n}" for part, n in self.matched.items()) or "none"
@@ -31,39 +38,87 @@ class ApplyReport:
         if self.ranks:
             lo, hi = min(self.ranks), max(self.ranks)
             text += f"; rank {lo}" if lo == hi else f"; rank {lo}-{hi}"
+        if self.diffs:
+            where = ", ".join(f"{part} {n}" for part, n in self.diffs.items())
+            text += (f"; {sum(self.diffs.values())} full-weight diffs (.diff/.diff_b, as ComfyUI's Train LoRA "
+                     f"writes them) applied as ComfyUI's LoraLoader applies them ({where})")
+        for group in self.aliases:
+            text += f"; {' and '.join(group)} adapt the same weight: applied as their sum"
+        if self.text_encoder_left:
+            n = len(self.text_encoder_left)
+            text += (f"; the file holds only text-encoder layers ({n}), which this node does not apply"
+                     if n == self.total else f"; {n} text-encoder layers not applied by this node")
         if self.unmatched:
             shown = ", ".join(self.unmatched[:10]) + (" ..." if len(self.unmatched) > 10 else "")
             text += f"; {len(self.unmatched)} not matched: {shown}"
         return text
 
 
-def weight_shape(state_dict, key):
-    """Shape of the weight a key-map entry points at; tuple entries are slices (dim, start, length)."""
-    if isinstance(key, tuple):
-        name, (dim, _start, length) = key[0], key[1]
-        shape = list(state_dict[name].shape)
+def weight_shape(state_dict, value) -> tuple[int, ...] | None:
+    """Shape of what a key-map value points at (a slice (dim, start, length) where it has one);
+    None when the model has no such weight."""
+    target = target_of(value)
+    if target is None or target.weight not in state_dict:
+        return None
+    shape = list(state_dict[target.weight].shape)
+    if target.offset is not None:
+        dim, _start, length = target.offset
         shape[dim] = length
-        return tuple(shape)
-    return tuple(state_dict[key].shape)
+    return tuple(shape)
 
 
-def plan_patches(layers: dict[str, TriLoRALayer], key_map: dict, state_dict, source: str) -> dict:
-    """{model key: adapter} for the layers this model has; raises on a shape that does not fit."""
-    patches = {}
-    for prefix, layer in layers.items():
-        key = key_map.get(prefix)
-        if key is None:
+def _fits(got: tuple, expected: tuple) -> bool:
+    # conv LoRAs may store the down factor flattened ([r, in*kh*kw]; ComfyUI's TrainLoraNode does)
+    return got == expected or (len(expected) >= 2 and (got[0], _numel(got[1:])) == (expected[0], _numel(expected[1:])))
+
+
+def plan_patches(layers: dict[str, TriLoRALayer], key_map: dict, state_dict, source: str
+                 ) -> tuple[dict, dict[object, list[str]]]:
+    """({patch key: adapter}, {patch key: file prefixes}) for the layers this model has; raises
+    on a shape that does not fit. The patch key is ComfyUI's key-map value, as its LoraLoader
+    passes it to add_patches. Prefixes that name the same patch key are applied as their sum."""
+    found: dict[object, list[str]] = {}
+    for prefix, layer in sorted(layers.items()):
+        hit = lookup(prefix, key_map)
+        expected = weight_shape(state_dict, hit[0]) if hit is not None else None
+        if expected is None:
             continue
-        name = key[0] if isinstance(key, tuple) else key
-        if name not in state_dict:
-            continue
-        expected = weight_shape(state_dict, key)
         got = tuple(layer.weight_shape)
-        if got != expected and (len(expected) < 2 or (got[0], _numel(got[1:])) != (expected[0], _numel(expected[1:]))):
+        if not _fits(got, expected):
             raise TriLoRAFileError(source, prefix, f"layer shape {list(got)} does not fit the model's "
-                                   f"{name} {list(expected)}; was the file made for another base model?")
+                                   f"{hit[1].weight} {list(expected)}; was the file made for another base model?")
+        found.setdefault(hit[0], []).append(prefix)
+    patches = {}
+    for key, prefixes in found.items():
+        group = [layers[p] for p in prefixes]
+        layer = group[0] if len(group) == 1 else sum_layers(group)
         patches[key] = TriLoRAAdapter.from_layer(layer)
-    return patches
+    return patches, found
+
+
+def _diff_target(key: str, key_map: dict) -> str | None:
+    """The model key ComfyUI's load_lora patches with a P.diff (the weight) or P.diff_b (its bias)."""
+    prefix, _, part = key.rpartition(".")
+    weight = key_map.get(prefix)
+    if not isinstance(weight, str):
+        return None
+    return weight if part == "diff" else weight.removesuffix(".weight") + ".bias"
+
+
+def plan_diffs(diffs: dict[str, torch.Tensor], key_map: dict, state_dict, source: str) -> tuple[dict, set[str]]:
+    """({weight or bias key: ("diff", (tensor,))}, the file keys used) for the file's P.diff /
+    P.diff_b entries this model has, the patches built by ComfyUI's own comfy.lora.load_lora.
+    Raises on a diff whose shape is not its weight's."""
+    used = {k: t for k in diffs if (t := _diff_target(k, key_map)) is not None and t in state_dict}
+    if not used:
+        return {}, set()
+    for key, target in used.items():
+        if tuple(diffs[key].shape) != tuple(state_dict[target].shape):
+            raise TriLoRAFileError(source, key, f"shape {list(diffs[key].shape)} does not fit the model's {target} "
+                                   f"{list(state_dict[target].shape)}; was the file made for another base model?")
+    to_load = {k.rpartition(".")[0]: key_map[k.rpartition(".")[0]] for k in used}
+    patches = comfy.lora.load_lora({k: diffs[k] for k in used}, to_load, log_missing=False)
+    return {k: v for k, v in patches.items() if k in state_dict}, set(used)
 
 
 def _numel(shape) -> int:
@@ -87,13 +142,17 @@ def group_by_strength(part: str, patches: dict, strength: float,
 
 
 def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: float, strength_clip: float,
-                  source: str, key_strength: Callable[[str, str], float] | None = None):
+                  source: str, key_strength: Callable[[str, str], float] | None = None,
+                  diffs: dict[str, torch.Tensor] | None = None):
     """Returns (model, clip, report): clones carrying the patches, or the inputs where a strength
     is 0 or there is nothing to patch. Raises TriLoRAFileError when no layer fits the model.
 
     ``key_strength(part, weight_key)``, when given, is a multiplier on top of the side's strength
     for each patched weight (part "UNet" or "CLIP", weight_key the model's state-dict key): the
-    block-weights loader uses it. Weights whose strength comes to 0 are left unpatched."""
+    block-weights loader uses it. Weights whose strength comes to 0 are left unpatched.
+    ``diffs`` are a file's full-weight diffs (P.diff / P.diff_b), applied as ComfyUI applies them.
+    With ``clip`` None, text-encoder layers are left out and said so, never an error."""
+    diffs = diffs or {}
     report = ApplyReport(source, len(layers))
     sides = []
     if model is not None:
@@ -102,19 +161,32 @@ def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: 
         sides.append(("CLIP", clip, clip.cond_stage_model,
                       comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), strength_clip))
 
-    planned, claimed = [], set()
+    planned, claimed, diffs_used = [], set(), set()
     for part, holder, module, key_map, strength in sides:
-        patches = plan_patches(layers, key_map, module.state_dict(), source)
-        claimed.update(p for p in layers if p in key_map and key_map[p] in patches)
-        planned.append((part, holder, patches, strength))
-    if not claimed and layers:
+        state_dict = module.state_dict()
+        patches, found = plan_patches(layers, key_map, state_dict, source)
+        diff_patches, used = plan_diffs(diffs, key_map, state_dict, source)
+        diffs_used |= used
+        for prefixes in found.values():
+            claimed.update(prefixes)
+            if len(prefixes) > 1:
+                report.aliases.append(prefixes)
+        n_layers = sum(len(prefixes) for prefixes in found.values())
+        planned.append((part, holder, {**patches, **diff_patches}, n_layers, len(diff_patches), strength))
+    rest = sorted(p for p in layers if p not in claimed)
+    if clip is None:
+        report.text_encoder_left = [p for p in rest if block_group(p) in TEXT_ENCODERS]
+        rest = [p for p in rest if p not in report.text_encoder_left]
+    if not claimed and layers and not report.text_encoder_left:
         raise TriLoRAFileError(source, None, f"no layer of the file matches this model (0 of {len(layers)}; "
                                f"first keys: {', '.join(list(layers)[:3])}); was it made for another base model?")
 
     results = {}
-    for part, holder, patches, strength in planned:
-        report.matched[part] = len(patches)
-        report.ranks += [a.weights[1].shape[0] for a in patches.values()]
+    for part, holder, patches, n_layers, n_diffs, strength in planned:
+        report.matched[part] = n_layers
+        if n_diffs:
+            report.diffs[part] = n_diffs
+        report.ranks += [a.weights[1].shape[0] for a in patches.values() if isinstance(a, TriLoRAAdapter)]
         groups = group_by_strength(part, patches, strength, key_strength) if strength != 0 else {}
         if not groups:
             results[part] = holder
@@ -123,6 +195,6 @@ def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: 
         for group_strength, group in groups.items():
             clone.add_patches(group, group_strength)
         results[part] = clone
-    report.unmatched = sorted(p for p in layers if p not in claimed)
+    report.unmatched = rest + sorted(k for k in diffs if k not in diffs_used)
     log.info("TriLoRA %s", report.summary())
     return results.get("UNet", model), results.get("CLIP", clip), report

@@ -21,17 +21,21 @@ from ..trilora_core import (
     SVD_METHODS,
     TriLoRAFile,
     TriLoRALayer,
+    alias_groups,
     canonicalize,
     extract_layer,
+    fold_aliases,
     is_canonical,
     kept_energy,
     merge_files,
+    prefix_for_weight,
     prefixes_by_weight,
     read_trilora,
     spectrum,
     trilora_to_lora,
     truncate,
 )
+from ..trilora_core.keys import layers_by_weight
 from ..trilora_core.safetensors_io import atomic_write_bytes, data_hash, serialize
 from . import spectrum as spectrum_view
 from .file_cache import load_cached
@@ -111,9 +115,10 @@ def info_output(what: str) -> io.String.Output:
 
 
 def read_source(node: str, trilora_name: str, trilora=None, input_name: str = "trilora_name",
-                socket_name: str = "trilora") -> tuple[str, TriLoRAFile]:
+                socket_name: str = "trilora", keep_diffs: bool = False) -> tuple[str, TriLoRAFile]:
     """(label, adapter): the connected TRILORA, else the chosen file (a plain LoRA is converted
-    exactly). Neither: ValueError naming both inputs."""
+    exactly). Neither: ValueError naming both inputs. A file with full-weight diffs (ComfyUI's
+    Train LoRA) raises ValueError unless ``keep_diffs``: a TriLoRA file cannot hold them."""
     if trilora is not None:
         if not isinstance(trilora, TriLoRAFile) or not trilora.layers:
             raise ValueError(f"{node}: the {socket_name} input holds no TriLoRA layers")
@@ -121,7 +126,13 @@ def read_source(node: str, trilora_name: str, trilora=None, input_name: str = "t
     if trilora_name in (None, "", NONE_FILE):
         raise ValueError(f"{node}: choose a file in {input_name} or connect the {socket_name} input")
     path = folder_paths.get_full_path_or_raise("loras", trilora_name)
-    return trilora_name, load_cached(path)
+    read = load_cached(path)
+    if read.diffs and not keep_diffs:
+        raise ValueError(f"{node}: {trilora_name} holds {len(read.diffs)} full-weight diffs (first: "
+                         f"{sorted(read.diffs)[0]}) beside its low-rank layers, as ComfyUI's Train LoRA writes "
+                         "them; a TriLoRA file holds low-rank layers only, so the result would lose them. Apply "
+                         "the file with Load TriLoRA or ComfyUI's LoraLoader instead")
+    return trilora_name, read
 
 
 # --------------------------------------------------------------------------- writing
@@ -166,32 +177,20 @@ def _energy(layer: TriLoRALayer) -> float:
 # --------------------------------------------------------------------------- layer names
 
 
-def reference_key_map(model, clip) -> dict | None:
-    """ComfyUI's own {file prefix: weight key} maps of the connected model/text encoder."""
+def reference_key_map(model, clip) -> tuple[dict, dict] | None:
+    """(ComfyUI's own {file prefix: key-map value} map, {weight key: shape}) of the connected
+    model / text encoder; None when neither is connected."""
     if model is None and clip is None:
         return None
     key_map: dict = {}
+    shapes: dict = {}
     if model is not None:
         comfy.lora.model_lora_keys_unet(model.model, key_map)
+        shapes.update((k, tuple(v.shape)) for k, v in model.model.state_dict().items())
     if clip is not None:
         comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    return key_map
-
-
-def _name_variants(prefix: str):
-    yield prefix
-    if ".to_" in prefix and ".processor." not in prefix:  # diffusers/PEFT attention names
-        variant = prefix.replace(".to_", ".processor.to_")
-        yield variant[:-2] if variant.endswith(".to_out.0") else variant
-
-
-def resolve_weight(prefix: str, key_map: dict) -> str | None:
-    """The model weight a file prefix adapts, by ComfyUI's key map (whole weights only)."""
-    for name in _name_variants(prefix):
-        target = key_map.get(name)
-        if isinstance(target, str):
-            return target
-    return None
+        shapes.update((k, tuple(v.shape)) for k, v in clip.cond_stage_model.state_dict().items())
+    return key_map, shapes
 
 
 def kohya_prefixes(key_map: dict) -> dict[str, str]:
@@ -208,24 +207,30 @@ def kohya_prefixes(key_map: dict) -> dict[str, str]:
     return {weight: diffusers.get(weight, prefix) for weight, prefix in chosen.items()}
 
 
-def rename_layers(node: str, layers: dict[str, TriLoRALayer], key_map: dict | None,
-                  names: dict[str, str]) -> tuple[dict[str, TriLoRALayer], list[str]]:
-    """(layers under the chosen names, prefixes the model does not know, kept as they are)."""
-    if key_map is None:
-        return dict(layers), []
-    out: dict[str, TriLoRALayer] = {}
-    origin: dict[str, str] = {}
-    unknown = []
-    for prefix, layer in sorted(layers.items()):
-        weight = resolve_weight(prefix, key_map)
-        new = names.get(weight, prefix) if weight is not None else prefix
-        if weight is None:
-            unknown.append(prefix)
-        if new in out:
-            raise ValueError(f"{node}: layers {origin[new]} and {prefix} both adapt {weight or new}; "
-                             "a file may adapt each weight once")
-        out[new], origin[new] = layer, prefix
-    return out, unknown
+def rename_layers(node: str, layers: dict[str, TriLoRALayer], reference: tuple[dict, dict] | None,
+                  names: dict[str, str]) -> tuple[dict[str, TriLoRALayer], list[str], list[list[str]]]:
+    """(layers under the chosen names, prefixes the model does not know (kept as they are), groups
+    of prefixes that adapt one weight). With a reference model each prefix is resolved by its key
+    map (trilora_core.keys.layers_by_weight); without, aliases are told by their names alone.
+    Entries on one weight become one layer with their summed delta (exact)."""
+    if reference is None:
+        return fold_aliases(layers), [], alias_groups(layers)
+    key_map, shapes = reference
+    try:
+        resolved = layers_by_weight(layers, key_map, shapes)
+    except ValueError as err:
+        raise ValueError(f"{node}: {err}; was the adapter made for another base model?") from None
+    out = {names.get(weight, prefix_for_weight(weight, key_map)): layer for weight, layer in resolved.layers.items()}
+    for prefix in resolved.unknown:
+        if prefix in out:
+            raise ValueError(f"{node}: layer {prefix} is not in the connected model, and another layer is saved "
+                             "under that name; connect the model the adapter was made for")
+        out[prefix] = layers[prefix]
+    return dict(sorted(out.items())), resolved.unknown, list(resolved.aliases().values())
+
+
+def _alias_text(groups: list[list[str]]) -> str:
+    return "".join(f"; {' and '.join(g)} adapt one weight: saved as their sum" for g in groups)
 
 
 def _unknown_text(unknown: list[str]) -> str:
@@ -270,17 +275,17 @@ class TriLoRAConvertLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name, filename_prefix, save_dtype, model=None, clip=None):
-        location = prefix_location(filename_prefix, "TriLoRAConvertLoRA")
-        path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        source = load_cached(path)
-        key_map = reference_key_map(model, clip)
-        names = prefixes_by_weight(key_map) if key_map is not None else {}
-        layers, unknown = rename_layers("TriLoRAConvertLoRA", source.layers, key_map, names)
+        node = "TriLoRAConvertLoRA"
+        location = prefix_location(filename_prefix, node)
+        _, source = read_source(node, lora_name, None, "lora_name")
+        reference = reference_key_map(model, clip)
+        names = prefixes_by_weight(reference[0]) if reference is not None else {}
+        layers, unknown, aliases = rename_layers(node, source.layers, reference, names)
         metadata = {**carried_metadata(source.metadata),
-                    **tool_args("convert", source=lora_name, renamed=key_map is not None)}
+                    **tool_args("convert", source=lora_name, renamed=reference is not None)}
         name, written = write_layers(location, layers, metadata, save_dtype)
         info = (f"converted {lora_name} exactly: {len(layers)} layers, {_rank_text(written.layers)}; "
-                f"saved as {name}{_unknown_text(unknown)}")
+                f"saved as {name}{_alias_text(aliases)}{_unknown_text(unknown)}")
         return io.NodeOutput(written, name, info)
 
 
@@ -356,21 +361,21 @@ class TriLoRAExportLoRA(OptionalLorasFileNode):
         node = "TriLoRAExportLoRA"
         folder, base = prefix_location(filename_prefix, node)
         label, source = read_source(node, trilora_name, trilora)
-        key_map = reference_key_map(model, clip)
-        names = kohya_prefixes(key_map) if key_map is not None else {}
-        layers, unknown = rename_layers(node, source.layers, key_map, names)
+        reference = reference_key_map(model, clip)
+        names = kohya_prefixes(reference[0]) if reference is not None else {}
+        layers, unknown, aliases = rename_layers(node, source.layers, reference, names)
         tensors = lora_tensors(layers, SAVE_DTYPES[save_dtype], node)
         meta = kohya_metadata(layers, carried_metadata(source.metadata), base,
                               f"exported from the TriLoRA {label} by comfyui-trilora (same weight change)")
-        meta.update(tool_args("export", source=label, renamed=key_map is not None))
+        meta.update(tool_args("export", source=label, renamed=reference is not None))
         meta["sshs_model_hash"] = data_hash(serialize(tensors, meta))
         data = serialize(tensors, meta)
         path = place_new_file(lambda tmp: atomic_write_bytes(tmp, data), folder, base)
         name = relative_name(path)
         log.info("TriLoRA %s exported as a LoRA to %s", label, path)
-        naming = "kohya names from the connected model" if key_map is not None else "names as in the source"
+        naming = "kohya names from the connected model" if reference is not None else "names as in the source"
         info = (f"exported {label} as a kohya LoRA: {len(layers)} layers, {_rank_text(layers)} ({naming}); "
-                f"saved as {name}{_unknown_text(unknown)}")
+                f"saved as {name}{_alias_text(aliases)}{_unknown_text(unknown)}")
         return io.NodeOutput(name, info)
 
 
@@ -568,16 +573,17 @@ class TriLoRAResize(OptionalLorasFileNode):
         node = "TriLoRAResize"
         location = prefix_location(filename_prefix, node)
         label, source = read_source(node, trilora_name, trilora)
+        layers = fold_aliases(source.layers)  # one weight, one cut: the optimal one for its whole delta
         cut = {p: truncate(layer, rank=max_rank or None, energy=energy if energy < 1.0 else None)
-               for p, layer in source.layers.items()}
-        kept = {p: _energy(cut[p]) / e if (e := _energy(layer)) > 0 else 1.0 for p, layer in source.layers.items()}
+               for p, layer in layers.items()}
+        kept = {p: _energy(cut[p]) / e if (e := _energy(layer)) > 0 else 1.0 for p, layer in layers.items()}
         metadata = {**carried_metadata(source.metadata),
                     **tool_args("resize", source=label, max_rank=max_rank, energy=energy)}
         name, written = write_layers(location, cut, metadata, save_dtype)
         worst = min(kept, key=kept.get)
-        info = (f"resized {label}: {len(cut)} layers, {_rank_text(source.layers)} -> {_rank_text(written.layers)}; "
+        info = (f"resized {label}: {len(cut)} layers, {_rank_text(layers)} -> {_rank_text(written.layers)}; "
                 f"energy kept {sum(kept.values()) / len(kept):.1%} on average (least: {kept[worst]:.1%} in {worst}); "
-                f"saved as {name}")
+                f"saved as {name}{_alias_text(alias_groups(source.layers))}")
         return io.NodeOutput(written, name, info)
 
 
@@ -656,7 +662,9 @@ class TriLoRAMerge(io.ComfyNode):
                                           energy=energy)}
         name, written = write_layers(location, merged, metadata, save_dtype)
         parts = ", ".join(f"{w:g} x {label}" for label, w in zip(labels, weights, strict=True))
-        info = f"merged {parts}: {len(merged)} layers, {_rank_text(written.layers)}; saved as {name}"
+        aliases = alias_groups({p: None for layers, _ in sources for p in layers})
+        info = (f"merged {parts}: {len(merged)} layers, {_rank_text(written.layers)}; saved as {name}"
+                + "".join(f"; {' and '.join(g)} adapt one weight: added" for g in aliases))
         return io.NodeOutput(written, name, info)
 
 
@@ -692,10 +700,14 @@ class TriLoRASpectrum(OptionalLorasFileNode):
 
     @classmethod
     def execute(cls, trilora_name, trilora=None):
-        label, adapter = read_source("TriLoRASpectrum", trilora_name, trilora)
-        spectra = spectrum_view.layer_spectra(adapter.layers)
+        label, adapter = read_source("TriLoRASpectrum", trilora_name, trilora, keep_diffs=True)
+        spectra = spectrum_view.layer_spectra(fold_aliases(adapter.layers))  # one weight, one spectrum
         image = spectrum_view.plot(spectra, f"TriLoRA spectrum: {label} ({len(spectra)} layers)")
-        return io.NodeOutput(spectrum_view.to_comfy_image(image), spectrum_view.summary(spectra, label))
+        text = spectrum_view.summary(spectra, label) + _alias_text(alias_groups(adapter.layers))
+        if adapter.diffs:
+            text += (f"\n{len(adapter.diffs)} full-weight diffs (.diff/.diff_b) are not low-rank and not shown; "
+                     "the loaders apply them as ComfyUI's LoraLoader does")
+        return io.NodeOutput(spectrum_view.to_comfy_image(image), text)
 
 
 NODES = [TriLoRAConvertLoRA, TriLoRAExportLoRA, TriLoRAExtract, TriLoRAResize, TriLoRAMerge, TriLoRASpectrum]

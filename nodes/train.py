@@ -47,11 +47,13 @@ from ..trilora_core import (
     lr_lambda,
     orthogonality_penalty,
     prefixes_by_weight,
-    read_adapter_file,
 )
 from ..trilora_core import optim as topt
+from ..trilora_core.keys import layers_by_weight
 from ..trilora_core.safetensors_io import SafetensorsReader, atomic_write_bytes, serialize
 from .adapter import TriLoRATrainDiff
+from .blocks import TEXT_ENCODERS, block_group
+from .file_cache import load_cached
 from .loras_folder import NONE_FILE, check_names, file_choice, files_fingerprint
 from .patching import apply_trilora
 from .save import TRILORA, prefix_location, save_new_file
@@ -144,6 +146,11 @@ def split_latents(latents) -> tuple[list[torch.Tensor], list[int]]:
         samples = latent.get("samples") if isinstance(latent, dict) else None
         if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
             raise ValueError(f"TrainTriLoRA: latents item {n + 1} is not a LATENT (no 'samples' tensor [batch, channels, ...])")
+        finite = torch.isfinite(samples.detach()).flatten(1).all(1) if samples.numel() else samples.new_ones(0)
+        if not bool(finite.all()):  # a failed VAE encode; training would only say "diverged"
+            raise ValueError(f"TrainTriLoRA: latents item {n + 1}, image {int((~finite).nonzero()[0]) + 1} of "
+                             f"{samples.shape[0]}, holds NaN or infinite values (a failed VAE encode gives them); "
+                             "encode that image again or leave it out")
         for row in samples:
             images.append(row.unsqueeze(0))
             sources.append(n)
@@ -159,7 +166,14 @@ def split_conditioning(positive, num_images: int, sources: list[int]) -> tuple[l
     if not isinstance(conds, list) or not conds or not all(_is_conditioning(c) for c in conds):
         raise ValueError("TrainTriLoRA: positive is empty or not a CONDITIONING; connect the output of a text encoder")
     entries, per_cond = [], []
-    for cond in conds:
+    for n, cond in enumerate(conds):
+        for e, (tensor, extra) in enumerate(cond):
+            named = [("cond", tensor), *((k, v) for k, v in extra.items() if isinstance(v, torch.Tensor))]
+            for what, value in named:
+                if value.is_floating_point() and not bool(torch.isfinite(value.detach()).all()):
+                    raise ValueError(f"TrainTriLoRA: positive item {n + 1}" + (f", entry {e + 1}" if len(cond) > 1
+                                     else "") + f" holds NaN or infinite values in its {what} tensor; encode "
+                                     "that prompt again")
         per_cond.append(tuple(range(len(entries), len(entries) + len(cond))))
         entries.extend(cond)
     num_batches = sources[-1] + 1
@@ -443,7 +457,12 @@ def read_start(args: TrainArgs, targets: list[Target]) -> StartState:
         layers = {t.prefix: init_layer(t.weight_shape, args.rank, gen, alpha=args.alpha) for t in targets}
         return StartState(layers)
     path = folder_paths.get_full_path_or_raise("loras", args.existing_lora)
-    adapter = read_adapter_file(path)
+    adapter = load_cached(path)  # under ComfyUI's renames, as the loaders read it
+    if adapter.diffs:
+        raise ValueError(f"TrainTriLoRA: existing_lora {args.existing_lora!r} holds {len(adapter.diffs)} full-weight "
+                         f"diffs (first: {sorted(adapter.diffs)[0]}) beside its low-rank layers, as ComfyUI's Train "
+                         "LoRA writes them; training continues low-rank layers only, so it would drop them. Apply "
+                         "the file with Load TriLoRA (or LoraLoader) and train a new TriLoRA on that model instead")
     meta = adapter.metadata
     step = int(meta.get(STEPS_KEY) or meta.get("ss_steps") or 0)
     try:
@@ -467,6 +486,30 @@ def read_start(args: TrainArgs, targets: list[Target]) -> StartState:
         except Exception as err:  # a broken sidecar only costs the optimizer state
             log.warning("TriLoRA: optimizer state %s not used: %s", side, err)
     return state
+
+
+def resume_start(args: TrainArgs, model_patcher) -> tuple[list[Target], StartState]:
+    """(targets, start) from existing_lora in any naming ComfyUI's key map knows: each layer is
+    resolved to the weight it adapts (aliases and slices folded exactly, trilora_core.keys) and
+    trained under the pack's name for that weight. Raises ValueError naming what does not fit."""
+    name = f"TrainTriLoRA: existing_lora {args.existing_lora!r}"
+    everything = {f"{t.name}.weight": t for t in find_targets(model_patcher, ANY_LAYER)}
+    start = read_start(args, [])
+    key_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {})
+    try:
+        resolved = layers_by_weight(start.layers, key_map, {k: t.weight_shape for k, t in everything.items()})
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}; was it made for another base model?") from None
+    te = [p for p in resolved.unknown if block_group(p) in TEXT_ENCODERS]
+    if te:
+        raise ValueError(f"{name} holds {len(te)} text-encoder layers (first: {te[0]}); TrainTriLoRA trains the "
+                         "diffusion model only, so it would drop them. Resume from a file without them")
+    if resolved.unknown:
+        raise ValueError(f"{name} has {len(resolved.unknown)} layers this model does not have (first: "
+                         f"{resolved.unknown[0]}); was it made for another base model?")
+    targets = sorted((everything[w] for w in resolved.layers), key=lambda t: t.prefix)
+    start.layers = {everything[w].prefix: layer for w, layer in resolved.layers.items()}
+    return targets, start
 
 
 class TriLoRATrainer:
@@ -927,18 +970,7 @@ def train(args: TrainArgs, model, images, entries, image_conds) -> TriLoRATraine
                              "choose 'all linear' or 'all linear+conv'")
         start = read_start(args, targets)
     else:
-        everything = {t.prefix: t for t in find_targets(mp, ANY_LAYER)}
-        start = read_start(args, [])
-        unknown = sorted(p for p in start.layers if p not in everything)
-        if unknown:
-            raise ValueError(f"TrainTriLoRA: existing_lora {args.existing_lora!r} has {len(unknown)} layers this "
-                             f"model does not have (first: {unknown[0]}); was it made for another base model?")
-        targets = [everything[p] for p in sorted(start.layers)]
-        for t in targets:
-            got = start.layers[t.prefix].weight_shape
-            if (got[0], math.prod(got[1:])) != (t.weight_shape[0], math.prod(t.weight_shape[1:])):
-                raise ValueError(f"TrainTriLoRA: existing_lora {args.existing_lora!r}: layer {t.prefix} has shape "
-                                 f"{list(got)}, the model's weight {list(t.weight_shape)}")
+        targets, start = resume_start(args, mp)
     trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp))
     comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     guider = Guider_Basic(mp)

@@ -20,7 +20,7 @@ from .fileformat import (
 )
 from .keys import prefix_for_weight, prefixes_by_weight, weight_for_prefix
 from .layer import TriLoRALayer
-from .merge import merge_files, merge_layers
+from .merge import alias_groups, fold_aliases, merge_files, merge_layers
 from .safetensors_io import content_hash, file_content_hash
 from .training import SCHEDULES, init_layer, lr_lambda, orthogonality_penalty
 
@@ -33,11 +33,13 @@ __all__ = [
     "TriLoRAFile",
     "TriLoRAFileError",
     "TriLoRALayer",
+    "alias_groups",
     "canonicalize",
     "content_hash",
     "energy_rank",
     "extract_layer",
     "file_content_hash",
+    "fold_aliases",
     "init_layer",
     "is_canonical",
     "kept_energy",

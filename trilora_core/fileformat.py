@@ -22,6 +22,7 @@ from .adapter_keys import (
     TRILORA_PARTS,
     LoraNaming,
     other_adapter_kind,
+    split_diff_key,
     split_lora_key,
     split_trilora_key,
 )
@@ -39,13 +40,17 @@ HASH_KEY = "sshs_model_hash"
 MAX_ALPHA = 1e6
 
 FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
-_ALPHA_DTYPES = (*FACTOR_DTYPES, "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+# Read as well (ComfyUI reads them), up-cast to float32 at once: torch has little math for them.
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+_READ_DTYPES = (*FACTOR_DTYPES, *FP8_DTYPES)
+_ALPHA_DTYPES = (*_READ_DTYPES, "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 _TORCH_FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_FACTOR_NDIM = 5  # [r, in, kd, kh, kw] for 3-D convs
 
 # Reasons shared by the reader and the writer, so users see one wording.
 R_NOT_FINITE = "contains NaN or infinite values"
 R_FACTOR_DTYPE = "expected a float16, bfloat16, float32 or float64 tensor, got {}"
+R_READ_DTYPE = "expected a float8, float16, bfloat16, float32 or float64 tensor, got {}"
 R_ALPHA_VALUE = "expected a finite alpha > 0 and <= 1000000, got {}"
 R_TOO_LARGE = "values too large: delta W overflows {}"
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -53,10 +58,14 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 @dataclass
 class TriLoRAFile:
-    """Layers by module prefix (sorted), and the file's metadata (possibly empty)."""
+    """Layers by module prefix (sorted), and the file's metadata (possibly empty).
+
+    ``diffs`` holds the full-weight diffs a LoRA file may carry beside its layers (ComfyUI's
+    TrainLoraNode writes ``P.diff`` for norms and ``P.diff_b`` for biases), by key, float32."""
 
     layers: dict[str, TriLoRALayer]
     metadata: dict[str, str] = field(default_factory=dict)
+    diffs: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _shape_str(shape: list[int] | torch.Size) -> str:
@@ -94,28 +103,57 @@ def _format_number(value: float) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-class _Validator:
-    """Checks tensors of one open file, raising TriLoRAFileError with the key at fault."""
+class _NamedReader:
+    """An open file whose keys are seen under the names they are matched by: ComfyUI renames some
+    files' keys before matching them (comfy/lora_convert.py), ``rename`` maps stored key -> name."""
 
-    def __init__(self, reader: SafetensorsReader) -> None:
+    def __init__(self, reader: SafetensorsReader, rename: Mapping[str, str] | None) -> None:
+        self.reader, self.path = reader, reader.path
+        self.stored: dict[str, str] = {}
+        for key in reader.keys():
+            name = (rename or {}).get(key, key)
+            if name in self.stored:
+                raise TriLoRAFileError(self.path, key, f"names the same tensor as {self.stored[name]} ({name})")
+            self.stored[name] = key
+
+    def keys(self) -> list[str]:
+        return sorted(self.stored)
+
+    def shape(self, key: str) -> list[int]:
+        return self.reader.shape(self.stored[key])
+
+    def dtype_name(self, key: str) -> str:
+        return self.reader.dtype_name(self.stored[key])
+
+    def tensor(self, key: str) -> Tensor:
+        return self.reader.tensor(self.stored[key])
+
+
+class _Validator:
+    """Checks tensors of one open file, raising TriLoRAFileError with the key at fault (as stored)."""
+
+    def __init__(self, reader: _NamedReader) -> None:
         self.reader = reader
         self.path = reader.path
 
     def fail(self, key: str | None, reason: str) -> TriLoRAFileError:
-        return TriLoRAFileError(self.path, key, reason)
+        return TriLoRAFileError(self.path, self.reader.stored.get(key, key) if key is not None else None, reason)
 
     def factor_dtype(self, key: str) -> None:
         name = self.reader.dtype_name(key)
-        if name not in FACTOR_DTYPES:
-            raise self.fail(key, R_FACTOR_DTYPE.format(name))
+        if name not in _READ_DTYPES:
+            raise self.fail(key, R_READ_DTYPE.format(name))
 
     def no_zero_dims(self, key: str, shape: list[int]) -> None:
         if 0 in shape:
             raise self.fail(key, f"expected no zero-sized dimension, got shape {_shape_str(shape)}")
 
-    def finite_tensor(self, key: str) -> tuple[Tensor, float]:
-        """The tensor and its max |entry|."""
+    def finite_tensor(self, key: str, float32: bool = False) -> tuple[Tensor, float]:
+        """The tensor and its max |entry|; float8 (and with ``float32`` float16 / bfloat16 too)
+        up-cast to float32, which holds every value of those exactly."""
         tensor = self.reader.tensor(key)
+        if self.reader.dtype_name(key) in FP8_DTYPES or (float32 and tensor.dtype != torch.float64):
+            tensor = tensor.float()
         largest = max_abs(tensor)
         if not math.isfinite(largest):
             raise self.fail(key, R_NOT_FINITE)
@@ -127,7 +165,8 @@ class _Validator:
         return layer
 
     def alpha(self, key: str | None, rank: int) -> float:
-        """The layer's alpha; ``key`` None (no alpha tensor) means alpha = rank."""
+        """The layer's alpha; ``key`` None (no alpha tensor) means alpha = rank. Any numeric dtype,
+        a scalar or a one-element tensor (shape [1]), as ComfyUI's ``.item()`` takes it."""
         if key is None:
             return float(rank)
         shape = self.reader.shape(key)
@@ -136,7 +175,7 @@ class _Validator:
         name = self.reader.dtype_name(key)
         if name not in _ALPHA_DTYPES:
             raise self.fail(key, f"expected a numeric scalar, got {name}")
-        value = float(self.reader.tensor(key).reshape(()).item())
+        value = float(self.reader.tensor(key).reshape(()).double().item())
         if not _alpha_ok(value):
             raise self.fail(key, R_ALPHA_VALUE.format(repr(value)))
         return value
@@ -256,7 +295,8 @@ def _read_lora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALa
 
     layers: dict[str, TriLoRALayer] = {}
     for prefix, (_, sides) in sorted(pairs.items()):
-        (up, _), (down, _) = check.finite_tensor(sides["up"]), check.finite_tensor(sides["down"])
+        # float32 before the conversion: the SVD of half or float8 factors would round the delta
+        (up, _), (down, _) = check.finite_tensor(sides["up"], True), check.finite_tensor(sides["down"], True)
         alpha = check.alpha(alphas.get(prefix), up.shape[1])
         try:
             layer = lora_to_trilora(up, down, alpha)
@@ -270,27 +310,59 @@ def _read_lora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALa
     return layers
 
 
+def _read_diffs(check: _Validator, keys: list[str], layers: Mapping[str, TriLoRALayer]) -> dict[str, Tensor]:
+    """The file's ``P.diff`` / ``P.diff_b`` tensors, float32; a weight may have a layer or a diff."""
+    diffs = {}
+    for key in keys:
+        prefix, part = split_diff_key(key)
+        if part == "diff" and prefix in layers:
+            raise check.fail(key, f"adapts the same weight as the low-rank layer {prefix}; a file may adapt "
+                                  "each weight once")
+        check.factor_dtype(key)
+        check.no_zero_dims(key, check.reader.shape(key))
+        diffs[key] = check.finite_tensor(key, True)[0]
+    return diffs
+
+
+def _open(path: str | os.PathLike[str], rename: Mapping[str, str] | None) -> tuple[SafetensorsReader, _Validator]:
+    reader = SafetensorsReader(path)
+    try:
+        return reader, _Validator(_NamedReader(reader, rename))
+    except BaseException:
+        reader.__exit__(None, None, None)
+        raise
+
+
 def read_trilora(path: str | os.PathLike[str]) -> TriLoRAFile:
     """Read and validate a TriLoRA file; any problem raises TriLoRAFileError naming it."""
-    with SafetensorsReader(path) as reader:
-        layers = _read_trilora_layers(_Validator(reader), reader.keys())
+    reader, check = _open(path, None)
+    with reader:
+        layers = _read_trilora_layers(check, check.reader.keys())
         return TriLoRAFile(layers=layers, metadata=reader.metadata())
 
 
-def read_adapter_file(path: str | os.PathLike[str]) -> TriLoRAFile:
+def read_adapter_file(path: str | os.PathLike[str], rename: Mapping[str, str] | None = None) -> TriLoRAFile:
     """Read a TriLoRA file, or a standard LoRA / LoCon file converted exactly to canonical
-    TriLoRA layers (prefixes as in the file). Other adapter types raise TriLoRAFileError."""
-    with SafetensorsReader(path) as reader:
-        check = _Validator(reader)
-        keys = sorted(reader.keys())
+    TriLoRA layers (prefixes as in the file, float32 or float64), with any full-weight diffs
+    it carries beside them. Other adapter types raise TriLoRAFileError naming the type.
+
+    ``rename`` maps stored keys to the names they are read under (ComfyUI's renames of some
+    trainers' files, which nodes/ supplies); errors name keys as stored."""
+    reader, check = _open(path, rename)
+    with reader:
+        keys = check.reader.keys()
         for key in keys:
             if key.endswith(LORA_MID_SUFFIX):
                 raise check.fail(
-                    key, "LoCon Tucker decomposition (lora_mid) is not supported; load it with ComfyUI's LoraLoader"
+                    key, "this is a LoCon file with Tucker decomposition (lora_mid), whose change is not a "
+                    "low-rank matrix; load it with ComfyUI's LoraLoader"
                 )
             kind = other_adapter_kind(key)
             if kind is not None:
-                raise check.fail(key, f"this is a {kind} file; load it with ComfyUI's LoraLoader")
+                raise check.fail(key, f"this is a {kind} file, which TriLoRA cannot convert exactly; load it "
+                                      "with ComfyUI's LoraLoader")
+        diff_keys = [k for k in keys if split_diff_key(k)]
+        keys = [k for k in keys if not split_diff_key(k)]
         trilora_keys = [k for k in keys if (split := split_trilora_key(k)) and split[1] in TRILORA_PARTS]
         lora_keys = [k for k in keys if split_lora_key(k)]
         if trilora_keys and lora_keys:
@@ -299,11 +371,14 @@ def read_adapter_file(path: str | os.PathLike[str]) -> TriLoRAFile:
             layers = _read_trilora_layers(check, keys)
         elif lora_keys:
             layers = _read_lora_layers(check, keys)
+        elif diff_keys:
+            raise check.fail(None, "this is a full-weight diff file (.diff / .diff_b only, as LyCORIS 'full' "
+                                   "writes it): it holds no low-rank layer; load it with ComfyUI's LoraLoader")
         elif not keys:
             raise check.fail(None, "no LoRA or TriLoRA layers: the file holds no tensors")
         else:
             raise check.fail(None, "no LoRA or TriLoRA layers: no key is a LoRA or TriLoRA factor")
-        return TriLoRAFile(layers=layers, metadata=reader.metadata())
+        return TriLoRAFile(layers=layers, metadata=reader.metadata(), diffs=_read_diffs(check, diff_keys, layers))
 
 
 # --------------------------------------------------------------------------- writing

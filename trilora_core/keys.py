@@ -1,14 +1,23 @@
-"""Module prefixes for adapted weights, driven by a ComfyUI-style key map.
+"""File prefixes and model weights, driven by a ComfyUI key map (comfy.lora.model_lora_keys_*,
+which nodes/ passes in): the one place where any file naming is resolved to a weight.
 
-A key map is {file_prefix: model_weight_key}, with many aliases per weight (kohya
-``lora_unet_...``/``lora_te_...`` names, generic ``diffusion_model....`` names, diffusers names).
-A value may be a tuple whose first element is the weight key (ComfyUI uses that for slices of a
-weight); the rest says which slice.
+A key map is {file_prefix: value}, with many aliases per weight (kohya ``lora_unet_...``/
+``lora_te_...`` names, generic ``diffusion_model....`` names, diffusers/PEFT names, ...). The
+value names the weight in one of three forms (``target_of``). Choosing the name to write a weight
+under: ``prefix_for_weight``; reading a file: ``lookup`` and ``layers_by_weight``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .layer import TriLoRALayer
+from .merge import merge_layers
 
 KeyMap = Mapping[str, "str | tuple"]
 
@@ -18,14 +27,11 @@ _TEXT_ENCODER_GENERIC_PREFIX = "text_encoders."
 
 
 def _target(value: object) -> tuple[str | None, bool]:
-    """(weight key, addresses the whole weight) for one key-map value."""
-    if isinstance(value, str):
-        return value, True
-    if isinstance(value, tuple) and value and isinstance(value[0], str):
-        # (key,) or (key, None) still mean the whole weight; (key, slice) means part of it.
-        whole = len(value) == 1 or all(part is None for part in value[1:])
-        return value[0], whole
-    return None, False
+    """(weight key, addresses the whole weight as it is) for one key-map value."""
+    found = target_of(value)
+    if found is None:
+        return None, False
+    return found.weight, found.offset is None and found.function is None
 
 
 def _strip_weight(weight_key: str) -> str:
@@ -104,3 +110,137 @@ def prefixes_by_weight(key_map: KeyMap) -> dict[str, str]:
             aliases_by_weight.setdefault(target, []).append(alias)
     sdxl = _has_sdxl_text_encoders(key_map)
     return {weight: _choose(weight, aliases, sdxl) for weight, aliases in sorted(aliases_by_weight.items())}
+
+
+# --------------------------------------------------------------------------- resolving file prefixes
+#
+# A ComfyUI key-map value takes one of three forms (comfy/lora.py, comfy/utils.py *_to_diffusers):
+#   "weight key"                           the whole weight
+#   ("weight key", (dim, start, length))   a slice of it (diffusers q/k/v of a fused qkv weight)
+#   ("weight key", None | slice, function) the delta goes through function first (swap_scale_shift)
+# ComfyUI's ModelPatcher.add_patches takes the value itself as the patch key.
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a file prefix's delta goes: ``weight`` (a model state-dict key), the rows or columns
+    ``offset`` = (dim, start, length) of it (None: all of it), after ``function`` (None: as is)."""
+
+    weight: str
+    offset: tuple[int, int, int] | None = None
+    function: Callable[[Tensor], Tensor] | None = None
+
+
+def target_of(value: object) -> Target | None:
+    """The Target of one key-map value in any of its three forms; None for anything else."""
+    if isinstance(value, str):
+        return Target(value)
+    if not isinstance(value, tuple) or not value or not isinstance(value[0], str):
+        return None
+    # (key,) and (key, None) still mean the whole weight
+    offset = value[1] if len(value) > 1 else None
+    if offset is not None and not (isinstance(offset, tuple) and len(offset) == 3):
+        return None
+    function = value[2] if len(value) > 2 else None
+    return Target(value[0], tuple(offset) if offset is not None else None, function)
+
+
+def name_variants(prefix: str) -> Iterable[str]:
+    """The prefix, then the name ComfyUI's map has for PEFT/diffusers attention layers saved
+    without ``processor.`` (``attn1.to_q``, ``attn1.to_out.0`` -> ``attn1.processor.to_out``)."""
+    yield prefix
+    if ".to_" in prefix and ".processor." not in prefix:
+        variant = prefix.replace(".to_", ".processor.to_")
+        yield variant.removesuffix(".0") if variant.endswith(".to_out.0") else variant
+
+
+def lookup(prefix: str, key_map: KeyMap) -> tuple[object, Target] | None:
+    """(key-map value, its Target) for a file prefix, or None when the map does not know it."""
+    for name in name_variants(prefix):
+        value = key_map.get(name)
+        found = target_of(value) if value is not None else None
+        if found is not None:
+            return value, found
+    return None
+
+
+def whole_weight_layer(layer: TriLoRALayer, target: Target, weight_shape: Sequence[int]) -> TriLoRALayer:
+    """The layer on the whole weight, Vt shaped like it: a slice's factors padded with zeros
+    (rows: U, columns: Vt), ``function`` applied to U. Exact for the row permutations ComfyUI's maps use (swap_scale_shift).
+    Raises ValueError when the layer does not fit the weight."""
+    out, rest = int(weight_shape[0]), math.prod(weight_shape[1:])
+    rows, cols = out, rest
+    if target.offset is not None:
+        dim, start, length = target.offset
+        if dim not in (0, 1) or start < 0 or start + length > weight_shape[dim]:
+            raise ValueError(f"slice {target.offset} is outside {target.weight} {list(weight_shape)}")
+        rows, cols = (length, rest) if dim == 0 else (out, length * math.prod(weight_shape[2:]))
+    if (layer.out_features, math.prod(layer.weight_shape[1:])) != (rows, cols):
+        where = f"{target.weight}{list(weight_shape)}" + (f" slice {target.offset}" if target.offset else "")
+        raise ValueError(f"layer shape {list(layer.weight_shape)} does not fit the model's {where}")
+    if target.offset is None and target.function is None:
+        if tuple(layer.vt.shape[1:]) == tuple(weight_shape[1:]):
+            return layer
+        # a conv LoRA stored flattened ([r, in*kh*kw], as ComfyUI's TrainLoraNode writes it)
+        return TriLoRALayer(layer.u, layer.s, layer.vt.reshape(layer.rank, *weight_shape[1:]), layer.alpha)
+    u, vt = layer.u, layer.vt.reshape(layer.rank, -1)
+    if target.offset is not None:
+        dim, start, length = target.offset
+        if dim == 0:
+            u = torch.zeros(out, layer.rank, dtype=u.dtype, device=u.device).index_copy(
+                0, torch.arange(start, start + length, device=u.device), u)
+        else:
+            inner = math.prod(weight_shape[2:])
+            full = torch.zeros(layer.rank, weight_shape[1], inner, dtype=vt.dtype, device=vt.device)
+            full[:, start:start + length] = vt.reshape(layer.rank, length, inner)
+            vt = full
+    if target.function is not None:
+        u = target.function(u)
+        if tuple(u.shape) != (out, layer.rank):
+            raise ValueError(f"the key map's function for {target.weight} changes the shape of its delta")
+    return TriLoRALayer(u.contiguous(), layer.s, vt.reshape(layer.rank, *weight_shape[1:]), layer.alpha)
+
+
+@dataclass
+class ResolvedLayers:
+    """A file's layers by the model weight they adapt (see ``layers_by_weight``)."""
+
+    layers: dict[str, TriLoRALayer]  # weight key -> one layer on the whole weight
+    sources: dict[str, list[str]]  # weight key -> the file prefixes that adapt it
+    unknown: list[str]  # prefixes the key map does not know, or whose weight the model lacks
+
+    def aliases(self) -> dict[str, list[str]]:
+        """{weight: prefixes} for weights that more than one prefix adapts."""
+        return {w: p for w, p in self.sources.items() if len(p) > 1}
+
+
+def layers_by_weight(
+    layers: Mapping[str, TriLoRALayer], key_map: KeyMap, weight_shapes: Mapping[str, Sequence[int]]
+) -> ResolvedLayers:
+    """Every prefix resolved through ``key_map`` to the model weight it adapts (``weight_shapes``:
+    the model's state-dict shapes). Slices and functions are folded into whole-weight layers;
+    several prefixes on one weight (aliases, or the q/k/v slices of one qkv weight) become one
+    layer with the sum of their deltas, exactly (canonical, rank at most the sum of theirs).
+    Raises ValueError naming the prefix whose shape does not fit its weight."""
+    entries: dict[str, list[tuple[str, TriLoRALayer]]] = {}
+    unknown = []
+    for prefix, layer in sorted(layers.items()):
+        found = lookup(prefix, key_map)
+        if found is None or found[1].weight not in weight_shapes:
+            unknown.append(prefix)
+            continue
+        target = found[1]
+        try:
+            whole = whole_weight_layer(layer, target, weight_shapes[target.weight])
+        except ValueError as err:
+            raise ValueError(f"{prefix}: {err}") from None
+        entries.setdefault(target.weight, []).append((prefix, whole))
+    out = {}
+    for weight, parts in entries.items():
+        out[weight] = parts[0][1] if len(parts) == 1 else sum_layers([layer for _, layer in parts])
+    return ResolvedLayers(out, {w: [p for p, _ in parts] for w, parts in entries.items()}, unknown)
+
+
+def sum_layers(layers: Sequence[TriLoRALayer]) -> TriLoRALayer:
+    """The canonical layer whose delta is the sum of the layers' deltas (exact)."""
+    return merge_layers([(layer, 1.0) for layer in layers])

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .adapter_keys import alias_key
 from .canonical import canonicalize, truncate
 from .layer import TriLoRALayer, compute_dtype
 
@@ -74,11 +75,13 @@ def merge_files(
     energy: float | None = None,
     names: Sequence[str] | None = None,
 ) -> dict[str, TriLoRALayer]:
-    """{prefix: merged layer} over the union of the sources' prefixes.
+    """{prefix: merged layer} over the union of the weights the sources adapt.
 
-    A layer present in only some sources is the weighted sum of those. ``names`` label the
-    sources in errors (default "input 1", "input 2", ...). A prefix whose layers disagree in
-    shape raises ValueError naming both sources.
+    A layer present in only some sources is the weighted sum of those. Entries that name the
+    same weight in different conventions (``alias_key``), in one source or across sources, are
+    that weight: their weighted deltas are added, under the first source's name. ``names`` label
+    the sources in errors (default "input 1", "input 2", ...). Entries of one weight whose
+    shapes disagree raise ValueError naming both.
     """
     if not sources:
         raise ValueError("merge: nothing to merge")
@@ -88,21 +91,39 @@ def merge_files(
     weights = [_check_weight(w, "merge") for _, w in sources]
     if all(w == 0.0 for w in weights):
         raise ValueError("merge: every weight is 0, so the merge is empty")
-    by_prefix: dict[str, list[tuple[TriLoRALayer, float, str]]] = {}
+    by_weight: dict[str, list[tuple[TriLoRALayer, float, str, str]]] = {}
     for (layers, _), weight, name in zip(sources, weights, names, strict=True):
-        for prefix, layer in layers.items():
-            by_prefix.setdefault(prefix, []).append((layer, weight, name))
+        for prefix, layer in sorted(layers.items()):
+            by_weight.setdefault(alias_key(prefix), []).append((layer, weight, name, prefix))
     merged: dict[str, TriLoRALayer] = {}
-    for prefix in sorted(by_prefix):
-        entries = by_prefix[prefix]
-        first_layer, _, first_name = entries[0]
-        for layer, _, name in entries[1:]:
+    for key in sorted(by_weight):
+        entries = by_weight[key]
+        first_layer, _, first_name, prefix = entries[0]
+        for layer, _, name, other in entries[1:]:
             if layer.weight_shape != first_layer.weight_shape:
+                where = f"layer {prefix}" if other == prefix else f"layers {prefix} and {other}, one weight,"
                 raise ValueError(
-                    f"merge: layer {prefix} has shape {list(first_layer.weight_shape)} in {first_name} but "
-                    f"{list(layer.weight_shape)} in {name}; were they made for different base models?"
+                    f"merge: {where} {'has' if other == prefix else 'have'} shape {list(first_layer.weight_shape)} "
+                    f"in {first_name} but {list(layer.weight_shape)} in {name}; were they made for different base models?"
                 )
-        live = [(layer, w) for layer, w, _ in entries if w != 0.0]
+        live = [(layer, w) for layer, w, _, _ in entries if w != 0.0]
         if live:
             merged[prefix] = merge_layers(live, rank=rank, energy=energy)
     return merged
+
+
+def alias_groups(layers: Mapping[str, TriLoRALayer]) -> list[list[str]]:
+    """Groups (sorted) of a file's prefixes that name one weight in different conventions (alias_key)."""
+    groups: dict[str, list[str]] = {}
+    for prefix in sorted(layers):
+        groups.setdefault(alias_key(prefix), []).append(prefix)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def fold_aliases(layers: Mapping[str, TriLoRALayer]) -> dict[str, TriLoRALayer]:
+    """The layers with the entries of each alias group (``alias_groups``) replaced by one layer
+    under the first name, whose delta is their sum (exact); other layers as they are."""
+    out = dict(layers)
+    for group in alias_groups(layers):
+        out[group[0]] = merge_layers([(out.pop(p), 1.0) for p in group])
+    return dict(sorted(out.items()))

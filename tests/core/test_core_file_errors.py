@@ -218,18 +218,19 @@ def test_factor_dtype(tmp_path: Path, reader: Reader, part: str, dtype: torch.dt
     tensors = trilora_tensors()
     tensors[f"lora_unet_x.{part}"] = tensors[f"lora_unet_x.{part}"].to(dtype)
     path = save(tmp_path, tensors)
-    expect(reader, path, f"lora_unet_x.{part}: expected a float16, bfloat16, float32 or float64 tensor, got {name}")
-
-
-def test_float8_factor_is_refused(tmp_path: Path) -> None:
-    tensors = trilora_tensors()
-    tensors["lora_unet_x.trilora_u"] = tensors["lora_unet_x.trilora_u"].to(torch.float8_e4m3fn)
-    path = save(tmp_path, tensors)
     expect(
-        read_trilora,
-        path,
-        "lora_unet_x.trilora_u: expected a float16, bfloat16, float32 or float64 tensor, got float8_e4m3fn",
+        reader, path, f"lora_unet_x.{part}: expected a float8, float16, bfloat16, float32 or float64 tensor, got {name}"
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_factors_are_read_as_float32(tmp_path: Path, dtype: torch.dtype) -> None:
+    """ComfyUI reads float8 adapter files; so does the pack, exactly (float32 holds every float8)."""
+    tensors = trilora_tensors()
+    stored = tensors["lora_unet_x.trilora_u"].to(dtype)
+    tensors["lora_unet_x.trilora_u"] = stored
+    layer = read_trilora(save(tmp_path, tensors)).layers["lora_unet_x"]
+    assert layer.u.dtype == torch.float32 and torch.equal(layer.u, stored.float())
 
 
 @BOTH_READERS
@@ -340,22 +341,86 @@ def test_good_alpha_variants(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ other adapter files
 
 
-@pytest.mark.parametrize(
-    ("key", "kind"),
-    [
-        ("lora_unet_x.hada_w1_a", "LoHa"),
-        ("lora_unet_x.lokr_w1", "LoKr"),
-        ("lora_unet_x.oft_blocks", "OFT"),
-        ("lora_unet_x.boft_blocks", "BOFT"),
-        ("lora_unet_x.dora_scale", "DoRA"),
-        ("lora_unet_x.diff", "full-weight diff"),
-        ("lora_unet_x.diff_b", "full-weight diff"),
-        ("lora_unet_x.a1.weight", "GLoRA"),
-    ],
-)
+# Every adapter kind ComfyUI's LoraLoader reads (or PEFT writes) that TriLoRA cannot convert exactly:
+# refused whole, the kind named, ComfyUI's LoraLoader pointed to.
+OTHER_KINDS = [
+    ("lora_unet_x.hada_w1_a", "LoHa"),
+    ("lora_unet_x.lokr_w1", "LoKr"),
+    ("lora_unet_x.oft_blocks", "OFT/BOFT"),
+    ("lora_unet_x.boft_blocks", "BOFT"),
+    ("lora_unet_x.rescale", "OFT/BOFT"),
+    ("lora_unet_x.dora_scale", "DoRA (LyCORIS dora_scale)"),
+    ("lora_unet_x.lora_magnitude_vector", "DoRA (PEFT lora_magnitude_vector)"),
+    ("lora_unet_x.lora_magnitude_vector.weight", "DoRA (PEFT lora_magnitude_vector)"),
+    ("lora_unet_x.ia3_l", "IA3"),
+    ("lora_unet_x.on_input", "IA3"),
+    ("lora_unet_x.set_weight", "full-weight (set_weight)"),
+    ("lora_unet_x.w_norm", "full-weight norm diff (w_norm)"),
+    ("lora_unet_x.a1.weight", "GLoRA"),
+]
+
+
+@pytest.mark.parametrize(("key", "kind"), OTHER_KINDS)
 def test_other_adapter_types(tmp_path: Path, key: str, kind: str) -> None:
     path = save(tmp_path, {**lora_tensors(), key: torch.zeros(2, 2)})
-    expect(read_adapter_file, path, f"{key}: this is a {kind} file; load it with ComfyUI's LoraLoader")
+    expect(
+        read_adapter_file,
+        path,
+        f"{key}: this is a {kind} file, which TriLoRA cannot convert exactly; load it with ComfyUI's LoraLoader",
+    )
+
+
+def test_peft_dora_file_is_named_dora(tmp_path: Path) -> None:
+    """Issue 13, input 4: DoRA in PEFT naming."""
+    prefix = "unet.down_blocks.0.attentions.0.proj_in"
+    path = save(
+        tmp_path,
+        {
+            f"{prefix}.lora_A.weight": torch.ones(2, 8),
+            f"{prefix}.lora_B.weight": torch.ones(8, 2),
+            f"{prefix}.lora_magnitude_vector": torch.ones(8),
+        },
+    )
+    err = expect(
+        read_adapter_file,
+        path,
+        f"{prefix}.lora_magnitude_vector: this is a DoRA (PEFT lora_magnitude_vector) file, which TriLoRA "
+        "cannot convert exactly; load it with ComfyUI's LoraLoader",
+    )
+    assert err.key == f"{prefix}.lora_magnitude_vector"
+
+
+def test_a_diff_only_file_is_a_full_weight_diff(tmp_path: Path) -> None:
+    path = save(tmp_path, {"lora_unet_x.diff": torch.zeros(2, 2), "lora_unet_x.diff_b": torch.zeros(2)})
+    expect(
+        read_adapter_file,
+        path,
+        "this is a full-weight diff file (.diff / .diff_b only, as LyCORIS 'full' writes it): it holds no "
+        "low-rank layer; load it with ComfyUI's LoraLoader",
+    )
+
+
+def test_diffs_beside_lora_layers_are_read(tmp_path: Path) -> None:
+    """ComfyUI TrainLoraNode files: LoRA factors, plus .diff for norms and .diff_b for biases."""
+    norm = torch.tensor([1.0, -2.0, 3.0], dtype=torch.bfloat16)
+    bias = torch.tensor([0.5, 0.25], dtype=torch.float16)
+    path = save(tmp_path, {**lora_tensors(), "lora_unet_norm.diff": norm, "lora_unet_x.diff_b": bias})
+    read = read_adapter_file(path)
+    assert list(read.layers) == ["lora_unet_x"]
+    assert set(read.diffs) == {"lora_unet_norm.diff", "lora_unet_x.diff_b"}
+    assert read.diffs["lora_unet_norm.diff"].dtype == torch.float32
+    assert torch.equal(read.diffs["lora_unet_norm.diff"], norm.float())
+    assert torch.equal(read.diffs["lora_unet_x.diff_b"], bias.float())
+
+
+def test_a_diff_on_a_low_rank_layer_is_refused(tmp_path: Path) -> None:
+    path = save(tmp_path, {**lora_tensors(), "lora_unet_x.diff": torch.zeros(2, 2)})
+    expect(
+        read_adapter_file,
+        path,
+        "lora_unet_x.diff: adapts the same weight as the low-rank layer lora_unet_x; a file may adapt each "
+        "weight once",
+    )
 
 
 def test_soft_in_a_module_name_is_not_oft(tmp_path: Path) -> None:
@@ -368,8 +433,8 @@ def test_tucker_locon(tmp_path: Path) -> None:
     expect(
         read_adapter_file,
         path,
-        "lora_unet_x.lora_mid.weight: LoCon Tucker decomposition (lora_mid) is not supported; "
-        "load it with ComfyUI's LoraLoader",
+        "lora_unet_x.lora_mid.weight: this is a LoCon file with Tucker decomposition (lora_mid), whose change "
+        "is not a low-rank matrix; load it with ComfyUI's LoraLoader",
     )
 
 
@@ -470,7 +535,7 @@ def test_lora_dtype_values_and_alpha(tmp_path: Path) -> None:
     expect(
         read_adapter_file,
         save(tmp_path, tensors, "a.safetensors"),
-        "lora_unet_x.lora_down.weight: expected a float16, bfloat16, float32 or float64 tensor, got int32",
+        "lora_unet_x.lora_down.weight: expected a float8, float16, bfloat16, float32 or float64 tensor, got int32",
     )
     tensors = lora_tensors()
     tensors["lora_unet_x.lora_up.weight"][0, 0] = math.nan

@@ -56,7 +56,7 @@ from trilora_core import (
     read_trilora,
     write_trilora,
 )
-from trilora_core.adapter_keys import LORA_NAMINGS, split_lora_key, split_trilora_key
+from trilora_core.adapter_keys import LORA_NAMINGS, split_diff_key, split_lora_key, split_trilora_key
 from trilora_core.canonical import is_canonical
 
 REPO = Path(__file__).resolve().parents[2]
@@ -393,7 +393,10 @@ def check_error(err: TriLoRAFileError, path: str) -> None:
 def check_trilora_load(loaded: TriLoRAFile, ref: dict[str, torch.Tensor]) -> None:
     """The layers are exactly the file's tensors (a TriLoRA file is never rewritten on read)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
+    check_diffs(loaded, ref)
     for key, tensor in ref.items():
+        if split_diff_key(key):
+            continue
         split = split_trilora_key(key)
         assert split is not None, f"loaded a file with the non-TriLoRA key {key!r}"
         groups.setdefault(split[0], {})[split[1]] = tensor
@@ -402,6 +405,7 @@ def check_trilora_load(loaded: TriLoRAFile, ref: dict[str, torch.Tensor]) -> Non
         layer = loaded.layers[prefix]
         for name, got in (("trilora_u", layer.u), ("trilora_s", layer.s), ("trilora_vt", layer.vt)):
             want = parts[name]
+            want = want.float() if want.dtype in FP8 else want  # read as float32, which holds float8 exactly
             assert got.dtype == want.dtype and torch.equal(got, want), f"{prefix}.{name} differs from the file"
         alpha = float(parts["alpha"].reshape(()).item()) if "alpha" in parts else float(layer.rank)
         assert layer.alpha == alpha, (prefix, layer.alpha, alpha)
@@ -413,14 +417,27 @@ def safe_norm(tensor: torch.Tensor) -> float:
     return 0.0 if peak == 0 else peak * float((tensor.double() / peak).norm())
 
 
-LORA_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+LORA_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2,
+             torch.float8_e4m3fn: 1e-4, torch.float8_e5m2: 1e-4}  # float8: up-cast exactly, then float32
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_diffs(loaded: TriLoRAFile, ref: dict[str, torch.Tensor]) -> None:
+    """Full-weight diffs (P.diff / P.diff_b) come back as float32 copies of the file's values."""
+    want = {k: t for k, t in ref.items() if split_diff_key(k)}
+    assert set(loaded.diffs) == set(want)
+    for key, tensor in want.items():
+        assert loaded.diffs[key].dtype == torch.float32 and torch.equal(loaded.diffs[key], tensor.float()), key
 
 
 def check_lora_load(loaded: TriLoRAFile, ref: dict[str, torch.Tensor]) -> None:
     """Each layer is canonical and has the LoRA pair's delta W (relative to the factors' size)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas = {}
+    check_diffs(loaded, ref)
     for key, tensor in ref.items():
+        if split_diff_key(key):
+            continue
         split = split_lora_key(key)
         if split is not None:
             pairs.setdefault(split[0], {})[split[2]] = tensor
@@ -431,7 +448,8 @@ def check_lora_load(loaded: TriLoRAFile, ref: dict[str, torch.Tensor]) -> None:
     for prefix, sides in pairs.items():
         layer, up, down = loaded.layers[prefix], sides["up"], sides["down"]
         r = up.shape[1]
-        assert layer.rank <= r and layer.dtype == up.dtype and is_canonical(layer), prefix
+        # up-cast before the conversion: float32, float64 where a factor is float64
+        assert layer.rank <= r and layer.dtype in (torch.float32, torch.float64) and is_canonical(layer), prefix
         scale = alphas.get(prefix, r) / r
         want = (scale * up.double().flatten(1) @ down.double().flatten(1)).reshape(up.shape[0], *down.shape[1:])
         size = scale * safe_norm(up) * safe_norm(down)
@@ -783,8 +801,6 @@ def test_lora_values_that_overflow_the_conversion_are_refused(tmp_path: Path) ->
                              "a.lora_down.weight": torch.full((1, 2), 3e38)}, "float32"),  # fmt: skip
         "linalg.safetensors": ({"a.lora_up.weight": torch.full((2, 2), 3e38),
                                 "a.lora_down.weight": torch.full((2, 2), 3e38)}, "float32"),  # fmt: skip
-        "half.safetensors": ({"a.lora_up.weight": torch.full((2, 2), 6e4, dtype=torch.float16),
-                              "a.lora_down.weight": torch.full((2, 2), 6e4, dtype=torch.float16)}, "float16"),  # fmt: skip
     }
     for name, (tensors, dtype) in cases.items():
         path = str(tmp_path / name)
@@ -792,6 +808,18 @@ def test_lora_values_that_overflow_the_conversion_are_refused(tmp_path: Path) ->
         with pytest.raises(TriLoRAFileError) as err:
             read_adapter_file(path)
         assert str(err.value) == f"{path}: a: values too large: delta W overflows {dtype}"
+
+
+def test_half_lora_factors_are_converted_in_float32(tmp_path: Path) -> None:
+    """float16 factors whose delta overflows float16 but not float32 (where ComfyUI forms its
+    patches) load: the conversion runs on factors up-cast to float32."""
+    path = str(tmp_path / "half.safetensors")
+    half = torch.full((2, 2), 6e4, dtype=torch.float16)
+    save_file({"a.lora_up.weight": half, "a.lora_down.weight": half.clone()}, path)
+    layer = read_adapter_file(path).layers["a"]
+    assert layer.dtype == torch.float32
+    want = torch.full((2, 2), 2 * 6e4 * 6e4, dtype=torch.float64)
+    torch.testing.assert_close(layer.delta(torch.float64), want, rtol=1e-5, atol=0)
 
 
 def test_trilora_values_whose_patch_overflows_float32_are_refused(tmp_path: Path) -> None:

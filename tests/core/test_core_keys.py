@@ -1,6 +1,11 @@
 from __future__ import annotations
 
-from trilora_core import prefix_for_weight, prefixes_by_weight, weight_for_prefix
+import pytest
+import torch
+from core_helpers import random_layer
+
+from trilora_core import TriLoRALayer, prefix_for_weight, prefixes_by_weight, weight_for_prefix
+from trilora_core.keys import Target, layers_by_weight, lookup, target_of
 
 PROJ_IN = "diffusion_model.input_blocks.1.1.proj_in.weight"
 TO_Q = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
@@ -89,3 +94,66 @@ def test_prefixes_by_weight_matches_prefix_for_weight_and_is_deterministic() -> 
         assert weight_for_prefix(prefix, SD15_MAP) == weight
     reversed_map = dict(reversed(list(SD15_MAP.items())))
     assert prefixes_by_weight(reversed_map) == chosen
+
+
+# --------------------------------------------------------------------------- resolution (trilora_core.keys)
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """What ComfyUI's swap_scale_shift does to a delta: its two row halves swapped."""
+    shift, scale = t.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def delta(layer: TriLoRALayer) -> torch.Tensor:
+    return layer.delta(torch.float64)
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to float32 rounding (the folded layer is canonicalized in float32)."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_target_of_reads_every_form_comfyui_key_maps_produce() -> None:
+    assert target_of("w.weight") == Target("w.weight")
+    assert target_of(("w.weight", (0, 4, 2))) == Target("w.weight", (0, 4, 2))
+    assert target_of(("w.weight", None, swap_halves)) == Target("w.weight", None, swap_halves)
+    assert target_of(("w.weight", (0, 0, 2), swap_halves)) == Target("w.weight", (0, 0, 2), swap_halves)
+    assert target_of(None) is None and target_of((1, 2)) is None and target_of(("w", "bad")) is None
+
+
+def test_lookup_knows_peft_attention_names_without_processor() -> None:
+    key_map = {"unet.a.attn1.processor.to_q": "q.weight", "unet.a.attn1.processor.to_out": "o.weight"}
+    assert lookup("unet.a.attn1.to_q", key_map) == ("q.weight", Target("q.weight"))
+    assert lookup("unet.a.attn1.to_out.0", key_map) == ("o.weight", Target("o.weight"))
+    assert lookup("unet.a.attn1.to_k", key_map) is None
+
+
+def test_slices_and_functions_fold_into_whole_weight_layers_exactly() -> None:
+    q, k, v = (random_layer(4, 5, (), 2, seed=s) for s in (1, 2, 3))
+    key_map = {
+        "t.to_q": ("qkv.weight", (0, 0, 4)),
+        "t.to_k": ("qkv.weight", (0, 4, 4)),
+        "t.to_v": ("qkv.weight", (0, 8, 4)),
+        "t.norm_out": ("norm.weight", None, swap_halves),
+    }
+    norm = random_layer(6, 5, (), 3, seed=4)
+    shapes = {"qkv.weight": (12, 5), "norm.weight": (6, 5)}
+    resolved = layers_by_weight({"t.to_q": q, "t.to_k": k, "t.to_v": v, "t.norm_out": norm}, key_map, shapes)
+    assert resolved.unknown == [] and resolved.sources["qkv.weight"] == ["t.to_k", "t.to_q", "t.to_v"]
+    assert_same(delta(resolved.layers["qkv.weight"]), torch.cat([delta(q), delta(k), delta(v)]))
+    assert_same(delta(resolved.layers["norm.weight"]), swap_halves(delta(norm)))
+
+
+def test_aliases_of_one_weight_are_summed_and_reported() -> None:
+    a, b = random_layer(6, 5, (), 2, seed=1), random_layer(6, 5, (), 3, seed=2)
+    key_map = {"lora_unet_x": "x.weight", "unet.x": "x.weight"}
+    resolved = layers_by_weight({"lora_unet_x": a, "unet.x": b, "lora_unet_gone": a}, key_map, {"x.weight": (6, 5)})
+    assert_same(delta(resolved.layers["x.weight"]), delta(a) + delta(b))
+    assert resolved.aliases() == {"x.weight": ["lora_unet_x", "unet.x"]}
+    assert resolved.unknown == ["lora_unet_gone"]
+
+
+def test_a_layer_that_does_not_fit_its_weight_is_named() -> None:
+    with pytest.raises(ValueError) as err:
+        layers_by_weight({"p": random_layer(6, 4, (), 2, seed=1)}, {"p": ("w.weight", (0, 0, 6))}, {"w.weight": (12, 5)})
+    assert str(err.value) == "p: layer shape [6, 4] does not fit the model's w.weight[12, 5] slice (0, 0, 6)"

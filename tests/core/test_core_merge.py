@@ -8,7 +8,8 @@ from core_helpers import KERNELS, PROPERTY, max_orthonormality_error, random_lay
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trilora_core import TriLoRALayer, is_canonical, merge_files, merge_layers, spectrum
+from trilora_core import TriLoRALayer, alias_groups, fold_aliases, is_canonical, merge_files, merge_layers, spectrum
+from trilora_core.adapter_keys import alias_key
 
 
 @st.composite
@@ -126,3 +127,60 @@ def test_half_precision_inputs_merge_in_float32() -> None:
     assert merged.u.dtype == torch.float32
     assert rel_error(reference_delta(merged), reference_delta(a) + reference_delta(b)) < 1e-5
     assert isinstance(merged, TriLoRALayer)
+
+
+# One weight under two names (kohya and diffusers/PEFT conventions), in one file or across files.
+KOHYA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+PEFT = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+PROCESSOR = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out"
+
+
+def test_merge_adds_aliases_across_files() -> None:
+    a = {KOHYA: random_layer(6, 5, (), 2, seed=1)}
+    b = {PEFT: random_layer(6, 5, (), 3, seed=2)}
+    merged = merge_files([(a, 1.0), (b, 0.5)])
+    assert list(merged) == [KOHYA]  # the first source's name
+    want = reference_delta(a[KOHYA]) + 0.5 * reference_delta(b[PEFT])
+    assert rel_error(reference_delta(merged[KOHYA]), want) < 1e-5
+
+
+def test_merge_adds_aliases_within_one_file() -> None:
+    layers = {KOHYA: random_layer(6, 5, (), 2, seed=1), PROCESSOR: random_layer(6, 5, (), 2, seed=2)}
+    merged = merge_files([(layers, 2.0)])
+    assert list(merged) == [KOHYA]
+    want = 2 * (reference_delta(layers[KOHYA]) + reference_delta(layers[PROCESSOR]))
+    assert rel_error(reference_delta(merged[KOHYA]), want) < 1e-5
+    assert alias_groups(layers) == [[KOHYA, PROCESSOR]]
+    folded = fold_aliases(layers)
+    assert list(folded) == [KOHYA]
+    assert rel_error(reference_delta(folded[KOHYA]), want / 2) < 1e-5
+
+
+def test_aliases_whose_shapes_disagree_are_refused_naming_both() -> None:
+    with pytest.raises(ValueError) as err:
+        merge_files([({KOHYA: random_layer(6, 5, (), 2, seed=1)}, 1.0), ({PEFT: random_layer(6, 4, (), 2, seed=2)}, 1.0)])
+    assert str(err.value) == (
+        f"merge: layers {KOHYA} and {PEFT}, one weight, have shape [6, 5] in input 1 but [6, 4] in input 2; "
+        "were they made for different base models?"
+    )
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1", "text_encoder.text_model.encoder.layers.0.mlp.fc1"),
+        ("lora_te2_text_model_encoder_layers_0_mlp_fc1", "text_encoder_2.text_model.encoder.layers.0.mlp.fc1"),
+        ("lora_transformer_single_transformer_blocks_0_attn_to_q", "transformer.single_transformer_blocks.0.attn.to_q"),
+        ("lycoris_blocks_0_self_attn_q", "diffusion_model.blocks.0.self_attn.q"),
+        ("lora_unet_blocks_0_self_attn_q", "diffusion_model.blocks.0.self_attn.q"),
+    ],
+)
+def test_alias_key_joins_the_conventions_of_one_weight(a: str, b: str) -> None:
+    assert alias_key(a) == alias_key(b)
+
+
+def test_alias_key_keeps_different_weights_and_parts_apart() -> None:
+    names = ["lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+             "lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_unet_text_model_encoder_layers_0_mlp_fc1",
+             "lora_unet_blocks_0_self_attn_q", "lora_unet_blocks_0_self_attn_k", "something.else"]
+    assert len({alias_key(n) for n in names}) == len(names)
