@@ -25,6 +25,9 @@ class Family:
     # single-stream blocks compute q, k, v and the MLP's input in one linear1 and take the
     # attention output and the MLP's output through one linear2.
     fused_attention: re.Pattern | None = None
+    # Blocks that add their residuals in place (ComfyUI's Flux layers: ``x += ...`` after a norm
+    # kept x for the backward pass): they train only with their activations recomputed.
+    inplace_blocks: bool = False
 
 
 _SINGLE_STREAM = re.compile(r"(^|\.)single_blocks\.\d+\.linear[12]$")
@@ -36,10 +39,10 @@ FAMILIES = {
     "SDXLRefiner": Family("SDXL refiner", "sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner"),
     "SD3": Family("SD3", "sd3", "stable-diffusion-3-medium"),
     "AuraFlow": Family("AuraFlow", "auraflow", "auraflow"),
-    "Flux": Family("Flux", "flux1", "flux-1-dev", _SINGLE_STREAM),
-    "FluxSchnell": Family("Flux schnell", "flux1", "flux-1-schnell", _SINGLE_STREAM),
-    "Chroma": Family("Chroma", "chroma", "chroma", _SINGLE_STREAM),
-    "HunyuanVideo": Family("HunyuanVideo", "hunyuan_video", "hunyuan-video", _SINGLE_STREAM),
+    "Flux": Family("Flux", "flux1", "flux-1-dev", _SINGLE_STREAM, inplace_blocks=True),
+    "FluxSchnell": Family("Flux schnell", "flux1", "flux-1-schnell", _SINGLE_STREAM, inplace_blocks=True),
+    "Chroma": Family("Chroma", "chroma", "chroma", _SINGLE_STREAM, inplace_blocks=True),
+    "HunyuanVideo": Family("HunyuanVideo", "hunyuan_video", "hunyuan-video", _SINGLE_STREAM, inplace_blocks=True),
     "Lumina2": Family("Lumina 2", "lumina2", "lumina-2"),
     "ZImage": Family("Z-Image", "z_image", "z-image"),
     "WAN21_T2V": Family("Wan 2.1", "wan21", "wan2.1"),
@@ -73,10 +76,7 @@ def base_model_metadata(model_patcher) -> dict[str, str]:
     unet_config = getattr(config_of(model_patcher), "unet_config", {}) or {}
     if family.base_model_version == "sd_v2" and model_type.endswith("V_PREDICTION"):
         arch = "stable-diffusion-v2-768-v"
-    elif family.base_model_version == "sd3":  # SD3.5: Large is 38 blocks deep, Medium has MMDiT-X blocks
-        if unet_config.get("depth", 0) >= 38:
-            arch = "stable-diffusion-3.5-large"
-        elif unet_config.get("x_block_self_attn_layers"):
-            arch = "stable-diffusion-3.5-medium"
+    elif family.base_model_version == "sd3" and unet_config.get("qk_norm"):  # SD3.5 added q/k norms
+        arch = "stable-diffusion-3.5-medium" if unet_config.get("x_block_self_attn_layers") else "stable-diffusion-3.5-large"
     return {"ss_base_model_version": family.base_model_version, "modelspec.architecture": f"{arch}/lora",
             "modelspec.sai_model_spec": "1.0.0"}

@@ -17,12 +17,16 @@ model conditioning of images of different sizes (SDXL's size conditioning).
   (as ComfyUI samples it, and as musubi-tuner trains Wan on images). Latents of other frame
   counts or sizes train in separate forward passes. Latents whose channels are not the model's
   are refused.
+- Gradient checkpointing: ComfyUI's Flux blocks (Flux, Chroma, HunyuanVideo) add their
+  residuals in place after a norm kept the input for the backward pass, so they train only
+  with recomputed activations: checkpointing stays on for them.
 - Model conditioning: ComfyUI computes a caption's model inputs (SDXL's pooled output and size
   embedding, Flux's guidance ...) for one latent size; latents of other sizes get them computed
   for their own size, as kohya passes each bucket's size to SDXL.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -33,6 +37,9 @@ import torch
 from comfy_api.latest import io
 
 from ..trilora_core.timesteps import TIMESTEP_SAMPLINGS
+from .families import family_of
+
+log = logging.getLogger("comfyui-trilora")
 
 AUTO = "auto"
 DEFAULT_GUIDANCE = 1.0
@@ -71,9 +78,10 @@ class FamilySettings:
     timestep_sampling: str
     flow_shift: float | None  # the model's shift, for flow models
     guidance: float | None  # None: the model takes no guidance
+    checkpointing: bool  # gradient checkpointing, on where the family's blocks need it
 
     @classmethod
-    def resolve(cls, model_patcher, timestep_sampling: str, guidance: float) -> FamilySettings:
+    def resolve(cls, model_patcher, timestep_sampling: str, guidance: float, checkpointing: bool) -> FamilySettings:
         ms = model_patcher.get_model_object("model_sampling")
         flow = is_flow(ms)
         if timestep_sampling == AUTO:
@@ -81,7 +89,12 @@ class FamilySettings:
         shift = float(ms.shift) if flow and hasattr(ms, "shift") else None
         if shift is not None and isinstance(ms, comfy.model_sampling.ModelSamplingFlux):
             shift = math.exp(shift)  # ComfyUI keeps Flux's shift as mu; sigma shifts by exp(mu)
-        return cls(timestep_sampling, shift, float(guidance) if takes_guidance(model_patcher) else None)
+        family = family_of(model_patcher)
+        if family.inplace_blocks and not checkpointing:
+            log.warning("TriLoRA: %s blocks add in place, which only trains with gradient checkpointing: "
+                        "turning it on", family.name)
+        return cls(timestep_sampling, shift, float(guidance) if takes_guidance(model_patcher) else None,
+                   checkpointing or family.inplace_blocks)
 
     def metadata(self) -> dict[str, str]:
         """kohya's metadata names for these choices (``ss_timestep_sampling`` ...)."""

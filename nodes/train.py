@@ -586,7 +586,7 @@ class TriLoRATrainer:
         self.by_shape = {tuple(self.images[0].shape): self.processed}
         self.images = [img.to(self.device) for img in self.images]
         self.images = [base.process_latent_in(img) for img in self.images]
-        att = attach(base.diffusion_model, self.targets, self.adapters, self.args.gradient_checkpointing)
+        att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
             self._loop(model_wrap, extra_args)
         finally:
@@ -695,10 +695,10 @@ class TriLoRATrainer:
         return "No step succeeded, so there is no trained adapter to keep."
 
     def _memory_hints(self) -> str:
-        args, hints = self.args, []
+        hints = []
         if self.batch > 1:
             hints.append("lower batch_size (raise grad_accumulation_steps to keep the effective batch)")
-        if not args.gradient_checkpointing:
+        if not self.settings.checkpointing:
             hints.append("turn gradient_checkpointing on")
         if self.dtype == torch.float32:
             hints.append("train in bf16")
@@ -836,7 +836,8 @@ class TrainTriLoRA(io.ComfyNode):
                                        "itself trains in fp32. fp16 uses loss scaling. Use fp32 on a CPU."),
                 io.Boolean.Input(id="gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in the backward pass: much less memory, about a "
-                                         "third slower."),
+                                         "third slower. Always on for Flux, Chroma and HunyuanVideo, whose blocks "
+                                         "need it."),
                 io.Int.Input(id="grad_accumulation_steps", default=1, min=1, max=1024, optional=True,
                              tooltip="Forward/backward passes whose gradients are added up per optimizer step."),
                 io.Combo.Input(id="optimizer", options=list(topt.OPTIMIZERS), default="AdamW", optional=True,
@@ -922,7 +923,7 @@ def train(args: TrainArgs, model, images, entries, image_conds) -> TriLoRATraine
     """Trains on a clone of ``model``; returns the finished trainer (factors, losses)."""
     mp = model.clone()
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
-    settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance)
+    settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing)
     images = family.fit_latents([img.detach().clone().float() for img in images], mp)
     entries = settings.with_guidance([[cond.clone(), _clone_tree(extra)] for cond, extra in entries])
     if args.existing_lora in (NONE_FILE, "", None):
