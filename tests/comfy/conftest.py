@@ -61,8 +61,9 @@ def comfy_host(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny(comfy_host):
     """(model, clip, vae) of the tiny SD1.5 checkpoint, loaded by CheckpointLoaderSimple."""
-    model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(TINY)[:3]
-    return SimpleNamespace(model=model, clip=clip, vae=vae)
+    from tiny_models import tiny_model
+
+    return tiny_model("sd15")
 
 
 def run_node(comfy_host, node_id: str, **inputs):
