@@ -858,7 +858,9 @@ class TrainTriLoRA(io.ComfyNode):
                                tooltip="Weight of AdaLoRA's penalty ||U^T U - I|| + ||V V^T - I|| (mean over layers). "
                                        "0 (off) learns fastest; saved files are made orthonormal anyway."),
                 io.Combo.Input(id="target_layers", options=list(TARGETS), default=DEFAULT_TARGET, optional=True,
-                               tooltip="Which layers of the diffusion model get an adapter. Ignored when resuming."),
+                               tooltip="Which layers of the diffusion model get an adapter. attention includes "
+                                       "fused layers that carry attention (a Flux single block's linear1 and "
+                                       "linear2). Ignored when resuming."),
                 file_choice("existing_lora", "Continue training this TriLoRA (or LoRA) file from the loras folder: "
                             "its layers, step count and, for a checkpoint, optimizer state. [None] starts fresh.",
                             none=True, optional=True),
