@@ -5,7 +5,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..trilora_core import truncate
-from .blocks import block_group
+from .blocks import DepthLayout, block_group, depth_layout
+from .families import family_of
 from .file_cache import load_cached
 from .loras_folder import LorasFileNode, file_choice
 from .patching import apply_trilora
@@ -123,9 +124,12 @@ class TriLoRALoaderModelOnly(LorasFileNode):
 
 
 BLOCK_MULTIPLIERS = (
-    ("input_blocks", "UNet input blocks", "the UNet's input (down) blocks: composition and coarse shapes"),
-    ("middle_block", "UNet middle block", "the UNet's middle block: the most abstract features"),
-    ("output_blocks", "UNet output blocks", "the UNet's output (up) blocks: details, texture and colour"),
+    ("input_blocks", "UNet input blocks", "the UNet's input (down) blocks, or a transformer's first third of blocks "
+                     "(Flux: the double blocks): composition and coarse shapes"),
+    ("middle_block", "UNet middle block", "the UNet's middle block, or a transformer's middle third of blocks "
+                     "(Flux: single blocks 0-18): the most abstract features"),
+    ("output_blocks", "UNet output blocks", "the UNet's output (up) blocks, or a transformer's last third of blocks "
+                      "(Flux: single blocks 19-37): details, texture and colour"),
     ("text_encoder", "Text encoder", "the text encoder(s): how the prompt's words are read"),
 )
 
@@ -135,17 +139,27 @@ def block_multiplier_input(name: str, what: str) -> io.Float.Input:
                               f"these layers out, negative = push the other way.")
 
 
-def block_strength(multipliers: dict[str, float]):
-    """key_strength for apply_trilora: a multiplier per UNet block group, one for the text encoder;
-    UNet layers outside the three block groups (time embedding) keep strength_model alone."""
+def block_strength(multipliers: dict[str, float], layout: DepthLayout | None = None):
+    """key_strength for apply_trilora: a multiplier per block group (UNet blocks, or a transformer's
+    blocks by depth in ``layout``), one for the text encoder; layers outside the three block
+    groups (time embedding, embedders, final layer) keep strength_model alone."""
     by_group = {group: multipliers[name] for name, group, _ in BLOCK_MULTIPLIERS[:3]}
 
     def key_strength(part: str, weight_key: str) -> float:
         if part == "CLIP":
             return multipliers["text_encoder"]
-        return by_group.get(block_group(weight_key), 1.0)
+        return by_group.get(block_group(weight_key, layout), 1.0)
 
     return key_strength
+
+
+def model_blocks(model) -> tuple[DepthLayout | None, str]:
+    """(the model's DepthLayout or None for a UNet, which blocks the sliders move in words)."""
+    layout = depth_layout(name for name, _ in model.model.named_parameters())
+    family = family_of(model).name
+    if layout is None:
+        return None, f"{family}: UNet input, middle and output blocks"
+    return layout, f"{family}: {layout.describe()}"
 
 
 class TriLoRALoaderBlockWeights(LorasFileNode):
@@ -157,7 +171,9 @@ class TriLoRALoaderBlockWeights(LorasFileNode):
             display_name="Load TriLoRA (Block Weights)",
             category="loaders",
             description="Load TriLoRA with a strength per part of the model: UNet input, middle and output "
-                        "blocks and the text encoder, to choose where a style acts.",
+                        "blocks (for Flux, SD3, Wan, Qwen-Image and Lumina: the first, middle and last third of "
+                        "the transformer blocks) and the text encoder, to choose where a style acts. The info "
+                        "output says which blocks each slider moves in the model it sees.",
             inputs=[
                 *inputs,
                 file_input(),
@@ -177,10 +193,11 @@ class TriLoRALoaderBlockWeights(LorasFileNode):
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip, "strengths are 0: nothing applied")
         path, layers, diffs = load_layers(trilora_name, max_rank, energy)
+        layout, blocks = model_blocks(model)
         model, clip, report = apply_trilora(model, clip, layers, strength_model, strength_clip, path,
-                                            key_strength=block_strength(multipliers), diffs=diffs)
+                                            key_strength=block_strength(multipliers, layout), diffs=diffs)
         weights = ", ".join(f"{name} {value:g}" for name, value in multipliers.items())
-        return io.NodeOutput(model, clip, f"{report.summary()}; block weights: {weights}")
+        return io.NodeOutput(model, clip, f"{report.summary()}; {blocks}; block weights: {weights}")
 
 
 NODES = [TriLoRALoader, TriLoRALoaderModelOnly, TriLoRALoaderBlockWeights]

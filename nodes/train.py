@@ -51,8 +51,12 @@ from ..trilora_core import (
 from ..trilora_core import optim as topt
 from ..trilora_core.keys import layers_by_weight
 from ..trilora_core.safetensors_io import SafetensorsReader, atomic_write_bytes, serialize
+from ..trilora_core.timesteps import TIMESTEP_SAMPLINGS, sample_noise_levels
+from . import family_training as family
 from .adapter import TriLoRATrainDiff
 from .blocks import TEXT_ENCODERS, block_group
+from .families import base_model_metadata, family_of
+from .family_training import AUTO, DEFAULT_GUIDANCE, FamilySettings
 from .file_cache import load_cached
 from .loras_folder import NONE_FILE, check_names, file_choice, files_fingerprint
 from .patching import apply_trilora
@@ -76,8 +80,6 @@ LOSS_KEY = "trilora_loss_history"
 OPTIM_FOR_HASH_KEY = "trilora_for_hash"
 OPTIM_SUFFIX = ".optim"  # not a model extension, so the sidecar never shows in the loras list
 PARAM_PREFIX = "param."
-# The timestep fraction is kept off its ends: 0 maps to an infinite sigma in ComfyUI.
-PERCENT_MARGIN = 1e-4
 
 # Defaults (see docs/training-defaults.md for why).
 DEFAULT_RANK = 8
@@ -91,16 +93,6 @@ _ATTN_RE = re.compile(r"(^|[._])(attn\w*|attention\w*|self_attn|cross_attn|to_q|
 _FF_RE = re.compile(r"(^|[._])(ff\w*|mlp\w*|feed_forward|feedforward|fc1|fc2|w1|w2|w3|gate_proj|up_proj|down_proj)([._]|$)")
 _CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
-# ss_base_model_version and modelspec.architecture (kohya / Stability model spec) by ComfyUI model config.
-_BASE_MODELS = {
-    "SD15": ("sd_v1", "stable-diffusion-v1"),
-    "SD20": ("sd_v2", "stable-diffusion-v2-512"),
-    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
-    "SDXLRefiner": ("sdxl_refiner_v1-0", "stable-diffusion-xl-v1-refiner"),
-    "SD3": ("sd3", "stable-diffusion-3-medium"),
-    "Flux": ("flux1", "flux-1-dev"),
-    "FluxSchnell": ("flux1", "flux-1-schnell"),
-}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -226,6 +218,8 @@ class TrainArgs:
     existing_lora: str
     checkpoint_every: int
     checkpoint_prefix: str
+    timestep_sampling: str = AUTO
+    guidance: float = DEFAULT_GUIDANCE
 
     def check(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -255,6 +249,9 @@ class TrainArgs:
              f"training_dtype must be one of {', '.join(TRAINING_DTYPES)}, got {self.training_dtype!r}")
         need(self.checkpoint_every >= 0, f"checkpoint_every must be 0 (off) or more, got {self.checkpoint_every}")
         prefix_location(self.checkpoint_prefix, "TrainTriLoRA", "checkpoint_prefix")
+        need(self.timestep_sampling in (AUTO, *TIMESTEP_SAMPLINGS),
+             f"timestep_sampling must be one of {', '.join((AUTO, *TIMESTEP_SAMPLINGS))}, got {self.timestep_sampling!r}")
+        need(math.isfinite(self.guidance) and self.guidance >= 0, f"guidance must be 0 or more, got {self.guidance}")
 
 
 # --------------------------------------------------------------------------- model side
@@ -268,7 +265,7 @@ class Target:
     weight_shape: tuple[int, ...]
 
 
-def _layer_kind_ok(name: str, module: torch.nn.Module, target: str) -> bool:
+def _layer_kind_ok(name: str, module: torch.nn.Module, target: str, fused_attention: re.Pattern | None = None) -> bool:
     if target == ANY_LAYER:
         return True
     is_linear = isinstance(module, torch.nn.Linear)
@@ -278,15 +275,17 @@ def _layer_kind_ok(name: str, module: torch.nn.Module, target: str) -> bool:
         return False
     if target == "all linear":
         return True
-    if _ATTN_RE.search(name):
+    if _ATTN_RE.search(name) or (fused_attention is not None and fused_attention.search(name)):
         return True
     return target == "attention+feedforward" and bool(_FF_RE.search(name))
 
 
 def find_targets(model_patcher, target: str) -> list[Target]:
     """The diffusion model's Linear/Conv layers of the chosen kind that ComfyUI's key map
-    knows (so the file applies back to the model), sorted by prefix."""
+    knows (so the file applies back to the model), sorted by prefix. The attention presets
+    include the family's fused attention layers (a Flux single block's linear1 and linear2)."""
     base = model_patcher.model
+    fused = family_of(model_patcher).fused_attention
     by_weight = prefixes_by_weight(comfy.lora.model_lora_keys_unet(base, {}))
     found = []
     for name, module in base.named_modules():
@@ -294,21 +293,9 @@ def find_targets(model_patcher, target: str) -> list[Target]:
         key = f"{name}.weight"
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or key not in by_weight:
             continue
-        if _layer_kind_ok(name, module, target):
+        if _layer_kind_ok(name, module, target, fused):
             found.append(Target(name, module, by_weight[key], tuple(weight.shape)))
     return sorted(found, key=lambda t: t.prefix)
-
-
-def base_model_metadata(model_patcher) -> dict[str, str]:
-    config = type(getattr(model_patcher.model, "model_config", None)).__name__
-    known = _BASE_MODELS.get(config)
-    if known is None:
-        return {}
-    version, arch = known
-    if config == "SD20" and str(getattr(model_patcher.model, "model_type", "")).endswith("V_PREDICTION"):
-        arch = "stable-diffusion-v2-768-v"
-    return {"ss_base_model_version": version, "modelspec.architecture": f"{arch}/lora",
-            "modelspec.sai_model_spec": "1.0.0"}
 
 
 def _clone_if_inference(tensor):
@@ -516,11 +503,14 @@ class TriLoRATrainer:
     """One training run; `run` is called by the sampler inside ComfyUI's guider."""
 
     def __init__(self, args: TrainArgs, model_patcher, targets, start: StartState, images, image_conds,
-                 base_meta: dict):
+                 base_meta: dict, settings: FamilySettings):
         self.args, self.mp, self.targets, self.start = args, model_patcher, targets, start
         self.images, self.image_conds = images, image_conds
         self.processed: list = []  # the guider's processed cond entries, in input order
-        self.base_meta = base_meta
+        self.by_shape: dict[tuple, list] = {}  # the same, for each latent shape
+        self.settings = settings
+        self.base = None  # the BaseModel, once the guider runs
+        self.base_meta = {**base_meta, **settings.metadata()}
         self.dtype = TRAINING_DTYPES[args.training_dtype]
         self.device = model_patcher.load_device
         self.batch = min(args.batch_size, len(images))
@@ -553,14 +543,22 @@ class TriLoRATrainer:
 
     # ---- data
 
+    def _processed_for(self, image: int) -> list:
+        """The processed cond entries with their model inputs for this image's latent size."""
+        shape = tuple(self.images[image].shape)
+        if shape not in self.by_shape:
+            self.by_shape[shape] = family.conds_for_shape(self.base, self.processed, shape, self.device, self.args.seed)
+        return self.by_shape[shape]
+
     def _conds_for(self, images: list[int]):
-        """Cond entries for a forward of these images, or None when they cannot share one."""
+        """Cond entries for a forward of these images (of one shape), or None when they cannot share one."""
+        processed = self._processed_for(images[0])
         keys = {self.image_conds[i] for i in images}
         if len(keys) == 1:  # one conditioning: ComfyUI repeats it over the batch
-            return [self.processed[j] for j in next(iter(keys))]
+            return [processed[j] for j in next(iter(keys))]
         if any(len(k) != 1 for k in keys):
             return None
-        entries = [self.processed[self.image_conds[i][0]] for i in images]
+        entries = [processed[self.image_conds[i][0]] for i in images]
         first = entries[0]
         for other in entries[1:]:
             if other.keys() != first.keys() or other["model_conds"].keys() != first["model_conds"].keys():
@@ -587,7 +585,8 @@ class TriLoRATrainer:
             if conds is not None:
                 groups.append((positions, conds))
             else:
-                groups.extend(([p], [self.processed[j] for j in self.image_conds[batch[p]]]) for p in positions)
+                groups.extend(([p], [self._processed_for(batch[p])[j] for j in self.image_conds[batch[p]]])
+                              for p in positions)
         return groups
 
     # ---- one micro-step: forward and backward, returns the loss as a float
@@ -597,9 +596,10 @@ class TriLoRATrainer:
         first = (step * self.args.grad_accumulation_steps + micro) * self.batch
         batch = topt.sample_indices(self.args.seed, len(self.images), first, self.batch)
         gen = topt.generator(self.args.seed, "noise", step, micro)
-        percents = PERCENT_MARGIN + (1 - 2 * PERCENT_MARGIN) * torch.rand(len(batch), generator=gen, dtype=torch.float64)
+        levels = sample_noise_levels(self.settings.timestep_sampling, len(batch), gen)
         noises = [torch.randn(self.images[i].shape, generator=gen) for i in batch]
-        sigmas = [float(ms.percent_to_sigma(float(p))) for p in percents]
+        # ComfyUI's percent runs the other way: 0 is the start of sampling, at the most noise.
+        sigmas = [float(ms.percent_to_sigma(1.0 - float(t))) for t in levels]
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         total = 0.0
         for positions, conds in self._forward_groups(batch):
@@ -624,10 +624,12 @@ class TriLoRATrainer:
 
     def run(self, model_wrap, extra_args) -> None:
         self.processed = model_wrap.conds["positive"]
+        base = self.base = model_wrap.inner_model
+        # The guider computed the captions' model inputs for the first latent's size.
+        self.by_shape = {tuple(self.images[0].shape): self.processed}
         self.images = [img.to(self.device) for img in self.images]
-        base = model_wrap.inner_model
         self.images = [base.process_latent_in(img) for img in self.images]
-        att = attach(base.diffusion_model, self.targets, self.adapters, self.args.gradient_checkpointing)
+        att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
             self._loop(model_wrap, extra_args)
         finally:
@@ -736,10 +738,10 @@ class TriLoRATrainer:
         return "No step succeeded, so there is no trained adapter to keep."
 
     def _memory_hints(self) -> str:
-        args, hints = self.args, []
+        hints = []
         if self.batch > 1:
             hints.append("lower batch_size (raise grad_accumulation_steps to keep the effective batch)")
-        if not args.gradient_checkpointing:
+        if not self.settings.checkpointing:
             hints.append("turn gradient_checkpointing on")
         if self.dtype == torch.float32:
             hints.append("train in bf16")
@@ -877,7 +879,8 @@ class TrainTriLoRA(io.ComfyNode):
                                        "itself trains in fp32. fp16 uses loss scaling. Use fp32 on a CPU."),
                 io.Boolean.Input(id="gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in the backward pass: much less memory, about a "
-                                         "third slower."),
+                                         "third slower. Always on for Flux, Chroma and HunyuanVideo, whose blocks "
+                                         "need it."),
                 io.Int.Input(id="grad_accumulation_steps", default=1, min=1, max=1024, optional=True,
                              tooltip="Forward/backward passes whose gradients are added up per optimizer step."),
                 io.Combo.Input(id="optimizer", options=list(topt.OPTIMIZERS), default="AdamW", optional=True,
@@ -898,7 +901,9 @@ class TrainTriLoRA(io.ComfyNode):
                                tooltip="Weight of AdaLoRA's penalty ||U^T U - I|| + ||V V^T - I|| (mean over layers). "
                                        "0 (off) learns fastest; saved files are made orthonormal anyway."),
                 io.Combo.Input(id="target_layers", options=list(TARGETS), default=DEFAULT_TARGET, optional=True,
-                               tooltip="Which layers of the diffusion model get an adapter. Ignored when resuming."),
+                               tooltip="Which layers of the diffusion model get an adapter. attention includes "
+                                       "fused layers that carry attention (a Flux single block's linear1 and "
+                                       "linear2). Ignored when resuming."),
                 file_choice("existing_lora", "Continue training this TriLoRA (or LoRA) file from the loras folder: "
                             "its layers, step count and, for a checkpoint, optimizer state. [None] starts fresh.",
                             none=True, optional=True),
@@ -908,6 +913,7 @@ class TrainTriLoRA(io.ComfyNode):
                 io.String.Input(id="checkpoint_prefix", default="trilora/checkpoints/trilora", optional=True,
                                 tooltip="File name for checkpoints inside the loras folder; a counter and the step "
                                         "are added, nothing is replaced."),
+                *family.inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained TriLoRA applied "
@@ -934,7 +940,7 @@ class TrainTriLoRA(io.ComfyNode):
                 grad_accumulation_steps=1, optimizer="AdamW", lr_schedule="constant", warmup_steps=0,
                 loss_function="MSE", s_learning_rate_scale=DEFAULT_S_LR_SCALE, orthogonality_penalty=0.0,
                 target_layers=DEFAULT_TARGET, existing_lora=NONE_FILE, checkpoint_every=0,
-                checkpoint_prefix="trilora/checkpoints/trilora"):
+                checkpoint_prefix="trilora/checkpoints/trilora", timestep_sampling=AUTO, guidance=DEFAULT_GUIDANCE):
         args = TrainArgs(
             steps=int(_one(steps)), rank=int(_one(rank)), learning_rate=float(_one(learning_rate)),
             seed=int(_one(seed)), alpha=float(_one(alpha)), batch_size=int(_one(batch_size)),
@@ -944,7 +950,8 @@ class TrainTriLoRA(io.ComfyNode):
             orthogonality_penalty=float(_one(orthogonality_penalty)), target_layers=_one(target_layers),
             training_dtype=_one(training_dtype), gradient_checkpointing=bool(_one(gradient_checkpointing)),
             existing_lora=_one(existing_lora), checkpoint_every=int(_one(checkpoint_every)),
-            checkpoint_prefix=_one(checkpoint_prefix))
+            checkpoint_prefix=_one(checkpoint_prefix), timestep_sampling=_one(timestep_sampling),
+            guidance=float(_one(guidance)))
         args.check()
         model = _one(model)
         images, sources = split_latents(latents)
@@ -961,8 +968,9 @@ def train(args: TrainArgs, model, images, entries, image_conds) -> TriLoRATraine
     """Trains on a clone of ``model``; returns the finished trainer (factors, losses)."""
     mp = model.clone()
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
-    images = [img.detach().clone().float() for img in images]
-    entries = [[cond.clone(), _clone_tree(extra)] for cond, extra in entries]
+    settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing)
+    images = family.fit_latents([img.detach().clone().float() for img in images], mp)
+    entries = settings.with_guidance([[cond.clone(), _clone_tree(extra)] for cond, extra in entries])
     if args.existing_lora in (NONE_FILE, "", None):
         targets = find_targets(mp, args.target_layers)
         if not targets:
@@ -971,7 +979,7 @@ def train(args: TrainArgs, model, images, entries, image_conds) -> TriLoRATraine
         start = read_start(args, targets)
     else:
         targets, start = resume_start(args, mp)
-    trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp))
+    trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings)
     comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     guider = Guider_Basic(mp)
     guider.set_conds(entries)

@@ -231,6 +231,121 @@ def tools_spec() -> dict:
     return {"nodes": nodes, "links": links, "groups": groups}
 
 
+# The files users of each family have, as ComfyUI's own examples name them.
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+FLUX_MODEL, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = ("flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
+                                              "ae.safetensors")
+SDXL_PREFIX, FLUX_PREFIX = "trilora_sdxl_style", "trilora_flux_style"
+
+SDXL_NOTE = f"""TRAIN AND USE AN SDXL STYLE WITH TRILORA (comfyui-trilora)
+
+Row 1: training images + captions -> VAE Encode / CLIP Text Encode -> Train TriLoRA -> Save TriLoRA and the loss graph. Row 2: a picture with the trained TriLoRA applied.
+
+What to change:
+- Load Checkpoint: your SDXL model ({SDXL_CHECKPOINT} is the usual file; SDXL finetunes and v-prediction models work the same).
+- Load Training Images: an empty folder means the 8 sample pictures that ship with the pack (captions start with "trlstyle"). For your own style, a folder of images with .txt captions of the same name. size: 1024 for SDXL.
+- Train TriLoRA: steps, rank and learning_rate. Each image gets SDXL's size conditioning for its own size and the caption's pooled output. timestep_sampling auto = uniform for SDXL, as kohya trains it.
+- Save TriLoRA writes {SDXL_PREFIX}_00001_.safetensors into models/loras (the counter grows with each run); load it later with Load TriLoRA.
+- Row 2: the prompt (trigger word "trlstyle"), the Apply TriLoRA strength, the sampler.
+"""
+
+FLUX_NOTE = f"""TRAIN AND USE A FLUX STYLE WITH TRILORA (comfyui-trilora)
+
+Row 1: training images + captions -> VAE Encode / CLIP Text Encode -> Train TriLoRA -> Save TriLoRA and the loss graph. Row 2: a picture with the trained TriLoRA applied.
+
+What to change:
+- Load Diffusion Model: Flux dev ({FLUX_MODEL}, in models/diffusion_models). Load CLIP: {FLUX_CLIP_L} and {FLUX_T5} (or t5xxl_fp8_e4m3fn.safetensors) in models/text_encoders, type flux. Load VAE: {FLUX_VAE}.
+- Load Training Images: an empty folder means the 8 sample pictures of the pack (captions start with "trlstyle"); or a folder of images with .txt captions. size: 512 trains fast; 1024 learns finer detail.
+- Train TriLoRA: steps, rank, learning_rate. timestep_sampling auto = logit-normal through Flux's own shift (kohya's recommended 'shift' sampling); guidance 1.0 is what kohya and ai-toolkit train Flux dev with. bf16 on a GPU; gradient checkpointing stays on for Flux.
+- Save TriLoRA writes {FLUX_PREFIX}_00001_.safetensors into models/loras; load it later with Load TriLoRA.
+- Row 2: the prompt (trigger word "trlstyle"), FluxGuidance (3.5 is Flux dev's usual), the Apply TriLoRA strength. Flux runs at cfg 1, so the negative is zeroed.
+"""
+
+
+def family_training_spec(family: str) -> dict:
+    """Train a TriLoRA on the sample pictures and generate with it, for SDXL or Flux dev."""
+    flux = family == "flux"
+    note, prefix, size = (FLUX_NOTE, FLUX_PREFIX, 512) if flux else (SDXL_NOTE, SDXL_PREFIX, 1024)
+    if flux:
+        loaders = [
+            {"key": "unet", "type": "UNETLoader", "pos": [560, 60], "size": [320, 0],
+             "widgets": {"unet_name": FLUX_MODEL, "weight_dtype": "default"}},
+            {"key": "clip", "type": "DualCLIPLoader", "pos": [560, 180], "size": [320, 0],
+             "widgets": {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5, "type": "flux"}},
+            {"key": "vae", "type": "VAELoader", "pos": [560, 340], "size": [320, 0], "widgets": {"vae_name": FLUX_VAE}},
+        ]
+        model, clip, vae = ("unet", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")
+    else:
+        loaders = [{"key": "ckpt", "type": "CheckpointLoaderSimple", "pos": [560, 60], "size": [320, 0],
+                    "widgets": {"ckpt_name": SDXL_CHECKPOINT}}]
+        model, clip, vae = ("ckpt", "MODEL"), ("ckpt", "CLIP"), ("ckpt", "VAE")
+    nodes = [
+        {"key": "note", "type": "Note", "title": f"Read me: train and use a {'Flux' if flux else 'SDXL'} style",
+         "pos": [20, 20], "size": [500, 560], "color": NOTE_COLOR, "widgets": {"text": note}},
+        *loaders,
+        {"key": "images", "type": "TriLoRASampleImages", "pos": [560, 460], "size": [320, 0],
+         "widgets": {"folder": "", "size": size}},
+        {"key": "encode", "type": "VAEEncode", "pos": [920, 60]},
+        {"key": "captions", "type": "CLIPTextEncode", "title": "Encode captions", "pos": [920, 180],
+         "size": [220, 60]},
+        {"key": "train", "type": "TrainTriLoRA", "pos": [1180, 60], "size": [420, 0],
+         "widgets": {"steps": 300, "rank": 8, "learning_rate": 0.0005, "seed": 0, "control_after_generate": "fixed",
+                     "alpha": 8.0, "batch_size": 1, "training_dtype": "bf16", "gradient_checkpointing": True}},
+        {"key": "save", "type": "SaveTriLoRA", "pos": [1660, 60], "size": [380, 0],
+         "widgets": {"filename_prefix": prefix}},
+        {"key": "loss", "type": "LossGraphNode", "pos": [1660, 210], "size": [380, 330],
+         "widgets": {"filename_prefix": f"{prefix}_loss"}},
+        {"key": "pos", "type": "CLIPTextEncode", "title": "Prompt", "pos": [20, 950], "size": [420, 150],
+         "widgets": {"text": STYLE_PROMPT}},
+        {"key": "apply", "type": "ApplyTriLoRA", "pos": [500, 950], "size": [300, 0], "widgets": {"strength": 1.0}},
+        {"key": "sampler", "type": "KSampler", "pos": [860, 950], "size": [300, 0],
+         "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 20 if flux else 25,
+                     "cfg": 1.0 if flux else 7.0, "sampler_name": "euler", "scheduler": "simple" if flux else "normal",
+                     "denoise": 1.0}},
+        {"key": "decode", "type": "VAEDecode", "pos": [1200, 950]},
+        {"key": "image", "type": "SaveImage", "pos": [1420, 950], "size": [420, 460],
+         "widgets": {"filename_prefix": f"trilora/{family}"}},
+    ]
+    links = [
+        ["images", "images", "encode", "pixels"], [*vae, "encode", "vae"],
+        ["images", "captions", "captions", "text"], [*clip, "captions", "clip"],
+        [*model, "train", "model"], ["encode", "LATENT", "train", "latents"],
+        ["captions", "CONDITIONING", "train", "positive"],
+        ["train", "TRILORA", "save", "trilora"], ["train", "LOSS_MAP", "loss", "loss"],
+        [*clip, "pos", "clip"], [*model, "apply", "model"], ["train", "TRILORA", "apply", "trilora"],
+        ["apply", "MODEL", "sampler", "model"], ["sampler", "LATENT", "decode", "samples"],
+        [*vae, "decode", "vae"], ["decode", "IMAGE", "image", "images"],
+    ]
+    if flux:
+        nodes += [
+            {"key": "guidance", "type": "FluxGuidance", "pos": [20, 1150], "size": [420, 0],
+             "widgets": {"guidance": 3.5}},
+            {"key": "neg", "type": "ConditioningZeroOut", "pos": [20, 1250], "size": [420, 0]},
+            {"key": "latent", "type": "EmptySD3LatentImage", "pos": [20, 1330], "size": [420, 0],
+             "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
+        ]
+        links += [["pos", "CONDITIONING", "guidance", "conditioning"], ["guidance", "CONDITIONING", "sampler", "positive"],
+                  ["pos", "CONDITIONING", "neg", "conditioning"], ["neg", "CONDITIONING", "sampler", "negative"],
+                  ["latent", "LATENT", "sampler", "latent_image"]]
+    else:
+        nodes += [
+            {"key": "neg", "type": "CLIPTextEncode", "title": "Negative prompt", "pos": [20, 1150], "size": [420, 90],
+             "widgets": {"text": NEGATIVE}},
+            {"key": "latent", "type": "EmptyLatentImage", "pos": [20, 1290], "size": [420, 0],
+             "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
+        ]
+        links += [["pos", "CONDITIONING", "sampler", "positive"], [*clip, "neg", "clip"],
+                  ["neg", "CONDITIONING", "sampler", "negative"], ["latent", "LATENT", "sampler", "latent_image"]]
+    groups = [
+        {"title": "1. Train on images and captions, save, loss graph",
+         "members": [n["key"] for n in loaders] + ["images", "encode", "captions", "train", "save", "loss"]},
+        {"title": "2. Generate with the trained TriLoRA",
+         "members": [n["key"] for n in nodes if n["key"] in ("pos", "neg", "guidance", "latent", "apply", "sampler",
+                                                              "decode", "image")]},
+    ]
+    return {"nodes": nodes, "links": links, "groups": groups}
+
+
 def workflow_id(name: str) -> str:
     """A fixed id per workflow (the frontend gives each saved workflow a UUID)."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, PACK_URL + name))
@@ -259,6 +374,8 @@ WORKFLOW_SPECS = {
     "trilora_generate": generation_spec,
     "trilora_train_style": training_spec,
     "trilora_tools": tools_spec,
+    "trilora_sdxl_train_and_generate": lambda: family_training_spec("sdxl"),
+    "trilora_flux_train_and_generate": lambda: family_training_spec("flux"),
 }
 
 

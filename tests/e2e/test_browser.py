@@ -6,13 +6,17 @@ workflow go to test_artifacts/."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, REPO, TINY
+from conftest import ARTIFACTS, COMFY, REPO, TINY
 from PIL import Image, ImageStat
 
 sys.path.insert(0, str(REPO / "scripts"))
+import make_workflow_fixtures as fixtures  # noqa: E402
 from comfy_browser import ComfyServer, execution_error  # noqa: E402
 
 from trilora_core import read_trilora  # noqa: E402
@@ -34,6 +38,23 @@ SMALL = {
 }
 
 
+# The SDXL and Flux workflows run on the random models of scripts/make_workflow_fixtures.py. Flux's
+# DualCLIPLoader builds T5-XXL at full size whatever the file holds (4.7B parameters), so the run
+# loads a CLIP-L in its place (CLIPLoader): the fixture's Flux takes CLIP-L's 768-wide output.
+FAMILY_SMALL = {
+    "trilora_sdxl_train_and_generate": {"CheckpointLoaderSimple": {"ckpt_name": fixtures.SDXL_CHECKPOINT}},
+    # The full-width random Flux diverges at the tiny SD1.5's learning rate.
+    "trilora_flux_train_and_generate": {"TrainTriLoRA": {"learning_rate": 0.001},
+                                        "UNETLoader": {"unet_name": fixtures.FLUX_MODEL},
+                                        "VAELoader": {"vae_name": fixtures.FLUX_VAE},
+                                        "EmptySD3LatentImage": {"width": 64, "height": 64}},
+}
+TEXT_ENCODER_STAND_IN = {"class_type": "CLIPLoader", "inputs": {"clip_name": fixtures.CLIP_L, "type": "stable_diffusion"}}
+# What the user points each workflow's loaders at (the files the workflow names may be missing).
+USER_FILES = {"CheckpointLoaderSimple.ckpt_name", "UNETLoader.unet_name", "DualCLIPLoader.clip_name1",
+              "DualCLIPLoader.clip_name2", "VAELoader.vae_name"}
+
+
 def read(path):
     return json.loads(path.read_text())
 
@@ -42,9 +63,34 @@ def node_types(workflow) -> set[str]:
     return {n["type"] for n in workflow["nodes"]}
 
 
-def overrides_for(workflow) -> dict:
+def overrides_for(workflow, name: str = "", images: Path | None = None) -> dict:
+    """Widget overrides that make a workflow run on the tiny models; ``images``: a folder of
+    training images for the SDXL and Flux workflows (their text encoders are slow on a CPU)."""
     types = node_types(workflow)
-    return {t: dict(v) for t, v in SMALL.items() if t in types}
+    small = {t: dict(v) for t, v in SMALL.items() if t in types}
+    for node_type, widgets in FAMILY_SMALL.get(name, {}).items():
+        small.setdefault(node_type, {}).update(widgets)
+    if name in FAMILY_SMALL and images is not None:
+        small["TriLoRASampleImages"]["folder"] = str(images)
+    return small
+
+
+def with_stand_ins(prompt: dict) -> dict:
+    """The API prompt with Flux's DualCLIPLoader swapped for the CLIP-L stand-in."""
+    return {i: dict(TEXT_ENCODER_STAND_IN) if n["class_type"] == "DualCLIPLoader" else n for i, n in prompt.items()}
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory) -> Path:
+    """The SDXL and Flux workflows' models, built once into the server's model folders (cached);
+    returns a folder with two of the sample images and their captions for them to train on."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_workflow_fixtures.py"), "--comfyui", str(COMFY)],
+                   check=True, capture_output=True)
+    images = tmp_path_factory.mktemp("two_images")
+    for picture in sorted((WORKFLOW_DIR / "sample_style").glob("*.png"))[:2]:
+        shutil.copy(picture, images)
+        shutil.copy(picture.with_suffix(".txt"), images)
+    return images
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +100,29 @@ def runs(server, browser):
     loras folder) as they ship. {name: (converted, history entry)}."""
     client = ComfyServer(server.url)
     results = {}
-    for path in sorted(WORKFLOWS, key=lambda p: ("SaveTriLoRA" not in node_types(read(p)), p.name)):
+    sd15 = [p for p in WORKFLOWS if p.stem not in FAMILY_SMALL]
+    for path in sorted(sd15, key=lambda p: ("SaveTriLoRA" not in node_types(read(p)), p.name)):
         workflow = read(path)
         converted = browser.convert(workflow, overrides_for(workflow), name=path.stem)
         results[path.stem] = (converted, client.run(converted.prompt, converted.workflow, timeout=600))
     return results
+
+
+@pytest.fixture(scope="module")
+def family_runs(server, browser, family_models):
+    """run(name): the SDXL or Flux workflow converted in the browser and run on the server, once,
+    in the first test that asks (minutes on a CPU: each test has its own time limit)."""
+    done = {}
+
+    def run(name: str):
+        if name not in done:
+            workflow = read(WORKFLOW_DIR / f"{name}.json")
+            converted = browser.convert(workflow, overrides_for(workflow, name, family_models), name=name)
+            converted.prompt = with_stand_ins(converted.prompt)
+            done[name] = (converted, ComfyServer(server.url).run(converted.prompt, converted.workflow, timeout=1500))
+        return done[name]
+
+    return run
 
 
 def test_the_pack_ships_its_workflows_with_thumbnails_and_comfyui_lists_them(server):
@@ -80,12 +144,17 @@ def test_workflow_loads_in_the_frontend_with_every_node_known_and_no_warning(bro
     loaded = browser.load(workflow, name=path.stem)
     assert loaded.missing == []
     assert loaded.notices == []
-    # Only files the user points at: their checkpoint, and the TriLoRA the training workflow makes.
-    assert all(f.startswith("CheckpointLoaderSimple.ckpt_name=") or "=trilora_sample_style_" in f
+    # Only files the user points at: their models, and the TriLoRA the training workflow makes.
+    assert all(f.split("=")[0] in USER_FILES or "=trilora_sample_style_" in f
                for f in loaded.missing_files), loaded.missing_files
     assert loaded.node_types == [n["type"] for n in workflow["nodes"]]
     assert browser.page.evaluate("app.graph.nodes.length") == len(workflow["nodes"])
-    assert browser.widget("CheckpointLoaderSimple", "ckpt_name")["value"] == USER_CHECKPOINT
+    if "flux" in path.stem:
+        assert browser.widget("UNETLoader", "unet_name")["value"] == "flux1-dev.safetensors"
+        assert browser.widget("DualCLIPLoader", "type")["value"] == "flux"
+    else:
+        checkpoint = "sd_xl_base_1.0.safetensors" if "sdxl" in path.stem else USER_CHECKPOINT
+        assert browser.widget("CheckpointLoaderSimple", "ckpt_name")["value"] == checkpoint
     notes = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "Note"]
     assert len(notes) == 1 and "What to change" in notes[0]
     shot = browser.screenshot(ARTIFACTS / f"{path.stem}.png")
@@ -113,15 +182,41 @@ def test_committed_workflows_are_what_make_workflows_builds_with_todays_nodes(br
         assert built == read(WORKFLOW_DIR / f"{name}.json"), f"{name}.json is stale: run scripts/make_workflows.py"
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", IDS)
-def test_workflow_converts_and_runs_to_success_on_the_tiny_model(runs, name):
-    converted, entry = runs[name]
+def test_workflow_converts_and_runs_to_success_on_the_tiny_model(runs, family_runs, name):
+    converted, entry = family_runs(name) if name in FAMILY_SMALL else runs[name]
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     workflow = read(WORKFLOW_DIR / f"{name}.json")
-    assert {n["class_type"] for n in converted.prompt.values()} == node_types(workflow) - {"Note"}
-    checkpoints = [n for n in converted.prompt.values() if n["class_type"] == "CheckpointLoaderSimple"]
-    assert [n["inputs"]["ckpt_name"] for n in checkpoints] == [TINY]
+    types = node_types(workflow) - {"Note"}
+    if "DualCLIPLoader" in types:
+        types = types - {"DualCLIPLoader"} | {"CLIPLoader"}
+    assert {n["class_type"] for n in converted.prompt.values()} == types
+    checkpoints = [n["inputs"]["ckpt_name"] for n in converted.prompt.values()
+                   if n["class_type"] == "CheckpointLoaderSimple"]
+    unets = [n["inputs"]["unet_name"] for n in converted.prompt.values() if n["class_type"] == "UNETLoader"]
+    assert (checkpoints, unets) == {"trilora_sdxl_train_and_generate": ([fixtures.SDXL_CHECKPOINT], []),
+                                    "trilora_flux_train_and_generate": ([], [fixtures.FLUX_MODEL])}.get(name, ([TINY], []))
     assert entry["outputs"], "no output node reported anything"
+
+
+@pytest.mark.parametrize(("name", "prefix", "base_model", "sampling", "guidance"), [
+    ("trilora_sdxl_train_and_generate", "trilora_sdxl_style", "sdxl_base_v1-0", "uniform", None),
+    ("trilora_flux_train_and_generate", "trilora_flux_style", "flux1", "logit_normal", "1"),
+])
+@pytest.mark.timeout(1800)
+def test_family_workflows_train_their_family_and_generate_with_it(family_runs, server, name, prefix, base_model,
+                                                                   sampling, guidance):
+    converted, entry = family_runs(name)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    saved = sorted(server.loras.glob(f"{prefix}_*.safetensors"))
+    assert len(saved) == 1
+    meta = read_trilora(str(saved[0])).metadata
+    assert (meta["ss_base_model_version"], meta["ss_timestep_sampling"], meta.get("ss_guidance_scale")) == (
+        base_model, sampling, guidance)
+    assert len(json.loads(meta["trilora_loss_history"])) == TRAIN_STEPS and meta["ss_num_train_images"] == "2"
+    images = [i for out in entry["outputs"].values() for i in out.get("images", []) if i["type"] == "output"]
+    assert [i["subfolder"] for i in images if "loss" not in i["filename"]] == ["trilora"]
 
 
 def test_training_workflow_saves_a_trilora_plots_the_loss_and_previews_strengths(runs, server):
