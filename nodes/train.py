@@ -302,7 +302,9 @@ def trainable_alias(tensor: torch.Tensor) -> torch.Tensor:
     under the executor's torch.inference_mode), which autograd refuses to save for backward.
 
     Made once per run, it costs no copy: a clone per forward would copy every weight on every step
-    (and keep them all until the backward). Tensor subclasses (quantized weights) are cloned once."""
+    (and keep them all until the backward). Safe because training never writes the base weights
+    (frozen, and ComfyUI's models run in eval mode). Tensor subclasses (quantized weights) are
+    cloned once."""
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         return tensor.clone()
     alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)

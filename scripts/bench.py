@@ -20,8 +20,13 @@ What is measured (see BENCHMARKS.md for what each figure means):
    the model load where the kernel allows, else ru_maxrss) minus the RSS after the model load;
    on CUDA max_memory_allocated minus memory_allocated after the model load.
 5. scaling: step-time ratio against rank and latent size; load-and-patch ratio against rank.
-6. on a GPU only: a full-size SD1.5 UNet (ComfyUI's own SD15 config, random weights), 512 px,
-   bf16, gradient checkpointing on and off: steps/s and peak memory against TrainLoraNode.
+6. full size: SD1.5 (fp32) and SDXL (bf16) UNets from ComfyUI's own configs with random weights
+   (on CUDA: SD1.5 at 512 px, SDXL at 1024 px, bf16), built and trained as the executor runs
+   them, under torch.inference_mode; gradient checkpointing on and off: step time and peak
+   memory against TrainLoraNode, the adapter's memory against its analytic size, TrainTriLoRA
+   under inference mode against plain weights, and its cost against rank and latent size.
+   Its own worker process; `--set` sizes it (see BENCHMARKS.md for the settings run).
+   `scripts/bench_gpu.py` (make bench-gpu) is the GPU run with Flux.
 
 Sides run alternately in ONE process (A B A B ...), and each figure is the median of the per-pair
 ratios ours / theirs: the machine is shared and noisy, ratios of neighbouring runs are stable
@@ -31,7 +36,7 @@ process CPU time, which the other processes of a shared machine do not inflate (
 OpenMP waits for a descheduled thread and one step's time varied 6x); --threads 0 keeps torch's
 default and judges on wall time. Both times are always recorded.
 
-    .venv/bin/python scripts/bench.py            # full run (make bench), < 10 min on 2 CPU cores
+    .venv/bin/python scripts/bench.py            # full run (make bench); section 6 is most of it
     .venv/bin/python scripts/bench.py --quick    # smoke run (tests/comfy/test_bench_smoke.py)
 
 Results: bench_output/bench-<time>.json (raw), bench_output/latest.json, bench_output/latest.md.
