@@ -117,6 +117,7 @@ QUICK = {
     "patch_ranks": [4], "patch_pairs": 1, "clip": False,
     "fs_models": [["tiny", "fp32", 8]], "fs_models_cuda": [["tiny", "bf16", 8]], "fs_rank": 4, "fs_steps": 2,
     "fs_pairs": 1, "fs_checkpointing": [True], "fs_executor_pairs": 1, "fs_scale_ranks": [8], "fs_scale_latents": [],
+    "fs_scale_theirs": True,
 }
 
 
