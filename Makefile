@@ -5,7 +5,7 @@ PY := .venv/bin/python
 COMFY := $(or $(COMFYUI_DIR),$(CURDIR)/.comfyui)
 PORT ?= 8188
 
-.PHONY: setup test test-core test-comfy test-e2e demo serve bench lint
+.PHONY: setup test test-core test-comfy test-e2e demo serve bench bench-gpu lint
 
 setup:
 	@bash scripts/setup.sh
@@ -33,6 +33,10 @@ serve: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# One CUDA GPU, < 8 min: full-size SD1.5 / SDXL / Flux rows and the CUDA checks (see the script).
+bench-gpu: setup
+	$(PY) scripts/bench_gpu.py
 
 lint: setup
 	$(PY) -m ruff check .

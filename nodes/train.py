@@ -298,9 +298,18 @@ def find_targets(model_patcher, target: str) -> list[Target]:
     return sorted(found, key=lambda t: t.prefix)
 
 
-def _clone_if_inference(tensor):
-    # ComfyUI runs nodes under torch.inference_mode; such weights cannot be saved for backward.
-    return tensor.clone() if tensor.is_inference() else tensor
+def trainable_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on the same memory as ``tensor``, an inference tensor (the model was loaded
+    under the executor's torch.inference_mode), which autograd refuses to save for backward.
+
+    Made once per run, it costs no copy: a clone per forward would copy every weight on every step
+    (and keep them all until the backward). Safe because training never writes the base weights
+    (frozen, and ComfyUI's models run in eval mode). Tensor subclasses (quantized weights) are
+    cloned once."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return tensor.clone()
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 def _bypass_hook(adapter, module, args, kwargs, output):
@@ -360,16 +369,12 @@ def attach(diffusion_model: torch.nn.Module, targets: list[Target], adapters: di
             att.grad_flags.append((param, param.requires_grad))
             param.requires_grad_(False)
         for module in diffusion_model.modules():
-            cast_op = hasattr(module, "weight_function")
             for store in (module._parameters, module._buffers):
                 for pname, tensor in list(store.items()):
                     if tensor is None or not tensor.is_inference():
                         continue
-                    if cast_op and pname in ("weight", "bias"):
-                        att.add_function(module, f"{pname}_function", _clone_if_inference)
-                        continue
-                    clone = tensor.clone()
-                    store[pname] = torch.nn.Parameter(clone, requires_grad=False) if store is module._parameters else clone
+                    alias = trainable_alias(tensor)
+                    store[pname] = torch.nn.Parameter(alias, requires_grad=False) if store is module._parameters else alias
                     att.swapped.append((store, pname, tensor))
         for target in targets:
             adapter, module = adapters[target.prefix], target.module

@@ -20,8 +20,13 @@ What is measured (see BENCHMARKS.md for what each figure means):
    the model load where the kernel allows, else ru_maxrss) minus the RSS after the model load;
    on CUDA max_memory_allocated minus memory_allocated after the model load.
 5. scaling: step-time ratio against rank and latent size; load-and-patch ratio against rank.
-6. on a GPU only: a full-size SD1.5 UNet (ComfyUI's own SD15 config, random weights), 512 px,
-   bf16, gradient checkpointing on and off: steps/s and peak memory against TrainLoraNode.
+6. full size: SD1.5 (fp32) and SDXL (bf16) UNets from ComfyUI's own configs with random weights
+   (on CUDA: SD1.5 at 512 px, SDXL at 1024 px, bf16), built and trained as the executor runs
+   them, under torch.inference_mode; gradient checkpointing on and off: step time and peak
+   memory against TrainLoraNode, the adapter's memory against its analytic size, TrainTriLoRA
+   under inference mode against plain weights, and its cost against rank and latent size.
+   Its own worker process; `--set` sizes it (see BENCHMARKS.md for the settings run).
+   `scripts/bench_gpu.py` (make bench-gpu) is the GPU run with Flux.
 
 Sides run alternately in ONE process (A B A B ...), and each figure is the median of the per-pair
 ratios ours / theirs: the machine is shared and noisy, ratios of neighbouring runs are stable
@@ -31,7 +36,7 @@ process CPU time, which the other processes of a shared machine do not inflate (
 OpenMP waits for a descheduled thread and one step's time varied 6x); --threads 0 keeps torch's
 default and judges on wall time. Both times are always recorded.
 
-    .venv/bin/python scripts/bench.py            # full run (make bench), < 10 min on 2 CPU cores
+    .venv/bin/python scripts/bench.py            # full run (make bench); section 6 is most of it
     .venv/bin/python scripts/bench.py --quick    # smoke run (tests/comfy/test_bench_smoke.py)
 
 Results: bench_output/bench-<time>.json (raw), bench_output/latest.json, bench_output/latest.md.
@@ -45,6 +50,7 @@ import datetime as _dt
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -67,6 +73,11 @@ GOALS = {
     "load_patch_cold": (1.05, None),
     "load_patch_warm": (1.05, None),
     "train_memory": (1.0, None),
+    "full_step": (0.8, None),
+    "full_memory": (0.5, None),
+    "full_adapter": (1.1, None),   # measured / analytic: within 10% either way
+    "executor_step": (1.0, None),  # under the executor's inference mode / outside it
+    "executor_memory": (1.0, None),
 }
 
 FULL = {
@@ -84,11 +95,19 @@ FULL = {
     "patch_ranks": [4, 16, 32, 64, 128],   # rank 8 is section 3
     "patch_pairs": 3,
     "clip": True,         # loaders get CLIP-L too (their key maps cover it); --quick leaves it out
-    # section 6 (GPU only)
-    "full_latent": 64,    # 512 px
-    "full_rank": 8,
-    "full_steps": 8,
-    "full_rounds": 2,
+    # section 6, full size: (family, weight dtype, latent side) per model; on the CPU fp32 weights
+    # train in fp32, bf16 weights in bf16 (autocast). Sizes chosen for 2 shared cores: see BENCHMARKS.md.
+    "fs_models": [["SD15", "fp32", 16], ["SDXL", "bf16", 16]],
+    "fs_models_cuda": [["SD15", "bf16", 64], ["SDXL", "bf16", 128]],
+    "fs_rank": 16,
+    "fs_steps": 3,        # the first step is left out of the step time
+    "fs_pairs": 1,        # A B (then B A ...) per model and checkpointing setting
+    "fs_checkpointing": [True, False],
+    "fs_executor_pairs": 1,             # ours under inference mode vs plain weights (0: off)
+    "fs_scale_ranks": [4, 128],         # fs_rank is the main rows (first model only)
+    "fs_scale_latents": [8, 32],
+    "fs_scale_pairs": 1,
+    "fs_scale_theirs": False,           # True: TrainLoraNode too (it costs ~5x our CPU time per run)
 }
 
 QUICK = {
@@ -96,7 +115,9 @@ QUICK = {
     "latent": 8, "steps": 3, "rounds": 1, "load_rounds": 1, "mem_steps": 2, "mem_pairs": 1,
     "scale_ranks": [4], "scale_latents": [4], "scale_steps": 2, "scale_pairs": 1,
     "patch_ranks": [4], "patch_pairs": 1, "clip": False,
-    "full_latent": 8, "full_steps": 3, "full_rounds": 1,
+    "fs_models": [["tiny", "fp32", 8]], "fs_models_cuda": [["tiny", "bf16", 8]], "fs_rank": 4, "fs_steps": 2,
+    "fs_pairs": 1, "fs_checkpointing": [True], "fs_executor_pairs": 1, "fs_scale_ranks": [8], "fs_scale_latents": [],
+    "fs_scale_theirs": True,
 }
 
 
@@ -179,10 +200,14 @@ class Host:
         self.ours = nodes.NODE_CLASS_MAPPINGS["TrainTriLoRA"]
         self.theirs = nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
 
-    def load_tiny(self, clip: bool = False):
+    def load_tiny(self, clip: bool = False, dtype=None):
+        """The tiny checkpoint, loaded under inference mode as the executor runs CheckpointLoaderSimple
+        (``dtype``: the diffusion model's weight dtype, as UNETLoader's weight_dtype sets it)."""
         path = self.folder_paths.get_full_path_or_raise("checkpoints", TINY)
-        out = self.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=clip,
-                                                   embedding_directory=self.folder_paths.get_folder_paths("embeddings"))
+        with self.torch.inference_mode():
+            out = self.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=clip,
+                                                       embedding_directory=self.folder_paths.get_folder_paths("embeddings"),
+                                                       model_options={} if dtype is None else {"dtype": dtype})
         return out[0], out[1]
 
     def data(self, latent: int, seed: int = 0):
@@ -201,25 +226,31 @@ class Host:
 
     # ---- one training run per side; returns {"step_s": median step time, "steps": [...], "total_s"}
 
-    def _timed(self, fn) -> dict:
-        self.settle()
+    def _timed(self, fn, settle: bool = True) -> dict:
+        """Runs a node as ComfyUI's executor does (under torch.inference_mode unless the caller
+        turned it off around this call); ``settle`` unloads everything before and after."""
+        if settle:
+            self.settle()
         self.stamps.clear()
         t0, c0 = time.perf_counter(), time.process_time()
-        fn()
+        with self.torch.inference_mode(self.torch.is_inference_mode_enabled() or settle):
+            fn()
         total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
         wall = [b[0] - a[0] for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
         cpu = [b[1] - a[1] for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
-        self.settle()
+        if settle:
+            self.settle()
         return {"step_s": median(wall), "step_cpu_s": median(cpu), "steps": wall, "steps_cpu": cpu,
                 "total_s": total, "total_cpu_s": total_cpu}
 
-    def run_ours(self, model, latents, positive, steps, rank, dtype, checkpointing, only_first=False) -> dict:
+    def run_ours(self, model, latents, positive, steps, rank, dtype, checkpointing, only_first=False,
+                 settle: bool = True) -> dict:
         kwargs = dict(model=[model], latents=latents, positive=[positive], steps=[steps], rank=[rank],
                       learning_rate=[1e-4], seed=[0], alpha=[float(rank)], batch_size=[1],
                       training_dtype=[dtype], gradient_checkpointing=[checkpointing],
                       optimizer=["AdamW"], loss_function=["MSE"], target_layers=["all linear+conv"])
         if not only_first:
-            return self._timed(lambda: self.ours.execute(**kwargs))
+            return self._timed(lambda: self.ours.execute(**kwargs), settle)
         # The no-adapter baseline: one tiny adapter on the first layer only (see the module doc).
         find = self.train_mod.find_targets
 
@@ -233,7 +264,7 @@ class Host:
         finally:
             self.train_mod.find_targets = find
 
-    def run_theirs(self, model, latents, positive, steps, rank, dtype, checkpointing) -> dict:
+    def run_theirs(self, model, latents, positive, steps, rank, dtype, checkpointing, settle: bool = True) -> dict:
         # Keyword args only, from the schema's defaults (newer ComfyUI inserts inputs mid-list).
         kwargs = {}
         with contextlib.suppress(Exception):
@@ -249,7 +280,7 @@ class Host:
 
         accepted = inspect.signature(self.theirs.execute).parameters
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-        return self._timed(lambda: self.theirs.execute(**kwargs))
+        return self._timed(lambda: self.theirs.execute(**kwargs), settle)
 
 
 def training_dtype(device: str) -> str:
@@ -416,58 +447,73 @@ def section_scaling(host: Host, cfg: dict, model, clip) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- section 6
+# ---------------------------------------------------------------- section 6: full size
 
 
-def sd15_unet_config() -> dict:
-    """ComfyUI's own SD1.5 UNet config: the `SD15` entry of
-    comfy.model_detection.unet_config_from_diffusers_unet, read from its source (it is a local
-    there); a copy of it if that source ever moves."""
+# ComfyUI's own SD1.5 / SDXL UNet configs are locals of unet_config_from_diffusers_unet (read from its
+# source); Flux's comes from ComfyUI's checkpoint detection run on a skeleton of Flux-dev's keys.
+UNET_CONFIG_NAMES = {"SD15": "SD15", "SDXL": "SDXL"}
+FLUX_DEV_SHAPES = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+                   "vector_in.in_layer.weight": (3072, 768), "guidance_in.in_layer.weight": (3072, 256),
+                   "double_blocks.0.img_attn.norm.key_norm.scale": (128,)}
+# (latent channels, context tokens, context width, pooled width or None) of each family's conditioning.
+FAMILY_DATA = {"tiny": (4, 77, 768, None), "SD15": (4, 77, 768, None), "SDXL": (4, 77, 2048, 1280), "Flux": (16, 256, 4096, 768)}
+
+
+def comfy_unet_config(family: str) -> dict:
+    """The diffusion model config ComfyUI itself uses for ``family`` (SD15, SDXL or Flux)."""
     import ast
     import inspect
 
     import comfy.model_detection as md
 
-    fallback = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-                'legacy': False, 'adm_in_channels': None, 'dtype': None, 'in_channels': 4, 'model_channels': 320,
-                'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0],
-                'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
-                'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-                'use_temporal_attention': False, 'use_temporal_resblock': False}
-    try:
-        tree = ast.parse(inspect.getsource(md.unet_config_from_diffusers_unet).lstrip())
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-                    and node.targets[0].id == "SD15" and isinstance(node.value, ast.Dict)):
-                config = {}
-                for k, v in zip(node.value.keys, node.value.values, strict=True):
-                    config[ast.literal_eval(k)] = None if isinstance(v, ast.Name) else ast.literal_eval(v)
-                return config
-    except Exception:
-        pass
-    return fallback
+    if family == "Flux":
+        skeleton = {k: _Shape(v) for k, v in FLUX_DEV_SHAPES.items()}
+        skeleton.update({f"double_blocks.{i}.x": _Shape(()) for i in range(19)})
+        skeleton.update({f"single_blocks.{i}.x": _Shape(()) for i in range(38)})
+        return md.detect_unet_config(skeleton, "")
+    tree = ast.parse(inspect.getsource(md.unet_config_from_diffusers_unet).lstrip())
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == UNET_CONFIG_NAMES[family] and isinstance(node.value, ast.Dict)):
+            return {ast.literal_eval(k): None if isinstance(v, ast.Name) else ast.literal_eval(v)
+                    for k, v in zip(node.value.keys, node.value.values, strict=True)}
+    raise RuntimeError(f"ComfyUI's {family} UNet config was not found in unet_config_from_diffusers_unet")
 
 
-def full_size_model(host: Host, dtype):
-    """A ModelPatcher around a full-size SD1.5 UNet with random weights, built the way ComfyUI
-    builds a detected checkpoint's model (its SD15 model config, its operations)."""
+class _Shape:
+    """A stand-in state-dict entry: ComfyUI's detection reads only .shape."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def full_size_model(host: Host, family: str, dtype, seed: int = 0):
+    """(ModelPatcher, diffusion-model parameter count): a full-size ``family`` model with random
+    weights, built as ComfyUI builds a detected checkpoint's model (its model config, its
+    operations, weights in ``dtype``) and under torch.inference_mode, as the executor runs the
+    checkpoint loader (so the weights are inference tensors, as in users' graphs)."""
     import comfy.model_detection
     import comfy.model_patcher
 
     torch = host.torch
-    unet_config = sd15_unet_config()
-    model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
-    if type(model_config).__name__ != "SD15":
-        raise RuntimeError(f"ComfyUI did not take the config for SD15 but {type(model_config).__name__}")
-    model_config.set_inference_dtype(dtype, None)
+    model_config = comfy.model_detection.model_config_from_unet_config(comfy_unet_config(family))
+    if model_config is None or type(model_config).__name__ != family:
+        raise RuntimeError(f"ComfyUI did not take the {family} config for {family} but {type(model_config).__name__}")
+    compute = torch.bfloat16 if dtype not in (torch.float32, torch.bfloat16, torch.float16) else None
+    model_config.set_inference_dtype(dtype, compute)  # fp8 weights compute in bf16 (manual cast)
     load_device = host.mm.get_torch_device()
-    model = model_config.get_model({}, "", device=None)
-    model.to(load_device)
-    g = torch.Generator(device=load_device).manual_seed(0)
-    with torch.no_grad():  # ComfyUI's ops leave weights uninitialised: give every tensor a value
+    g = torch.Generator(device=load_device).manual_seed(seed)
+    with torch.inference_mode():
+        model = model_config.get_model({}, "", device=load_device)
+        # ComfyUI's ops leave weights uninitialised: give every tensor a value, layer by layer
         for name, p in model.named_parameters():
             if p.ndim >= 2:
-                p.normal_(0.0, (1.0 / max(1, p[0].numel())) ** 0.5, generator=g)
+                std = (1.0 / max(1, p[0].numel())) ** 0.5
+                if p.dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    p.normal_(0.0, std, generator=g)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g, device=load_device, dtype=torch.bfloat16).mul_(std))
             elif name.endswith("bias"):
                 p.zero_()
             else:
@@ -477,39 +523,206 @@ def full_size_model(host: Host, dtype):
                                             offload_device=host.mm.unet_offload_device()), n_params
 
 
-def section_fullsize(host: Host, cfg: dict) -> dict:
+def family_data(host: Host, family: str, latent: int, seed: int = 0):
+    """Two latents and one random conditioning shaped like ``family``'s text encoders' output."""
+    torch = host.torch
+    channels, tokens, width, pooled = FAMILY_DATA[family]
+    g = torch.Generator().manual_seed(seed)
+    latents = [{"samples": torch.randn(1, channels, latent, latent, generator=g)} for _ in range(2)]
+    extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=g)}
+    if family == "Flux":
+        extra["guidance"] = 3.5
+    return latents, [[torch.randn(1, tokens, width, generator=g), extra]]
+
+
+def _malloc_trim() -> None:
+    """Gives freed heap back to the kernel, so each run's RSS starts from the same floor."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class AdapterMemory:
+    """Bytes of every optimizer's parameters, their gradients and its state (distinct storages),
+    seen after the first optimizer step of a run: the adapter's whole training memory."""
+
+    def __init__(self, torch):
+        self.torch, self.bytes, self.numel = torch, None, None
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.handle = register_optimizer_step_post_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs):
+        if self.bytes is not None:
+            return
+        tensors = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                tensors += [p, p.grad] + [v for v in optimizer.state.get(p, {}).values()
+                                          if isinstance(v, self.torch.Tensor)]
+        seen, total = set(), 0
+        for t in tensors:
+            if t is None:
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        self.bytes = total
+        self.numel = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def analytic_adapter_bytes(host: Host, mp, rank: int) -> int:
+    """TriLoRA's training memory by its shapes: per adapted layer k (out + 1 + in) fp32 numbers
+    (k = min(rank, out, in)), times 4: the factors, their gradients and AdamW's two moments."""
+    numel = 0
+    for t in host.train_mod.find_targets(mp, "all linear+conv"):
+        out, inner = t.weight_shape[0], math.prod(t.weight_shape[1:])
+        numel += min(rank, out, inner) * (out + 1 + inner)
+    return numel * 4 * 4
+
+
+def measured_run(host: Host, side: str, mp, latents, positive, steps, rank, dtype, checkpointing,
+                 executor: bool = True) -> dict:
+    """One training run of ``side`` with its step times, peak memory over the loaded model and
+    adapter memory. ``executor``: under torch.inference_mode, as ComfyUI's executor runs nodes."""
     torch = host.torch
     cuda = host.device == "cuda"
-    dtype = "bf16"
-    mp, n_params = full_size_model(host, torch.bfloat16)
-    latents, positive = host.data(cfg["full_latent"])
-    rank, steps = cfg["full_rank"], cfg["full_steps"]
-    out = {"params": n_params, "latent": cfg["full_latent"], "rank": rank, "dtype": dtype, "rows": []}
-    for checkpointing in (True, False):
-        runs = {"ours": [], "theirs": []}
-        for r in range(cfg["full_rounds"]):
-            for side in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
-                if cuda:
-                    host.settle()
-                    host.mm.load_models_gpu([mp])
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                fn = host.run_ours if side == "ours" else host.run_theirs
-                res = fn(mp, latents, positive, steps, rank, dtype, checkpointing)
-                if cuda:
-                    res["peak_bytes"] = torch.cuda.max_memory_allocated() - before
-                runs[side].append(res)
-        step = {k: [x["step_s"] for x in v] for k, v in runs.items()}
-        row = {"checkpointing": checkpointing, "step": ratio_summary(step["ours"], step["theirs"]),
-               "steps_per_s_ours": 1 / median(step["ours"]), "steps_per_s_theirs": 1 / median(step["theirs"])}
-        if cuda:
-            peak = {k: [x["peak_bytes"] for x in v] for k, v in runs.items()}
-            row["memory"] = ratio_summary(peak["ours"], peak["theirs"])
-        out["rows"].append(row)
-        say(f"  full-size SD1.5, checkpointing {checkpointing}: {row['steps_per_s_ours']:.2f} vs "
-            f"{row['steps_per_s_theirs']:.2f} steps/s, step ratio {row['step']['ratio_median']:.3f}")
+    host.settle()
+    _malloc_trim()
+    host.mm.load_models_gpu([mp])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        reset = _reset_peak_rss()
+        before_kib = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    adapter = AdapterMemory(torch)
+    fn = host.run_ours if side == "ours" else host.run_theirs
+    try:
+        with torch.inference_mode(executor):
+            res = fn(mp, latents, positive, steps, rank, dtype, checkpointing, settle=False)
+    finally:
+        adapter.close()
+    if cuda:
+        res["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    else:
+        peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res["peak_bytes"] = (peak_kib - before_kib) * 1024
+    res.update(adapter_bytes=adapter.bytes, adapter_numel=adapter.numel)
+    host.settle()
+    return res
+
+
+def _pairs(n: int):
+    """A B, B A, A B ...: each side goes first equally often."""
+    return [("ours", "theirs") if p % 2 == 0 else ("theirs", "ours") for p in range(n)]
+
+
+def _compare(runs: dict, setting: dict) -> dict:
+    """Step time (wall and CPU time), peak memory and adapter memory, ours against theirs."""
+    step = {k: [x["step_s"] for x in v] for k, v in runs.items()}
+    cpu = {k: [x["step_cpu_s"] for x in v] for k, v in runs.items()}
+    peak = {k: [x["peak_bytes"] for x in v] for k, v in runs.items()}
+    adapter = {k: [x["adapter_bytes"] for x in v] for k, v in runs.items()}
+    return {"setting": setting, "step": ratio_summary(step["ours"], step["theirs"], cpu["ours"], cpu["theirs"]),
+            "memory": ratio_summary(peak["ours"], peak["theirs"]),
+            "adapter_bytes": {k: median(v) for k, v in adapter.items()}, "raw": runs}
+
+
+def section_fullsize(host: Host, cfg: dict) -> dict:
+    """Full-width models (ComfyUI's configs, random weights), as the executor runs the nodes:
+    TrainTriLoRA vs TrainLoraNode, checkpointing on and off; ours under inference mode vs not;
+    then how cost grows with rank and latent size (first model of the list)."""
+    torch = host.torch
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+    out = {"models": [], "scaling": []}
+    rank, steps = cfg["fs_rank"], cfg["fs_steps"]
+    models = cfg["fs_models_cuda"] if host.device == "cuda" else cfg["fs_models"]
+    for n, (family, weight_dtype, latent) in enumerate(models):
+        t0 = time.perf_counter()
+        if family == "tiny":  # the same code path on the tiny checkpoint (smoke runs, --dry-run)
+            mp = host.load_tiny()[0]
+            n_params = sum(p.numel() for p in mp.model.diffusion_model.parameters())
+        else:
+            mp, n_params = full_size_model(host, family, dtypes[weight_dtype])
+        train_dtype = "fp32" if weight_dtype == "fp32" else "bf16"
+        latents, positive = family_data(host, family, latent)
+        entry = {"family": family, "weights": weight_dtype, "dtype": train_dtype, "params": n_params,
+                 "latent": latent, "rank": rank, "steps": steps, "analytic_adapter_bytes":
+                 analytic_adapter_bytes(host, mp, rank), "build_s": time.perf_counter() - t0, "rows": []}
+        say(f"  {family} ({n_params / 1e6:.0f}M parameters, {weight_dtype} weights, {train_dtype} training, "
+            f"latent {latent}x{latent}) built in {entry['build_s']:.0f} s")
+        for checkpointing in cfg["fs_checkpointing"]:
+            runs = {"ours": [], "theirs": []}
+            for order in _pairs(cfg["fs_pairs"]):
+                for side in order:
+                    runs[side].append(measured_run(host, side, mp, latents, positive, steps, rank, train_dtype,
+                                                   checkpointing))
+                    r = runs[side][-1]
+                    say(f"    checkpointing {'on' if checkpointing else 'off'} {side}: step {r['step_s']:.2f} s "
+                        f"(cpu {r['step_cpu_s']:.2f} s), peak {r['peak_bytes'] / 2**20:.0f} MiB, adapter "
+                        f"{(r['adapter_bytes'] or 0) / 2**20:.1f} MiB")
+            entry["rows"].append({"checkpointing": checkpointing, **_compare(runs, {"checkpointing": checkpointing})})
+        if cfg["fs_executor_pairs"]:
+            # Ours as the executor runs it vs on plain weights outside inference mode (same storage).
+            ck = cfg["fs_checkpointing"][0]
+            runs = {"ours": [], "theirs": []}  # "theirs" here: ours outside inference mode
+            for order in _pairs(cfg["fs_executor_pairs"]):
+                for side in order:
+                    with plain_weights(host, mp) if side == "theirs" else contextlib.nullcontext():
+                        runs[side].append(measured_run(host, "ours", mp, latents, positive, steps, rank, train_dtype,
+                                                       ck, executor=side == "ours"))
+            entry["executor"] = {"checkpointing": ck, **_compare(runs, {"checkpointing": ck})}
+            say(f"    executor / plain step {entry['executor']['step']['cpu']['ratio_median']:.3f} (cpu time), "
+                f"memory {entry['executor']['memory']['ratio_median']:.3f}")
+        if n == 0 and (cfg["fs_scale_ranks"] or cfg["fs_scale_latents"]):
+            ck = cfg["fs_checkpointing"][0]
+            points = [(r, latent) for r in cfg["fs_scale_ranks"]] + [(rank, s) for s in cfg["fs_scale_latents"]]
+            for r, size in points:
+                lat, pos = family_data(host, family, size)
+                runs = {"ours": [], "theirs": []}
+                for order in _pairs(cfg["fs_scale_pairs"]):
+                    for side in order if cfg["fs_scale_theirs"] else ("ours",):
+                        runs[side].append(measured_run(host, side, mp, lat, pos, steps, r, train_dtype, ck))
+                if not runs["theirs"]:
+                    runs["theirs"] = [{k: None for k in runs["ours"][0]} for _ in runs["ours"]]
+                row = {"rank": r, "latent": size, "checkpointing": ck, **_compare(runs, {"rank": r, "latent": size}),
+                       "analytic_adapter_bytes": analytic_adapter_bytes(host, mp, r)}
+                out["scaling"].append({"family": family, "weights": weight_dtype, **row})
+                ours = row["raw"]["ours"][-1]
+                say(f"    rank {r} latent {size}: ours peak {ours['peak_bytes'] / 2**20:.0f} MiB, step "
+                    f"{ours['step_s']:.2f} s (cpu {ours['step_cpu_s']:.2f} s), adapter "
+                    f"{ours['adapter_bytes'] / 2**20:.0f} MiB")
+        out["models"].append(entry)
+        del mp
+        host.settle()
+        _malloc_trim()
     return out
+
+
+@contextlib.contextmanager
+def plain_weights(host: Host, mp):
+    """The model's inference-tensor weights swapped for plain tensors on the same memory, as if
+    it had been loaded outside inference mode; swapped back on exit."""
+    torch, saved = host.torch, []
+    with torch.inference_mode(False):
+        for module in mp.model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and p.is_inference():
+                    saved.append((module, name, p))
+                    module._parameters[name] = torch.nn.Parameter(host.train_mod.trainable_alias(p),
+                                                                  requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, name, p in saved:
+            module._parameters[name] = p
 
 
 # ---------------------------------------------------------------- section 4 (one side per process)
@@ -586,7 +799,7 @@ def worker_timing(host: Host, cfg: dict, sections: list[str]) -> dict:
         del model, clip
         host.settle()
     if "fullsize" in sections:
-        say(f"[{host.device}] 6. full-size SD1.5 UNet")
+        say(f"[{host.device}] 6. full size")
         out["fullsize"] = section_fullsize(host, cfg)
     out["elapsed_s"] = time.perf_counter() - t0
     return out
@@ -652,6 +865,8 @@ def goal_text(name: str, value) -> str:
     if name not in GOALS or value is None:
         return ""
     goal, stretch = GOALS[name]
+    if name == "full_adapter":
+        return f"within 10%: {'met' if abs(value - 1) <= 0.1 else 'MISSED'}"
     verdict = "met" if value <= goal else "MISSED"
     if stretch is not None and value <= stretch:
         verdict += f", stretch <= {stretch} met"
@@ -710,16 +925,39 @@ def summary_rows(results: dict) -> list[dict]:
                     f"(rank {row['rank']}): TrainTriLoRA / no adapter", row)
             for row in sc["patch_vs_rank"]:
                 add(device, "patch_vs_rank", f"5. load+patch+unload (cold), rank {row['rank']}", row)
-        if "fullsize" in timing:
-            fs = timing["fullsize"]
-            for row in fs["rows"]:
-                ck = "on" if row["checkpointing"] else "off"
-                add(device, "full_step", f"6. full-size SD1.5 {fs['latent'] * 8}px {fs['dtype']}, checkpointing "
-                    f"{ck}: step", row["step"])
-                if "memory" in row:
-                    add(device, "full_memory", f"6. full-size SD1.5, checkpointing {ck}: peak memory", row["memory"],
-                        unit_scale=1 / 2**20, unit="MiB")
+        if "fullsize" in res:
+            fullsize_rows(res["fullsize"]["fullsize"], functools.partial(add, device))
     return rows
+
+
+def fullsize_rows(fs: dict, add) -> None:
+    """Section 6's rows: per model, step and peak memory per checkpointing setting, adapter memory
+    against its analytic size, ours under inference mode against plain weights; then scaling."""
+    mib = {"unit_scale": 1 / 2**20, "unit": "MiB"}
+    for m in fs["models"]:
+        what = f"6. {m['family']} ({m['params'] / 1e6:.0f}M, {m['weights']} weights, {m['dtype']}), latent " \
+               f"{m['latent']}, rank {m['rank']}"
+        for row in m["rows"]:
+            ck = "on" if row["checkpointing"] else "off"
+            add("full_step", f"{what}, checkpointing {ck}: step", row["step"])
+            add("full_memory", f"{what}, checkpointing {ck}: peak memory over the loaded model", row["memory"], **mib)
+        measured = median(r["adapter_bytes"] for row in m["rows"] for r in row["raw"]["ours"])
+        theirs = median(r["adapter_bytes"] for row in m["rows"] for r in row["raw"]["theirs"])
+        add("full_adapter", f"{what}: adapter memory (factors+grads+AdamW state), measured / analytic; theirs: "
+            f"{fmt(theirs and theirs / 2**20, 1)} MiB", {"ratio_median": measured / m["analytic_adapter_bytes"],
+                                                       "ours_median": measured,
+                                                       "theirs_median": m["analytic_adapter_bytes"], "pairs": 1},
+            **mib)
+        if "executor" in m:
+            e = m["executor"]
+            add("executor_step", f"{what}: TrainTriLoRA step under the executor's inference mode / outside it "
+                f"(checkpointing {'on' if e['checkpointing'] else 'off'})", e["step"])
+            add("executor_memory", f"{what}: TrainTriLoRA peak memory under inference mode / outside it",
+                e["memory"], **mib)
+    for row in fs["scaling"]:
+        what = f"6. {row['family']} scaling: rank {row['rank']}, latent {row['latent']}"
+        add("full_scale_step", f"{what}: step", row["step"])
+        add("full_scale_memory", f"{what}: peak memory", row["memory"], **mib)
 
 
 def table(rows: list[dict]) -> str:
@@ -741,6 +979,11 @@ def orchestrate(opts) -> int:
     cfg = dict(QUICK if opts.quick else FULL)
     if opts.rounds:
         cfg["rounds"] = opts.rounds
+    for item in opts.set:
+        key, _, value = item.partition("=")
+        if key not in cfg:
+            raise SystemExit(f"--set {item}: unknown setting {key!r}; known: {', '.join(sorted(cfg))}")
+        cfg[key] = json.loads(value)
     cfg["threads"] = opts.threads
     sections = opts.sections.split(",")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not opts.cpu_only else [])
@@ -756,8 +999,7 @@ def orchestrate(opts) -> int:
     with tempfile.TemporaryDirectory(prefix="trilora-bench-") as tmp:
         for device in devices:
             dev: dict = {}
-            dev_sections = [s for s in sections if s != "memory" and (s != "fullsize" or device == "cuda"
-                                                                        or opts.fullsize_on_cpu)]
+            dev_sections = [s for s in sections if s not in ("memory", "fullsize")]
             if dev_sections:
                 dev["timing"] = spawn(["--worker", "timing", "--device", device, "--config", json.dumps(cfg),
                                        "--sections", ",".join(dev_sections)], Path(tmp) / f"timing-{device}.json",
@@ -775,6 +1017,10 @@ def orchestrate(opts) -> int:
                 mem = ratio_summary([r["peak_bytes"] for r in runs["ours"]], [r["peak_bytes"] for r in runs["theirs"]])
                 mem.update(unit="bytes", method=runs["ours"][0]["method"], raw=runs)
                 dev["memory"] = mem
+            if "fullsize" in sections:  # its own process: the big models' memory is gone after it
+                dev["fullsize"] = spawn(["--worker", "timing", "--device", device, "--config", json.dumps(cfg),
+                                         "--sections", "fullsize"], Path(tmp) / f"fullsize-{device}.json",
+                                        opts.fullsize_timeout, cfg["threads"] if device == "cpu" else 0)
             results["devices"][device] = dev
     results["elapsed_s"] = time.perf_counter() - t0
     results["machine"]["loadavg_end"] = os.getloadavg()
@@ -807,8 +1053,10 @@ def main(argv=None) -> int:
                         help="torch CPU threads in the workers (default 1: on a shared machine a single thread's "
                              "process time is the robust measure; 0 = torch's default, judged on wall time)")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU even when there is one")
-    parser.add_argument("--fullsize-on-cpu", action="store_true",
-                        help="development check of section 6's code path on the CPU (slow; sizes from --quick)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override one setting of the run, e.g. --set 'fs_models=[[\"SD15\",\"fp32\",16]]' "
+                             "or --set fs_pairs=1 (keys: the FULL dict at the top of this script)")
+    parser.add_argument("--fullsize-timeout", type=float, default=7200, help="seconds for the full-size worker")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
     # internal: worker processes
     parser.add_argument("--worker", choices=["timing", "memory"], help=argparse.SUPPRESS)

@@ -1,6 +1,7 @@
 """`scripts/bench.py --quick` runs end to end (real ComfyUI, both trainers, both loaders, the
-memory subprocesses) and writes a well-formed results JSON. Figures are not checked: a smoke run
-on a shared machine measures nothing; `make bench` does."""
+memory subprocesses, the full-size section's code on the tiny model) and writes a well-formed
+results JSON. Timings are not checked: a smoke run on a shared machine measures nothing; `make
+bench` does. Only the adapter's memory, which is exact, is."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,12 @@ def test_bench_quick_writes_well_formed_results(tmp_path):
     assert {"train", "load", "scaling"} <= set(cpu["timing"])
     names = {row["name"] for row in results["summary"]}
     assert {"train_step", "adapter_overhead", "load_patch_cold", "load_patch_warm", "train_memory",
-            "step_vs_rank", "step_vs_latent", "overhead_vs_latent", "patch_vs_rank"} <= names
+            "step_vs_rank", "step_vs_latent", "overhead_vs_latent", "patch_vs_rank",
+            "full_step", "full_memory", "full_adapter", "executor_step", "executor_memory",
+            "full_scale_step", "full_scale_memory"} <= names
+    # the full-size section's code path on the tiny model: the adapter's memory is its analytic size
+    adapter = next(row for row in results["summary"] if row["name"] == "full_adapter")
+    assert abs(adapter["ratio"] - 1) <= 0.1, adapter
     for row in results["summary"]:
         assert row["pairs"] >= 1, row
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
