@@ -127,12 +127,14 @@ class DataParallelTrainer(TriLoRATrainer):
         try:
             dist.all_reduce(flat)
         except RuntimeError as err:
+            STOP.ending = True
             raise RanksLostError(_first_line(err)) from err
         status = flat[-2 * self.world_size:].cpu().tolist()
         codes, losses = [int(c) for c in status[: self.world_size]], status[self.world_size:]
         messages = [""] * self.world_size
         if any(codes):
-            self.told = True
+            # From here every rank ends: torchrun's SIGTERM, once a rank has left, changes nothing.
+            STOP.ending = self.told = True
             try:  # only now, when every rank knows that this exchange carries a failure
                 dist.all_gather_object(messages, message)
             except RuntimeError:
@@ -188,7 +190,8 @@ class DataParallelTrainer(TriLoRATrainer):
         if isinstance(err, (TrainingDivergedError, TrainingOutOfMemoryError)):
             raise err  # the trainer's own ending: rank 0 saved the last good adapter there
         if isinstance(err, StopRequested):
-            what = f"stopped by {err}"
+            what = f"stopped by {err}" + (" (torchrun sends it to every rank once one has failed: see its report)"
+                                          if self.world_size > 1 else "")
         elif isinstance(err, RanksLostError):
             what = f"lost another rank ({err}; torchrun's report names it)"
         elif isinstance(err, RankFailedError):
