@@ -195,3 +195,74 @@ def test_a_rank_that_stops_ends_every_rank_with_the_last_good_adapter_saved_once
     assert not (tmp_path / "loras" / "trilora" / "trained_00001_.safetensors").exists()
     if how == signal.SIGTERM:  # rank 1 reported through rank 0 and said nothing itself
         assert "error" not in run.rank_logs[1]
+
+
+# ---- options, in process: the parser and the checks, without a run
+
+
+@pytest.fixture(scope="module")
+def cli(comfy_host):
+    import importlib
+
+    return importlib.import_module(comfy_host.pack.__name__ + ".nodes.train_cli")
+
+
+def _parse(cli, *argv):
+    parser, known = cli.build_parser([])
+    return cli.resolve(parser.parse_args(list(argv)), known)
+
+
+def test_every_widget_input_of_the_nodes_is_an_option_with_the_nodes_default_and_tooltip(comfy_host, cli):
+    parser, known = cli.build_parser([])
+    text = parser.format_help()
+    said = " ".join(text.split())
+    assert "one process per GPU under torchrun" in said and "Use the Train TriLoRA node in a graph" in said
+    for node_id in ("TriLoRASampleImages", "TrainTriLoRA", "SaveTriLoRA"):
+        inputs = comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+        for name, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
+            if spec[0] in ("MODEL", "LATENT", "CONDITIONING", "TRILORA"):
+                assert name not in known
+                continue
+            assert f"--{name} " in text
+            assert known[name].help().startswith(spec[1]["tooltip"])
+            assert f"(default: {spec[1]['default']!r})" in known[name].help() or name == "existing_lora"
+    values = _parse(cli, "--checkpoint", TINY)
+    train_inputs = comfy_host.nodes.NODE_CLASS_MAPPINGS["TrainTriLoRA"].INPUT_TYPES()
+    assert values["learning_rate"] == train_inputs["required"]["learning_rate"][1]["default"]
+    assert values["existing_lora"] == "[None]" and values["size"] == 512 and values["filename_prefix"]
+
+
+def test_config_file_then_flags(cli, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('checkpoint = "x.safetensors"\nsteps = 7\n[training]\nrank = 16\noptimizer = "SGD"\n'
+                    'gradient_checkpointing = false\n')
+    values = _parse(cli, "--config", str(path), "--rank", "32", "--gradient_checkpointing", "yes")
+    assert (values["steps"], values["rank"], values["optimizer"], values["gradient_checkpointing"]) == (7, 32, "SGD", True)
+
+
+@pytest.mark.parametrize(("text", "flags", "message"), [
+    ('stpes = 3', [], "unknown option 'stpes'"),
+    ('rank = 0', [], "rank = 0: outside 1..512"),
+    ('steps = "many"', [], "steps = 'many': not a int"),
+    ('learning_rate = true', [], "learning_rate = True: not a float"),
+    ('optimizer = "Lion"', [], "optimizer = 'Lion': not one of AdamW, Adam, SGD, RMSprop"),
+    ('steps = 3\n[train]\nsteps = 4', [], "steps is given twice"),
+    ('steps = [', [], "not valid TOML"),
+    ('', ["--gradient_checkpointing", "maybe"], "gradient_checkpointing = 'maybe': not a boolean"),
+])
+def test_bad_options_name_the_option(cli, tmp_path, text, flags, message):
+    path = tmp_path / "run.toml"
+    path.write_text(f'checkpoint = "{TINY}"\n{text}\n')
+    with pytest.raises(cli.ConfigError, match=re.escape(message)):
+        _parse(cli, "--config", str(path), *flags)
+
+
+def test_checks_before_loading_anything(cli, comfy_host, tmp_path):
+    with pytest.raises(cli.ConfigError, match="checkpoint 'nothing.safetensors': no such file"):
+        cli.setup_folders(_parse(cli, "--checkpoint", "nothing.safetensors"))
+    values = _parse(cli, "--checkpoint", TINY, "--batch_size", "3")
+    assert cli.train_args(values, ranks=4).batch_size == 12  # the global batch
+    with pytest.raises(cli.ConfigError, match="existing_lora: 'gone.safetensors' is not in the loras folder"):
+        cli.train_args({**values, "existing_lora": "gone.safetensors"}, ranks=1)
+    with pytest.raises(cli.ConfigError, match="SaveTriLoRA: filename_prefix '../up' leaves the loras folder"):
+        cli.train_args({**values, "filename_prefix": "../up"}, ranks=1)
