@@ -33,6 +33,7 @@ serve: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+	$(PY) scripts/bench_distributed.py
 
 lint: setup
 	$(PY) -m ruff check .
