@@ -182,8 +182,9 @@ class DataParallelTrainer(TriLoRATrainer):
         if not self.told and not isinstance(err, RanksLostError):
             code = (DIVERGED if isinstance(err, TrainingDivergedError)
                     else OUT_OF_MEMORY if is_out_of_memory(err) else FAILED)
+            said = f"out of memory on {self.device}" if code == OUT_OF_MEMORY else _first_line(err)
             try:
-                self._exchange(code, message=_first_line(err))
+                self._exchange(code, message=said)
             except RanksLostError:
                 pass
         err.reported_to_rank0 = self.told and self.rank != 0

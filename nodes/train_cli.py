@@ -27,7 +27,7 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (ComfyUI's root is on sys.path
 
 from ..trilora_core import TriLoRAFile
 from .dataset import TriLoRASampleImages
-from .distributed import STOP, DataParallelTrainer, RankFailedError, StopRequested, world
+from .distributed import STOP, DataParallelTrainer, RankFailedError, RanksLostError, StopRequested, world
 from .loras_folder import NONE_FILE
 from .save import SaveTriLoRA, prefix_location
 from .train import (
@@ -81,7 +81,8 @@ run.toml:
 
 
 # Errors whose message says all (the pack's own checks and endings): no traceback for them.
-EXPLAINED = (ValueError, RankFailedError, StopRequested, TrainingDivergedError, TrainingOutOfMemoryError)
+EXPLAINED = (ValueError, RankFailedError, RanksLostError, StopRequested, TrainingDivergedError,
+             TrainingOutOfMemoryError)
 
 
 class ConfigError(ValueError):
@@ -308,8 +309,9 @@ def main(argv: list[str], host_options: argparse.ArgumentParser) -> int:
         return 2
     except BaseException as err:
         if rank == 0 or not getattr(err, "reported_to_rank0", False):
-            if not isinstance(err, EXPLAINED):  # a fault of the program: where it happened helps
-                traceback.print_exc()
+            cause = err.__cause__ or err
+            if not isinstance(err, EXPLAINED) or not isinstance(cause, EXPLAINED):
+                traceback.print_exc()  # a fault of the program: where it happened helps
             print(f"{PROG}{f' (rank {rank})' if rank else ''}: error: {err}", file=sys.stderr)
         return 1
     if dist.is_initialized():
