@@ -80,6 +80,8 @@ run.toml:
 """
 
 
+KIND_NAMES = {"INT": "an integer", "FLOAT": "a number", "BOOLEAN": "true or false", "STRING": "a string",
+              "COMBO": "a string"}
 # Errors whose message says all (the pack's own checks and endings): no traceback for them.
 EXPLAINED = (ValueError, RankFailedError, RanksLostError, StopRequested, TrainingDivergedError,
              TrainingOutOfMemoryError)
@@ -115,7 +117,7 @@ class Option:
             elif not isinstance(value, str):
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{where}: not a {self.kind.lower()}") from None
+            raise ConfigError(f"{where}: not {KIND_NAMES[self.kind]}") from None
         if "min" in spec and value < spec["min"] or "max" in spec and value > spec["max"]:
             raise ConfigError(f"{where}: outside {spec['min']}..{spec['max']}")
         if self.kind == "COMBO" and not self.names_a_file() and value not in spec["options"]:

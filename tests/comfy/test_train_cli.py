@@ -243,12 +243,12 @@ def test_config_file_then_flags(cli, tmp_path):
 @pytest.mark.parametrize(("text", "flags", "message"), [
     ('stpes = 3', [], "unknown option 'stpes'"),
     ('rank = 0', [], "rank = 0: outside 1..512"),
-    ('steps = "many"', [], "steps = 'many': not a int"),
-    ('learning_rate = true', [], "learning_rate = True: not a float"),
+    ('steps = "many"', [], "steps = 'many': not an integer"),
+    ('learning_rate = true', [], "learning_rate = True: not a number"),
     ('optimizer = "Lion"', [], "optimizer = 'Lion': not one of AdamW, Adam, SGD, RMSprop"),
     ('steps = 3\n[train]\nsteps = 4', [], "steps is given twice"),
     ('steps = [', [], "not valid TOML"),
-    ('', ["--gradient_checkpointing", "maybe"], "gradient_checkpointing = 'maybe': not a boolean"),
+    ('', ["--gradient_checkpointing", "maybe"], "gradient_checkpointing = 'maybe': not true or false"),
 ])
 def test_bad_options_name_the_option(cli, tmp_path, text, flags, message):
     path = tmp_path / "run.toml"
