@@ -89,7 +89,7 @@ class DataParallelTrainer(TriLoRATrainer):
         self.comm_device = self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
         self.step = self.done = self.start.step  # the step under way; updates completed
         self.told = False  # this run's failure went through an all-reduce
-        self.step_ends: list[float] = []  # perf_counter after each step, for steps/s
+        self.step_ends: list[tuple[float, float]] = []  # (wall, this process's CPU) time after each step
         if self.world_size > 1:  # as DDP does: every rank starts from rank 0's factors
             flat = torch.cat([p.detach().reshape(-1) for p in self.params]).to(self.comm_device)
             dist.broadcast(flat, src=0)
@@ -166,7 +166,7 @@ class DataParallelTrainer(TriLoRATrainer):
         self.step = step
         loss = super()._step(model_wrap, extra_args, step)
         self.done = step + 1
-        self.step_ends.append(time.perf_counter())
+        self.step_ends.append((time.perf_counter(), time.process_time()))
         return loss
 
     def _loop(self, model_wrap, extra_args) -> None:

@@ -80,6 +80,7 @@ run.toml:
 """
 
 
+METAVARS = {"INT": "N", "FLOAT": "X", "BOOLEAN": "true|false", "STRING": "TEXT", "COMBO": "CHOICE"}
 KIND_NAMES = {"INT": "an integer", "FLOAT": "a number", "BOOLEAN": "true or false", "STRING": "a string",
               "COMBO": "a string"}
 # Errors whose message says all (the pack's own checks and endings): no traceback for them.
@@ -135,7 +136,12 @@ class Option:
             text += f" One of: {', '.join(self.spec['options'])}."
         if "min" in self.spec:
             text += f" Range {self.spec['min']}..{self.spec['max']}."
-        return f"{text} (default: {self.spec.get('default')!r})".replace("%", "%%")
+        if "default" in self.spec:
+            text += f" (default: {self.spec['default']!r})"
+        return text.replace("%", "%%")
+
+    def metavar(self) -> str:
+        return "FILE" if self.names_a_file() else METAVARS[self.kind]
 
 
 OWN = [Option("checkpoint", "STRING", {"tooltip": "The model to train for: a file in ComfyUI's checkpoints "
@@ -165,7 +171,7 @@ def build_parser(parents) -> tuple[argparse.ArgumentParser, dict[str, Option]]:
     for title, options in [("model and files", OWN), *node_options()]:
         group = parser.add_argument_group(title)
         for option in options:
-            group.add_argument(f"--{option.name}", metavar=option.kind, help=option.help())
+            group.add_argument(f"--{option.name}", metavar=option.metavar(), help=option.help())
             known[option.name] = option
     return parser, known
 
@@ -282,11 +288,13 @@ def run(values: dict) -> str:
     STOP.ending = True  # a stop signal now would only lose the finished file
     name = SaveTriLoRA.execute(trilora, values["filename_prefix"]).result[0]
     ends = trainer.step_ends
-    if len(ends) > 1:
-        per_second = (len(ends) - 1) / (ends[-1] - ends[0])
-        log.info("TriLoRA: %d steps on %d rank%s; after the first step %.3f steps/s, %.2f images/s",
-                 len(ends), ranks, "s" if ranks > 1 else "", per_second,
-                 per_second * min(args.batch_size, len(images)) * args.grad_accumulation_steps)
+    if len(ends) > 1:  # the first step's allocations and warm-up left out
+        (wall0, cpu0), (wall1, cpu1) = ends[0], ends[-1]
+        per_second = (len(ends) - 1) / (wall1 - wall0)
+        log.info("TriLoRA: %d steps on %d rank%s; after the first step %.3f steps/s, %.2f images/s, "
+                 "%.3f CPU s/step on rank 0", len(ends), ranks, "s" if ranks > 1 else "", per_second,
+                 per_second * min(args.batch_size, len(images)) * args.grad_accumulation_steps,
+                 (cpu1 - cpu0) / (len(ends) - 1))
     log.info("TriLoRA saved as %s (%d steps) in %s", name, trainer.total, folder_paths.get_folder_paths("loras")[0])
     return name
 

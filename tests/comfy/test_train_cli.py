@@ -136,7 +136,8 @@ def test_only_rank_0_writes_files_and_logs(runs):
         "trilora_N_step000004.optim", "trilora_N_step000004.safetensors"]
     assert runs.two.rank_logs[1] == ""
     assert "TriLoRA saved as trilora/trained_00001_.safetensors (4 steps)" in runs.two.rank_logs[0]
-    assert re.search(r"4 steps on 2 ranks; after the first step [\d.]+ steps/s", runs.two.rank_logs[0])
+    assert re.search(r"4 steps on 2 ranks; after the first step [\d.]+ steps/s, [\d.]+ images/s, [\d.]+ CPU s/step",
+                     runs.two.rank_logs[0])
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process_exactly(runs):
