@@ -235,7 +235,7 @@ def setup_folders(values: dict) -> str:
 def train_args(values: dict, ranks: int) -> TrainArgs:
     """TrainTriLoRA's arguments, checked by the node's own rules; the batch is the global one."""
     names = [f.name for f in dataclasses.fields(TrainArgs)]
-    args = TrainArgs(**{n: values[n] for n in names})
+    args = TrainArgs(**{n: values[n] for n in names if n in values})  # each field is a node input
     args.batch_size *= ranks
     try:
         args.check()
