@@ -682,6 +682,7 @@ class TriLoRATrainer:
             if not math.isfinite(micro_loss):
                 self._diverged(step + 1, f"the loss is not finite ({micro_loss})")
             loss += micro_loss / args.grad_accumulation_steps
+        loss = self._all_reduce(loss)
         if args.orthogonality_penalty > 0:
             penalty = torch.stack([orthogonality_penalty(a.trilora_u, a.trilora_vt)
                                    for a in self.adapters.values()]).mean()
@@ -695,6 +696,11 @@ class TriLoRATrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _all_reduce(self, loss: float) -> float:
+        """Called after a step's backward passes, before the update: data-parallel training
+        (nodes/distributed.py) sums the gradients and losses of all ranks here. Alone: as is."""
         return loss
 
     def _warn_unused(self) -> None:
@@ -969,8 +975,10 @@ class TrainTriLoRA(io.ComfyNode):
         return io.NodeOutput(out_model, trilora, {"loss": list(trainer.losses)}, trainer.total)
 
 
-def train(args: TrainArgs, model, images, entries, image_conds) -> TriLoRATrainer:
-    """Trains on a clone of ``model``; returns the finished trainer (factors, losses)."""
+def train(args: TrainArgs, model, images, entries, image_conds,
+          trainer_class: type[TriLoRATrainer] = TriLoRATrainer) -> TriLoRATrainer:
+    """Trains on a clone of ``model``; returns the finished trainer (factors, losses).
+    ``trainer_class``: a TriLoRATrainer subclass, e.g. the data-parallel one of the CLI."""
     mp = model.clone()
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
     settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing)
@@ -984,7 +992,7 @@ def train(args: TrainArgs, model, images, entries, image_conds) -> TriLoRATraine
         start = read_start(args, targets)
     else:
         targets, start = resume_start(args, mp)
-    trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings)
+    trainer = trainer_class(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings)
     comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     guider = Guider_Basic(mp)
     guider.set_conds(entries)
