@@ -5,7 +5,7 @@ PY := .venv/bin/python
 COMFY := $(or $(COMFYUI_DIR),$(CURDIR)/.comfyui)
 PORT ?= 8188
 
-.PHONY: setup test test-core test-comfy test-e2e demo serve bench lint
+.PHONY: setup test test-core test-comfy test-e2e demo serve bench bench-method lint
 
 setup:
 	@bash scripts/setup.sh
@@ -33,6 +33,10 @@ serve: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# TriLoRA against ComfyUI's LoRA on a pretrained tiny model: fit, overfitting, drift (BENCHMARKS.md)
+bench-method: setup
+	$(PY) scripts/bench_method.py
 
 lint: setup
 	$(PY) -m ruff check .
