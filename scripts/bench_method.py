@@ -5,7 +5,7 @@ of the base model at equal fit, measured on a pretrained tiny model, in the real
 1. A base model: SD1.5-shaped (ComfyUI's own SD15 config and BaseModel: eps prediction, its
    noise schedule, CLIP-L-sized context, its LoRA key map) with the one-level UNet of the test
    fixture (scripts/make_tiny_checkpoint.py) at 64 channels instead of 320, so that 12 runs of
-   400 steps fit in minutes on a CPU. Pretrained here in latent space from a fixed seed on
+   a few hundred steps fit in minutes on a CPU. Pretrained here in latent space from a fixed seed on
    procedural captioned data: six classes of latent pictures (stripes, blobs, checks, ramps ...;
    each with its own colour mix and a fixed random caption embedding shaped like CLIP-L's
    output). Cached in bench_output/method/, so the second run starts at once.
@@ -65,7 +65,7 @@ FULL = {
     "train_pictures": 4,
     "heldout_pictures": 8,
     "base_pictures": 2,       # per base class, for the drift measurement
-    "steps": 400,
+    "steps": 200,             # --steps 400 for a longer look (the checkpoints double up to it)
     "checkpoints": [25, 50, 100, 200, 400],
     "ranks": [4, 16],
     "seeds": [0, 1, 2],
@@ -316,6 +316,8 @@ def train_run(host: Host, side: str, model, data: Data, probe: Probe, rank: int,
     def hook(value, total, preview=None, node_id=None):
         if value in marks and value not in curve:
             curve[value] = probe.measure()
+            say(f"  {side} rank {rank} seed {seed} step {value}: held-out {curve[value]['heldout_eps']:.4f}, "
+                f"drift {curve[value]['drift_eps']:.4f}")
 
     host.settle()
     torch.manual_seed(seed)  # TrainLoraNode draws its init, order and noise levels from the global RNG
@@ -458,6 +460,18 @@ def report(results: dict) -> str:
 # =========================================================================== main
 
 
+def from_cache(path: Path, rank: int, seed: int, cfg: dict) -> dict | None:
+    """A cached TrainLoraNode run of this rank and seed that measured at every checkpoint asked
+    for (a longer run serves a shorter one: the loop does not depend on the step count), cut to them."""
+    if not path.exists():
+        return None
+    want = ["0", *map(str, cfg["checkpoints"])]
+    for key, run in json.loads(path.read_text()).items():
+        if key.startswith(f"r{rank}-s{seed}-") and set(want) <= set(run["curve"]):
+            return {**run, "curve": {k: run["curve"][k] for k in want}, "cached": key}
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a few steps (seconds)")
@@ -478,9 +492,8 @@ def main(argv=None) -> int:
         cfg["ranks"] = opts.ranks
     if opts.seeds is not None and opts.seeds:
         cfg["seeds"] = opts.seeds
-    if opts.steps:
-        cfg["steps"] = opts.steps
-        cfg["checkpoints"] = sorted({c for c in cfg["checkpoints"] if c < opts.steps} | {opts.steps})
+    cfg["steps"] = opts.steps or cfg["steps"]
+    cfg["checkpoints"] = sorted({c for c in cfg["checkpoints"] if c < cfg["steps"]} | {cfg["steps"]})
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -496,7 +509,8 @@ def main(argv=None) -> int:
     say(f"  base model: {json.dumps({k: round(v, 4) for k, v in probe.start.items()})}")
     overrides = parse_overrides(opts.ours, host.ours)
     cache_path = out / f"theirs-{pretrain_key(cfg)}.json"
-    cache = {} if opts.quick or not cache_path.exists() else json.loads(cache_path.read_text())
+    if opts.quick:
+        cache_path = out / f"theirs-quick-{os.getpid()}.json"  # never reused
     pairs = []
     n = 0
     for rank in cfg["ranks"]:
@@ -506,16 +520,15 @@ def main(argv=None) -> int:
             order = ("ours", "theirs") if n % 2 == 0 or opts.wait_theirs else ("theirs", "ours")
             n += 1
             for side in order:
-                if cache_path.exists() and not opts.quick:
-                    cache = json.loads(cache_path.read_text())
-                while side == "theirs" and opts.wait_theirs and key not in cache:  # another run computes it
+                cached = None if opts.fresh_theirs or side == "ours" else from_cache(cache_path, rank, seed, cfg)
+                while side == "theirs" and opts.wait_theirs and cached is None:  # another run computes it
                     time.sleep(10)
-                    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-                if side == "theirs" and key in cache and not opts.fresh_theirs:
-                    runs[side] = cache[key]
+                    cached = from_cache(cache_path, rank, seed, cfg)
+                if cached is not None:
+                    runs[side] = cached
                     continue
                 runs[side] = train_run(host, side, model, data, probe, rank, seed, cfg, overrides)
-                if side == "theirs" and not opts.quick:  # merged: experiments may run side by side
+                if side == "theirs":  # merged: experiments may run side by side
                     cache = {**(json.loads(cache_path.read_text()) if cache_path.exists() else {}), key: runs[side]}
                     tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
                     tmp.write_text(json.dumps(cache))
