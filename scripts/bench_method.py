@@ -540,8 +540,17 @@ def main(argv=None) -> int:
             say(f"rank {rank} seed {seed}: held-out ours {d['heldout_ours']:.4f} theirs {d['heldout_theirs']:.4f}; "
                 f"gap {d['gap_ours']:.4f} / {d['gap_theirs']:.4f}; drift {d['drift_ours']:.4f} / "
                 f"{d['drift_theirs']:.4f}; drift at matched held-out {fmt(d['drift_at_matched_heldout_ours'], 4)} "
-                f"(ratio {fmt(d['drift_ratio_at_matched_heldout'], 2)}); goal {'met' if d['goal'] else 'NOT met'} "
+                f"(ratio {fmt(d['drift_ratio_at_matched_heldout'], 2)}); gap at matched train "
+                f"{fmt(d['gap_at_matched_train_ours'], 4)}; goal {'met' if d['goal'] else 'NOT met'} "
                 f"[{runs['ours']['seconds']:.0f}s]")
+            write_results(out, opts, argv, cfg, base_info, probe, pairs, t_start, partial=True)
+    write_results(out, opts, argv, cfg, base_info, probe, pairs, t_start)
+    return 0
+
+
+def write_results(out: Path, opts, argv, cfg, base_info, probe, pairs, t_start, partial=False) -> None:
+    """The JSON and the markdown table; after each pair too (<label>-partial.*), so a run cut
+    short keeps what it measured."""
     stamp = _dt.datetime.now(_dt.timezone.utc)
     label = opts.label or ("quick" if opts.quick else "full")
     results = {
@@ -551,15 +560,18 @@ def main(argv=None) -> int:
         "base_measure": probe.start, "pairs": pairs, "seconds": time.perf_counter() - t_start,
     }
     results["goal_met"] = all(p["decide"]["eps"]["goal"] for p in pairs)
+    text = report(results)
+    if partial:
+        (out / f"{label}-partial.json").write_text(json.dumps(results, indent=1))
+        (out / f"{label}-partial.md").write_text(text)
+        return
     name = f"{label}-{stamp.strftime('%Y%m%d-%H%M%S')}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    text = report(results)
     (out / f"{name}.md").write_text(text)
     suffix = "-quick" if opts.quick else ""
     (out / f"latest{suffix}.json").write_text(json.dumps(results, indent=1))
     (out / f"latest{suffix}.md").write_text(text)
     print(text)
-    return 0
 
 
 if __name__ == "__main__":
