@@ -246,6 +246,7 @@ class Probe:
             coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
             self.sets[name] = (ms.noise_scaling(sigma, noise, x0, False), sigma, ctx, x0, coeff)
         self.reference = {name: self.predict(name) for name in self.sets}  # the base model's own
+        self.start = self.measure()  # step 0 of every curve
 
     def predict(self, name: str):
         torch = self.torch
@@ -505,7 +506,6 @@ def main(argv=None) -> int:
     base_info = pretrain(host, model, data, cfg, out)
     say(f"  {base_info}")
     probe = Probe(model, data, torch)
-    probe.start = probe.measure()
     say(f"  base model: {json.dumps({k: round(v, 4) for k, v in probe.start.items()})}")
     overrides = parse_overrides(opts.ours, host.ours)
     cache_path = out / f"theirs-{pretrain_key(cfg)}.json"
