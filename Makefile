@@ -5,7 +5,7 @@ PY := .venv/bin/python
 COMFY := $(or $(COMFYUI_DIR),$(CURDIR)/.comfyui)
 PORT ?= 8188
 
-.PHONY: setup test test-core test-comfy test-e2e demo serve bench bench-gpu lint
+.PHONY: setup test test-core test-comfy test-e2e demo serve bench bench-gpu bench-method lint
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,10 @@ bench: setup
 # One CUDA GPU, < 8 min: full-size SD1.5 / SDXL / Flux rows and the CUDA checks (see the script).
 bench-gpu: setup
 	$(PY) scripts/bench_gpu.py
+
+# TriLoRA against ComfyUI's LoRA on a pretrained tiny model: fit, overfitting, drift (BENCHMARKS.md)
+bench-method: setup
+	$(PY) scripts/bench_method.py
 
 lint: setup
 	$(PY) -m ruff check .
