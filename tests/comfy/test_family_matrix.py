@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import comfy.lora
 import comfy.model_management as mm
@@ -28,9 +28,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import FAMILIES, tiny_model
 
-BY_13 = "fixed by issue 13"
-BY_14B = "fixed by issue 14b"
-
 
 @dataclass(frozen=True)
 class Case:
@@ -39,14 +36,12 @@ class Case:
     the naming this family's LoRAs usually have (kohya lora_up/lora_down for lora_unet_ names,
     diffusers/PEFT lora_A/lora_B otherwise; some address a slice of a fused qkv weight).
     base_model: (ss_base_model_version, modelspec.architecture without /lora) of a trained file.
-    xfail: test name -> why it fails today (the issue that fixes it).
     unused: modules that run but whose output the model discards, so they get no gradient
     (the last block's text stream of a dual-stream model without single-stream blocks)."""
     family: str
     layers: tuple[str, ...]
     usual: tuple[str, ...]
     base_model: tuple[str, str]
-    xfail: dict[str, str] = field(default_factory=dict)
     unused: tuple[str, ...] = ()
 
 
@@ -59,32 +54,28 @@ CASES = [
     *(Case(name, ("input_blocks.2.1.transformer_blocks.0.attn2.to_k", "input_blocks.1.0.in_layers.2", "label_emb.0.0"),
                ("lora_unet_input_blocks_2_1_transformer_blocks_1_attn1_to_q", "lora_unet_input_blocks_3_1_proj_out",
                 "lora_unet_input_blocks_1_0_out_layers_3"),
-               ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"), {"test_saved_file_names_the_base_model": BY_14B})
+               ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"))
       for name in ("sdxl", "sdxl-vpred")),
     Case("sd3.5", ("joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.mlp.fc2", "x_embedder.proj"),
          ("transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_k_proj",
           "transformer.transformer_blocks.0.ff.net.0.proj"),
-         ("sd3", "stable-diffusion-3.5-large"),
-         {"test_saved_file_names_the_base_model": BY_14B, "test_convert_of_a_lora_in_the_family_naming_is_exact": BY_13}),
+         ("sd3", "stable-diffusion-3.5-large")),
     Case("flux-dev", ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "txt_in"),
          ("transformer.transformer_blocks.0.attn.to_q", "transformer.single_transformer_blocks.0.proj_mlp",
           "transformer.transformer_blocks.0.ff_context.net.2"),
-         ("flux1", "flux-1-dev"), {"test_convert_of_a_lora_in_the_family_naming_is_exact": BY_13,
-                                   # a single block adds to its input in place after its LayerNorm kept it
-                                   "test_training_without_gradient_checkpointing_runs": BY_14B}),
+         ("flux1", "flux-1-dev")),
     *(Case(name, ("blocks.0.self_attn.q", "blocks.1.ffn.0", "patch_embedding"),
                ("diffusion_model.blocks.0.cross_attn.k", "diffusion_model.blocks.1.ffn.2"),
-               base_model, {"test_saved_file_names_the_base_model": BY_14B})
+               base_model)
       for name, base_model in (("wan2.1", ("wan21", "wan2.1")), ("wan2.2-5b", ("wan22", "wan2.2")))),
     Case("qwen-image", ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.img_mlp.net.2", "img_in"),
          ("transformer.transformer_blocks.0.attn.add_k_proj", "transformer.transformer_blocks.0.txt_mlp.net.0.proj"),
-         ("qwen_image", "Qwen-Image"), {"test_saved_file_names_the_base_model": BY_14B},
+         ("qwen_image", "Qwen-Image"),
          unused=("transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.to_add_out",
                  "transformer_blocks.0.txt_mlp.net.0.proj", "transformer_blocks.0.txt_mlp.net.2")),
     *(Case(name, ("layers.0.attention.qkv", "context_refiner.0.feed_forward.w2", "x_embedder"),
                ("diffusion_model.layers.0.attention.to_k", "diffusion_model.noise_refiner.1.feed_forward.w3"),
-               base_model, {"test_saved_file_names_the_base_model": BY_14B,
-                            "test_convert_of_a_lora_in_the_family_naming_is_exact": BY_13})
+               base_model)
       for name, base_model in (("lumina2", ("lumina2", "lumina-2")), ("z-image", ("z_image", "z-image")))),
 ]
 assert sorted(c.family for c in CASES) == sorted(FAMILIES), "every fixture family has a case"
@@ -92,14 +83,9 @@ assert sorted(c.family for c in CASES) == sorted(FAMILIES), "every fixture famil
 TRAIN_STEPS, TRAIN_LR = 20, 5e-3  # the tiny random models learn little per step
 
 
-def params(test: str, slow: bool = False) -> list:
-    out = []
-    for case in CASES:
-        marks = [pytest.mark.slow] if slow else []
-        if test in case.xfail:
-            marks.append(pytest.mark.xfail(strict=True, reason=case.xfail[test]))
-        out.append(pytest.param(case, id=case.family, marks=marks))
-    return out
+def params(slow: bool = False) -> list:
+    marks = [pytest.mark.slow] if slow else []
+    return [pytest.param(case, id=case.family, marks=marks) for case in CASES]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -181,7 +167,7 @@ def metadata(path) -> dict[str, str]:
 # --------------------------------------------------------------------------- loading
 
 
-@pytest.mark.parametrize("case", params("test_loader_patches_w_plus_strength_delta_like_lora_loader"))
+@pytest.mark.parametrize("case", params())
 def test_loader_patches_w_plus_strength_delta_like_lora_loader(comfy_host, case):
     core, tiny = comfy_host.core, tiny_model(case.family)
     keys = [weight_key(m) for m in case.layers]
@@ -209,7 +195,7 @@ def test_loader_patches_w_plus_strength_delta_like_lora_loader(comfy_host, case)
     assert f"{len(keys)} of {len(keys)} layers matched" in info
 
 
-@pytest.mark.parametrize("case", params("test_convert_of_a_lora_in_the_family_naming_is_exact"))
+@pytest.mark.parametrize("case", params())
 def test_convert_of_a_lora_in_the_family_naming_is_exact(comfy_host, case):
     tiny = tiny_model(case.family)
     name = f"matrix/{case.family}/usual_lora.safetensors"
@@ -314,7 +300,7 @@ def fixed_noise_loss(model, tiny) -> float:
     return sum(out) / len(out)
 
 
-@pytest.mark.parametrize("case", params("test_training_uses_the_family_objective_and_every_layer", slow=True))
+@pytest.mark.parametrize("case", params(slow=True))
 def test_training_uses_the_family_objective_and_every_layer(comfy_host, case):
     tiny = tiny_model(case.family)
     trilora, loss_map, _, (xt, sigma, denoised), ran = trained(comfy_host, case)
@@ -332,7 +318,7 @@ def test_training_uses_the_family_objective_and_every_layer(comfy_host, case):
     assert idle == sorted(kohya(m) for m in case.unused)
 
 
-@pytest.mark.parametrize("case", params("test_training_lowers_the_loss_on_fixed_noise", slow=True))
+@pytest.mark.parametrize("case", params(slow=True))
 def test_training_lowers_the_loss_on_fixed_noise(comfy_host, case):
     tiny = tiny_model(case.family)
     saved = trained(comfy_host, case)[2]
@@ -342,14 +328,14 @@ def test_training_lowers_the_loss_on_fixed_noise(comfy_host, case):
     assert after < 0.9 * before, (before, after)
 
 
-@pytest.mark.parametrize("case", params("test_saved_file_names_the_base_model", slow=True))
+@pytest.mark.parametrize("case", params(slow=True))
 def test_saved_file_names_the_base_model(comfy_host, case):
     meta = metadata(comfy_host.loras / trained(comfy_host, case)[2])
     version, architecture = case.base_model
     assert (meta.get("ss_base_model_version"), meta.get("modelspec.architecture")) == (version, f"{architecture}/lora")
 
 
-@pytest.mark.parametrize("case", params("test_export_to_kohya_and_back_is_exact", slow=True))
+@pytest.mark.parametrize("case", params(slow=True))
 def test_export_to_kohya_and_back_is_exact(comfy_host, case):
     core, tiny = comfy_host.core, tiny_model(case.family)
     saved = trained(comfy_host, case)[2]
@@ -375,7 +361,7 @@ def test_export_to_kohya_and_back_is_exact(comfy_host, case):
         torch.testing.assert_close(again[prefix].delta(), layer.delta(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", params("test_training_resumes_from_the_saved_file", slow=True))
+@pytest.mark.parametrize("case", params(slow=True))
 def test_training_resumes_from_the_saved_file(comfy_host, case):
     core, tiny = comfy_host.core, tiny_model(case.family)
     saved = trained(comfy_host, case)[2]
@@ -386,7 +372,7 @@ def test_training_resumes_from_the_saved_file(comfy_host, case):
     assert len(resumed_loss["loss"]) == 2 and all(math.isfinite(v) for v in resumed_loss["loss"])
 
 
-@pytest.mark.parametrize("case", params("test_training_without_gradient_checkpointing_runs", slow=True))
+@pytest.mark.parametrize("case", params(slow=True))
 def test_training_without_gradient_checkpointing_runs(comfy_host, case):
     tiny = tiny_model(case.family)
     _, trilora, loss_map, steps = train(comfy_host, tiny, tiny.model, steps=1, gradient_checkpointing=False)
