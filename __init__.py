@@ -7,7 +7,9 @@ try:
 except ImportError:  # imported outside ComfyUI, e.g. by a tool: the core is still usable
     comfy = None
 
-if comfy is not None:
+# Only as a package (ComfyUI's loader): pytest imports a clone whose folder name is no Python
+# name, such as comfyui-trilora, as the top-level module "__init__", with no package to import from.
+if comfy is not None and __package__:
     from .nodes import adapter as _adapter
     from .nodes import comfy_entrypoint  # noqa: F401
 
