@@ -145,7 +145,7 @@ def write_bad_file(path, case: str) -> str:
     if case == "loha":
         save_file({f"{to_q}.hada_w1_a": torch.ones(320, 2), f"{to_q}.hada_w1_b": torch.ones(2, 320),
                    f"{to_q}.hada_w2_a": torch.ones(320, 2), f"{to_q}.hada_w2_b": torch.ones(2, 320)}, str(path))
-        return "this is a LoHa file; load it with ComfyUI's LoraLoader"
+        return "this is a LoHa file, which TriLoRA cannot convert exactly; load it with ComfyUI's LoraLoader"
     if case == "nan":
         save_file({f"{to_q}.trilora_u": torch.eye(320, 2), f"{to_q}.trilora_s": torch.tensor([1.0, float("nan")]),
                    f"{to_q}.trilora_vt": torch.eye(2, 320)}, str(path))
