@@ -26,7 +26,7 @@ import torch.distributed as dist
 import nodes as comfy_nodes  # ComfyUI's nodes.py (ComfyUI's root is on sys.path)
 
 from ..trilora_core import TriLoRAFile
-from .dataset import TriLoRASampleImages
+from .dataset import TriLoRASampleImages, image_files, resolve_folder
 from .distributed import STOP, DataParallelTrainer, RankFailedError, RanksLostError, StopRequested, world
 from .loras_folder import NONE_FILE
 from .save import SaveTriLoRA, prefix_location
@@ -218,7 +218,12 @@ def resolve(ns: argparse.Namespace, known: dict[str, Option]) -> dict:
 
 
 def setup_folders(values: dict) -> str:
-    """Registers loras_dir and the checkpoint's folder with ComfyUI; returns the checkpoint's name."""
+    """Checks the image folder, registers loras_dir and the checkpoint's folder with ComfyUI;
+    returns the checkpoint's name. Raises ConfigError before anything loads."""
+    try:  # the dataset node's own rules, so a wrong folder fails before the checkpoint loads
+        image_files(resolve_folder(values["folder"]))
+    except ValueError as err:
+        raise ConfigError(f"folder {values['folder']!r}: {err}") from None
     if values["loras_dir"]:
         os.makedirs(values["loras_dir"], exist_ok=True)
         folder_paths.add_model_folder_path("loras", os.path.abspath(values["loras_dir"]), is_default=True)

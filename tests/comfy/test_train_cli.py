@@ -261,6 +261,11 @@ def test_bad_options_name_the_option(cli, tmp_path, text, flags, message):
 def test_checks_before_loading_anything(cli, comfy_host, tmp_path):
     with pytest.raises(cli.ConfigError, match="checkpoint 'nothing.safetensors': no such file"):
         cli.setup_folders(_parse(cli, "--checkpoint", "nothing.safetensors"))
+    with pytest.raises(cli.ConfigError, match="folder '/nonexistent/images': .*folder not found"):
+        cli.setup_folders(_parse(cli, "--checkpoint", TINY, "--folder", "/nonexistent/images"))
+    (tmp_path / "captions.txt").write_text("no image beside it")
+    with pytest.raises(cli.ConfigError, match="no images"):
+        cli.setup_folders(_parse(cli, "--checkpoint", TINY, "--folder", str(tmp_path)))
     values = _parse(cli, "--checkpoint", TINY, "--batch_size", "3")
     assert cli.train_args(values, ranks=4).batch_size == 12  # the global batch
     with pytest.raises(cli.ConfigError, match="existing_lora: 'gone.safetensors' is not in the loras folder"):
