@@ -11,19 +11,19 @@ import pytest
 import torch
 from conftest import run_node
 from safetensors.torch import save_file
-from test_lora_files import computed, resumed_deltas
+from test_lora_files import SUFFIXES, computed, resumed_deltas
 from tiny_models import FAMILIES, tiny_model
 
 FAMILY_NAMES = [name for name in FAMILIES if name != "sd15"]  # SD1.5: test_lora_files.py
-CONVENTIONS = {  # alias prefix -> factor naming the trainers of that convention write
-    "lora_unet_": (".lora_up.weight", ".lora_down.weight"),
-    "lycoris_": (".lora_up.weight", ".lora_down.weight"),
-    "lora_transformer_": (".lora_up.weight", ".lora_down.weight"),
-    "transformer.": (".lora_B.weight", ".lora_A.weight"),
-    "base_model.model.": (".lora_B.weight", ".lora_A.weight"),
-    "unet.": (".lora.up.weight", ".lora.down.weight"),
-    "diffusion_model.": (".lora_B.weight", ".lora_A.weight"),
-    "": (".lora_B.default.weight", ".lora_A.default.weight"),  # bare names (Qwen-Image, diffusers SDXL)
+CONVENTIONS = {  # alias prefix -> the factor naming (test_lora_files.SUFFIXES) its trainers write
+    "lora_unet_": SUFFIXES["lora_up"],
+    "lycoris_": SUFFIXES["lora_up"],
+    "lora_transformer_": SUFFIXES["lora_up"],
+    "transformer.": SUFFIXES["lora_B"],
+    "base_model.model.": SUFFIXES["lora_B"],
+    "unet.": SUFFIXES["lora.up"],
+    "diffusion_model.": SUFFIXES["lora_B"],
+    "": SUFFIXES["lora_B.default"],  # bare names (Qwen-Image, diffusers SDXL)
 }
 
 
