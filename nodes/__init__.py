@@ -1,14 +1,18 @@
-"""The ComfyUI layer of the pack: thin nodes over trilora_core."""
+"""The ComfyUI layer of the pack: thin nodes over trilora_core (docs/architecture.md maps it)."""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
 from . import dataset, load, save, tools, train
 
+# In the order ComfyUI has always listed them (/object_info keeps it).
+NODES = [load.TriLoRALoader, load.TriLoRALoaderModelOnly, load.TriLoRALoaderBlockWeights,
+         dataset.TriLoRASampleImages, train.TrainTriLoRA, load.ApplyTriLoRA, save.SaveTriLoRA, *tools.NODES]
+
 
 class TriLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*load.NODES, *dataset.NODES, *train.NODES, *save.NODES, *tools.NODES]
+        return list(NODES)
 
 
 async def comfy_entrypoint() -> TriLoRAExtension:

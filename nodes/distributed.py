@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .train import (
+from .training import (
     TrainingDivergedError,
     TrainingOutOfMemoryError,
     TriLoRATrainer,

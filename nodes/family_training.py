@@ -34,30 +34,13 @@ import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import torch
-from comfy_api.latest import io
 
-from ..trilora_core.timesteps import TIMESTEP_SAMPLINGS
 from .families import family_of
 
 log = logging.getLogger("comfyui-trilora")
 
 AUTO = "auto"
 DEFAULT_GUIDANCE = 1.0
-
-
-def inputs() -> list:
-    """TrainTriLoRA's family inputs (after all older inputs: saved workflows keep their order)."""
-    return [
-        io.Combo.Input(id="timestep_sampling", options=[AUTO, *TIMESTEP_SAMPLINGS], default=AUTO, optional=True,
-                       tooltip="Which noise levels training sees. auto: logit_normal for flow models (Flux, SD3.5, "
-                               "Wan, Qwen-Image, Z-Image, Lumina 2: kohya's 'shift' sampling, mostly mid noise), "
-                               "uniform for SD1.5/SDXL. Both go through the model's own schedule and shift; put "
-                               "a ModelSamplingSD3/ModelSamplingFlux node before this one to train at another shift."),
-        io.Float.Input(id="guidance", default=DEFAULT_GUIDANCE, min=0.0, max=100.0, step=0.1, optional=True,
-                       tooltip="Distilled guidance for guidance-distilled models (Flux dev, HunyuanVideo) during "
-                               "training; 1.0 as kohya and musubi-tuner train Flux. A FluxGuidance node on a caption "
-                               "overrides it for that caption. Other models ignore it."),
-    ]
 
 
 def is_flow(model_sampling) -> bool:

@@ -10,8 +10,7 @@ from collections import OrderedDict
 import comfy.lora_convert
 import torch
 
-from ..trilora_core import TriLoRAFile, TriLoRAFileError, read_adapter_file
-from ..trilora_core.safetensors_io import SafetensorsReader
+from ..trilora_core import SafetensorsReader, TriLoRAFile, TriLoRAFileError, read_adapter_file
 
 MAX_FILES = 8
 _cache: OrderedDict[tuple, TriLoRAFile] = OrderedDict()

@@ -1,27 +1,18 @@
-"""Loader nodes: a TriLoRA (or a plain LoRA/LoCon, converted exactly) onto MODEL and CLIP."""
+"""Loader nodes: a TriLoRA file (or a plain LoRA/LoCon, converted exactly) onto MODEL and CLIP,
+and ApplyTriLoRA, which puts an in-memory TriLoRA (e.g. from Train TriLoRA) on a model."""
 from __future__ import annotations
 
 import folder_paths
 from comfy_api.latest import io
 
-from ..trilora_core import truncate
-from .blocks import DepthLayout, block_group, depth_layout
+from ..trilora_core import DepthLayout, TriLoRAFile, block_group, depth_layout, truncate, truncation_limits
 from .families import family_of
 from .file_cache import load_cached
-from .loras_folder import LorasFileNode, file_choice
+from .loras_folder import LorasFileNode
 from .patching import apply_trilora
+from .schema import TRILORA, energy_input, info_output, max_rank_input, slider_input, strength_input, trilora_file_input
 
-STRENGTH_LIMIT = 10.0
-
-
-def slider_input(name: str, tooltip: str) -> io.Float.Input:
-    return io.Float.Input(id=name, default=1.0, min=-STRENGTH_LIMIT, max=STRENGTH_LIMIT, step=0.01,
-                          display_mode=io.NumberDisplay.slider, tooltip=tooltip)
-
-
-def strength_input(name: str, what: str) -> io.Float.Input:
-    return slider_input(name, f"How strongly to modify the {what}: 1.0 applies the adapter as trained, 0 leaves "
-                              f"the {what} untouched, negative values push the other way.")
+INFO = "Which layers matched, their ranks, and the file keys that matched nothing in this model."
 
 
 def targets(clip: bool) -> tuple[list, list]:
@@ -31,22 +22,15 @@ def targets(clip: bool) -> tuple[list, list]:
     if clip:
         inputs.append(io.Clip.Input(id="clip", tooltip="The text encoder (CLIP) the TriLoRA is applied to."))
         outputs.append(io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the TriLoRA applied."))
-    return inputs, [*outputs, info_output()]
-
-
-def file_input() -> io.Combo.Input:
-    return file_choice("trilora_name", "A TriLoRA file from your loras folder. A standard LoRA/LoCon file works too: "
-                       "it is converted exactly, so rank truncation applies to it as well.")
+    return inputs, [*outputs, info_output(INFO)]
 
 
 def truncation_inputs() -> list:
     return [
-        io.Int.Input(id="max_rank", default=0, min=0, max=4096, optional=True,
-                     tooltip="Keep at most this many singular directions per layer, the strongest ones "
-                             "(least error possible). 0 keeps them all."),
-        io.Float.Input(id="energy", default=1.0, min=0.01, max=1.0, step=0.01, optional=True,
-                       tooltip="Keep the fewest directions per layer that hold this share of the layer's "
-                               "energy (sum of squared singular values). 1.0 keeps them all."),
+        max_rank_input("Keep at most this many singular directions per layer, the strongest ones (least error "
+                       "possible). 0 keeps them all.", optional=True),
+        energy_input("Keep the fewest directions per layer that hold this share of the layer's energy (sum of "
+                     "squared singular values). 1.0 keeps them all.", optional=True),
     ]
 
 
@@ -56,16 +40,8 @@ def load_layers(trilora_name: str, max_rank: int = 0, energy: float = 1.0):
     read = load_cached(path)
     layers = read.layers
     if max_rank or energy < 1.0:
-        layers = {p: truncate(layer, rank=max_rank or None, energy=energy if energy < 1.0 else None)
-                  for p, layer in layers.items()}
+        layers = {p: truncate(layer, **truncation_limits(max_rank, energy)) for p, layer in layers.items()}
     return path, layers, read.diffs
-
-
-def info_output() -> io.String.Output:
-    # A new object per schema with an explicit id: newer ComfyUI assigns ids to id-less outputs
-    # in place, so one shared instance would carry another node's id.
-    return io.String.Output(id="info", display_name="info", tooltip="Which layers matched, their ranks, "
-                            "and the file keys that matched nothing in this model.")
 
 
 class TriLoRALoader(LorasFileNode):
@@ -79,7 +55,7 @@ class TriLoRALoader(LorasFileNode):
             description="Applies a TriLoRA file to the diffusion model and the text encoder.",
             inputs=[
                 *inputs,
-                file_input(),
+                trilora_file_input(),
                 strength_input("strength_model", "diffusion model"),
                 strength_input("strength_clip", "text encoder"),
                 *truncation_inputs(),
@@ -107,7 +83,7 @@ class TriLoRALoaderModelOnly(LorasFileNode):
             description="Applies a TriLoRA file to the diffusion model only; text-encoder layers are ignored.",
             inputs=[
                 *inputs,
-                file_input(),
+                trilora_file_input(),
                 strength_input("strength_model", "diffusion model"),
                 *truncation_inputs(),
             ],
@@ -176,7 +152,7 @@ class TriLoRALoaderBlockWeights(LorasFileNode):
                         "output says which blocks each slider moves in the model it sees.",
             inputs=[
                 *inputs,
-                file_input(),
+                trilora_file_input(),
                 strength_input("strength_model", "diffusion model"),
                 strength_input("strength_clip", "text encoder"),
                 *[block_multiplier_input(name, what) for name, _, what in BLOCK_MULTIPLIERS],
@@ -200,4 +176,32 @@ class TriLoRALoaderBlockWeights(LorasFileNode):
         return io.NodeOutput(model, clip, f"{report.summary()}; {blocks}; block weights: {weights}")
 
 
-NODES = [TriLoRALoader, TriLoRALoaderModelOnly, TriLoRALoaderBlockWeights]
+class ApplyTriLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ApplyTriLoRA",
+            display_name="Apply TriLoRA",
+            category="training",
+            description="Applies an in-memory TriLoRA (e.g. straight from Train TriLoRA) to a diffusion model, to "
+                        "preview it without saving.",
+            inputs=[
+                io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to."),
+                TRILORA.Input(id="trilora", tooltip="The TriLoRA, e.g. the TRILORA output of Train TriLoRA."),
+                slider_input("strength", "How strongly to modify the diffusion model: 1.0 applies the TriLoRA as "
+                                         "trained, 0 leaves the model untouched, negative values push the other way."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied.")],
+        )
+
+    @classmethod
+    def execute(cls, model, trilora, strength):
+        if not isinstance(trilora, TriLoRAFile) or not trilora.layers:
+            raise ValueError("ApplyTriLoRA: trilora holds no layers; connect the TRILORA output of Train TriLoRA")
+        if strength == 0:
+            return io.NodeOutput(model)
+        out, _, _ = apply_trilora(model, None, trilora.layers, strength, 0.0, "TRILORA (in memory)")
+        return io.NodeOutput(out)
+
+
+NODES = [TriLoRALoader, TriLoRALoaderModelOnly, TriLoRALoaderBlockWeights, ApplyTriLoRA]

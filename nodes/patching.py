@@ -1,5 +1,5 @@
 """Puts TriLoRA layers onto ComfyUI models: file prefixes resolved through ComfyUI's own key maps
-(trilora_core.keys.lookup: every naming and every form of map entry ComfyUI has), shapes checked
+(trilora_core.key_map.lookup: every naming and every form of map entry ComfyUI has), shapes checked
 against the model, then patches added to clones (the inputs are never changed). Everything is
 checked before anything is patched, so a bad file never half-applies."""
 from __future__ import annotations
@@ -11,10 +11,17 @@ from dataclasses import dataclass, field
 import comfy.lora
 import torch
 
-from ..trilora_core import TriLoRAFileError, TriLoRALayer
-from ..trilora_core.keys import lookup, sum_layers, target_of
+from ..trilora_core import (
+    TEXT_ENCODERS,
+    TriLoRAFileError,
+    TriLoRALayer,
+    block_group,
+    lookup,
+    rank_range,
+    sum_layers,
+    target_of,
+)
 from .adapter import TriLoRAAdapter
-from .blocks import TEXT_ENCODERS, block_group
 
 log = logging.getLogger("comfyui-trilora")
 
@@ -36,8 +43,7 @@ class ApplyReport:
         parts = ", ".join(f"{part} {n}" for part, n in self.matched.items()) or "none"
         text = f"{self.source}: {sum(self.matched.values())} of {self.total} layers matched ({parts})"
         if self.ranks:
-            lo, hi = min(self.ranks), max(self.ranks)
-            text += f"; rank {lo}" if lo == hi else f"; rank {lo}-{hi}"
+            text += f"; rank {rank_range(self.ranks)}"
         if self.diffs:
             where = ", ".join(f"{part} {n}" for part, n in self.diffs.items())
             text += (f"; {sum(self.diffs.values())} full-weight diffs (.diff/.diff_b, as ComfyUI's Train LoRA "

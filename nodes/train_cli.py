@@ -28,13 +28,13 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (ComfyUI's root is on sys.path
 from ..trilora_core import TriLoRAFile
 from .dataset import TriLoRASampleImages, image_files, resolve_folder
 from .distributed import STOP, DataParallelTrainer, RankFailedError, RanksLostError, StopRequested, world
-from .loras_folder import NONE_FILE
-from .save import SaveTriLoRA, prefix_location
-from .train import (
+from .loras_folder import NONE_FILE, prefix_location
+from .save import SaveTriLoRA
+from .train import TrainTriLoRA
+from .training import (
     TrainArgs,
     TrainingDivergedError,
     TrainingOutOfMemoryError,
-    TrainTriLoRA,
     split_conditioning,
     split_latents,
     train,

@@ -184,7 +184,7 @@ class Host:
         comfy.utils.PROGRESS_BAR_ENABLED = False  # TrainLoraNode's tqdm bar
         self.torch, self.nodes, self.mm, self.utils = torch, nodes, comfy.model_management, comfy.utils
         self.sd, self.folder_paths = comfy.sd, folder_paths
-        self.train_mod = sys.modules[pack.__name__ + ".nodes.train"]
+        self.train_mod = sys.modules[pack.__name__ + ".nodes.training"]
         self.file_cache = sys.modules[pack.__name__ + ".nodes.file_cache"]
         self.core = sys.modules[pack.__name__ + ".trilora_core"]
         self.device = device
@@ -258,11 +258,10 @@ class Host:
             found = [t for t in find(mp, target) if t.name.endswith("input_blocks.0.0")]
             return found or find(mp, target)[:1]
 
-        self.train_mod.find_targets = first_only
-        try:
-            return self._timed(lambda: self.ours.execute(**kwargs))
-        finally:
-            self.train_mod.find_targets = find
+        class FirstLayerOnly(self.ours):  # the node's seam: which layers train
+            select_targets = staticmethod(first_only)
+
+        return self._timed(lambda: FirstLayerOnly.execute(**kwargs))
 
     def run_theirs(self, model, latents, positive, steps, rank, dtype, checkpointing, settle: bool = True) -> dict:
         # Keyword args only, from the schema's defaults (newer ComfyUI inserts inputs mid-list).

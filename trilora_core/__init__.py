@@ -5,7 +5,8 @@ delta W = (alpha / r) * U @ diag(s) @ Vt for each adapted weight; see DESIGN.md.
 
 from __future__ import annotations
 
-from .canonical import canonicalize, is_canonical, spectrum, truncate
+from .blocks import GROUPS, TEXT_ENCODERS, DepthLayout, block_group, depth_layout
+from .canonical import canonicalize, delta_energy, fix_signs, is_canonical, spectrum, truncate, truncation_limits
 from .convert import lora_to_trilora, trilora_to_lora
 from .errors import TriLoRAFileError
 from .extract import SVD_METHODS, energy_rank, extract_layer, kept_energy
@@ -18,43 +19,115 @@ from .fileformat import (
     read_trilora,
     write_trilora,
 )
-from .keys import prefix_for_weight, prefixes_by_weight, weight_for_prefix
+from .key_map import (
+    kohya_prefixes,
+    layers_by_weight,
+    lookup,
+    prefix_for_weight,
+    prefixes_by_weight,
+    rename_layers,
+    sum_layers,
+    target_of,
+    weight_for_prefix,
+)
+from .kohya import lora_file_bytes, lora_metadata, lora_tensors, write_lora
 from .layer import TriLoRALayer
 from .merge import alias_groups, fold_aliases, merge_files, merge_layers
-from .safetensors_io import content_hash, file_content_hash
-from .training import SCHEDULES, init_layer, lr_lambda, orthogonality_penalty
+from .optimizer import (
+    OPTIMIZERS,
+    SCHEDULES,
+    StaleOptimizerFile,
+    load_optimizer_state,
+    lr_lambda,
+    make_optimizer,
+    optimizer_file_path,
+    param_groups,
+    read_optimizer_file,
+    write_optimizer_file,
+)
+from .safetensors_io import SafetensorsReader, atomic_write_bytes, content_hash, file_content_hash
+from .suffixes import TRILORA_PARTS
+from .text import format_number, rank_range
+from .timesteps import TIMESTEP_SAMPLINGS, sample_noise_levels
+from .training import (
+    LOSS_FUNCTIONS,
+    all_finite,
+    generator,
+    init_layer,
+    loss_function,
+    orthogonality_penalty,
+    sample_indices,
+)
 
 __all__ = [
+    "DepthLayout",
     "FORMAT_VERSION",
+    "GROUPS",
+    "LOSS_FUNCTIONS",
     "MAX_ALPHA",
+    "OPTIMIZERS",
     "SCHEDULES",
     "SVD_METHODS",
+    "SafetensorsReader",
+    "StaleOptimizerFile",
+    "TEXT_ENCODERS",
+    "TIMESTEP_SAMPLINGS",
     "TRAINING_ARGS_KEY",
+    "TRILORA_PARTS",
     "TriLoRAFile",
     "TriLoRAFileError",
     "TriLoRALayer",
     "alias_groups",
+    "all_finite",
+    "atomic_write_bytes",
+    "block_group",
     "canonicalize",
     "content_hash",
+    "delta_energy",
+    "depth_layout",
     "energy_rank",
     "extract_layer",
     "file_content_hash",
+    "fix_signs",
     "fold_aliases",
+    "format_number",
+    "generator",
     "init_layer",
     "is_canonical",
     "kept_energy",
+    "kohya_prefixes",
+    "layers_by_weight",
+    "load_optimizer_state",
+    "lookup",
+    "lora_file_bytes",
+    "lora_metadata",
+    "lora_tensors",
     "lora_to_trilora",
+    "loss_function",
     "lr_lambda",
+    "make_optimizer",
     "merge_files",
     "merge_layers",
+    "optimizer_file_path",
     "orthogonality_penalty",
+    "param_groups",
     "prefix_for_weight",
     "prefixes_by_weight",
+    "rank_range",
     "read_adapter_file",
+    "read_optimizer_file",
     "read_trilora",
+    "rename_layers",
+    "sample_indices",
+    "sample_noise_levels",
     "spectrum",
+    "sum_layers",
+    "target_of",
     "trilora_to_lora",
     "truncate",
+    "truncation_limits",
     "weight_for_prefix",
+    "write_lora",
+    "write_optimizer_file",
     "write_trilora",
 ]

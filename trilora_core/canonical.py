@@ -38,14 +38,18 @@ def _canonical_factors(layer: TriLoRALayer) -> tuple[Tensor, Tensor, Tensor]:
         p, sigma, qh = torch.linalg.svd(core, full_matrices=False)
         new_u = q_u @ p  # [out, k]
         new_vt = qh @ q_v.T  # [k, in]
-        # SVD signs are arbitrary: make each U column's largest entry positive so the same
-        # layer always gives the same bytes on disk.
-        idx = new_u.abs().argmax(dim=0, keepdim=True)
-        signs = torch.sign(torch.gather(new_u, 0, idx)).squeeze(0)
-        signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-        new_u = new_u * signs
-        new_vt = new_vt * signs[:, None]
+        new_u, new_vt = fix_signs(new_u, new_vt)
     return new_u, sigma, new_vt
+
+
+def fix_signs(u: Tensor, vt: Tensor) -> tuple[Tensor, Tensor]:
+    """SVD signs are arbitrary: each U column's largest-magnitude entry made positive (the
+    matching row of the flattened Vt [r, in] flipped with it), so the same delta W always gives
+    the same bytes on disk."""
+    idx = u.abs().argmax(dim=0, keepdim=True)
+    signs = torch.sign(torch.gather(u, 0, idx)).squeeze(0)
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return u * signs, vt * signs[:, None]
 
 
 def canonicalize(layer: TriLoRALayer) -> TriLoRALayer:
@@ -135,3 +139,14 @@ def spectrum(layer: TriLoRALayer) -> Tensor:
     """Singular values of delta W (descending float32), i.e. canonical s times alpha / r."""
     _, sigma, _ = _canonical_factors(layer)
     return (sigma * layer.scale).to(torch.float32)
+
+
+def truncation_limits(max_rank: int, energy: float) -> dict[str, int | float | None]:
+    """``truncate``'s keyword arguments from the nodes' inputs, where max_rank 0 means no limit
+    and energy 1.0 keeps every direction (not "the fewest holding 100%", which drops exact zeros)."""
+    return {"rank": max_rank or None, "energy": energy if energy < 1.0 else None}
+
+
+def delta_energy(layer: TriLoRALayer) -> float:
+    """||delta W||_F^2 from the singular values (cheap: no full-size delta is formed), float64."""
+    return float((spectrum(layer).double() ** 2).sum())

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from .canonical import fix_signs
 from .layer import TriLoRALayer, compute_dtype
 
 SVD_METHODS = ("exact", "randomized")
@@ -41,15 +42,6 @@ def energy_rank(singular_values: Tensor, energy: float, total: float | Tensor | 
         return max(1, int((s2 > 0).sum()))  # all but exact zeros: rounding must never cut one
     reached = (cumulative >= energy * total).nonzero()
     return int(reached[0, 0]) + 1 if reached.numel() else s2.numel()
-
-
-def _fix_signs(u: Tensor, vt: Tensor) -> tuple[Tensor, Tensor]:
-    """The largest-magnitude entry of each U column made positive (V rows flipped with it), as
-    canonicalize does, so the same delta always gives the same bytes."""
-    idx = u.abs().argmax(dim=0, keepdim=True)
-    signs = torch.sign(torch.gather(u, 0, idx)).squeeze(0)
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return u * signs, vt * signs[:, None]
 
 
 def _randomized_svd(flat: Tensor, q: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,7 +100,7 @@ def extract_layer(
         k = min(cap, max(1, int((s[:cap] > tolerance).sum())))
         if energy is not None and energy < 1.0:
             k = min(k, energy_rank(s[:cap], energy, total=total))
-        u, vt = _fix_signs(u[:, :k], vt[:k])
+        u, vt = fix_signs(u[:, :k], vt[:k])
         s = s[:k].clamp_min(0)
     return TriLoRALayer(
         u=u.contiguous(),

@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .adapter_keys import (
+from .canonical import canonicalize, is_canonical
+from .convert import lora_to_trilora
+from .errors import TriLoRAFileError
+from .layer import TriLoRALayer
+from .safetensors_io import SafetensorsReader, atomic_write_bytes, data_hash, serialize
+from .suffixes import (
     ALPHA_PART,
     LORA_MID_SUFFIX,
     LORA_NAMINGS,
@@ -26,11 +31,7 @@ from .adapter_keys import (
     split_lora_key,
     split_trilora_key,
 )
-from .canonical import canonicalize, is_canonical
-from .convert import lora_to_trilora
-from .errors import TriLoRAFileError
-from .layer import TriLoRALayer
-from .safetensors_io import SafetensorsReader, atomic_write_bytes, data_hash, serialize
+from .text import format_number
 
 FORMAT_VERSION = "1"
 FORMAT_KEY = "trilora_format"
@@ -94,10 +95,6 @@ def _fits_float32(layer: TriLoRALayer, maxima: tuple[float, float, float] | None
             return False
         bound *= factor
     return bound <= _FLOAT32_MAX
-
-
-def _format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 # --------------------------------------------------------------------------- reading
@@ -395,7 +392,7 @@ def _format_metadata(layers: Mapping[str, TriLoRALayer], alphas: Mapping[str, fl
         FORMAT_KEY: FORMAT_VERSION,
         "ss_network_module": "trilora",
         "ss_network_dim": str(max_rank),
-        "ss_network_alpha": _format_number(alpha),
+        "ss_network_alpha": format_number(alpha),
     }
 
 

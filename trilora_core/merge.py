@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .adapter_keys import alias_key
 from .canonical import canonicalize, truncate
 from .layer import TriLoRALayer, compute_dtype
+from .suffixes import alias_key
 
 
 def _check_weight(weight: float, where: str) -> float:

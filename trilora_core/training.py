@@ -1,16 +1,19 @@
-"""Training pieces: seeded initial factors, the orthogonality penalty, learning-rate schedules."""
+"""One training run's math, with no model and no optimizer: seeded initial factors, the
+orthogonality penalty, the loss of a prediction error, seeded data streams, finiteness checks.
+(The optimizer, its learning rates, schedule and saved state are in optimizer.py.)"""
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from .layer import TriLoRALayer
 
-SCHEDULES = ("constant", "cosine", "linear")
+LOSS_FUNCTIONS = ("MSE", "L1", "Huber", "SmoothL1")
 
 
 def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
@@ -69,30 +72,51 @@ def orthogonality_penalty(u: Tensor, vt: Tensor) -> Tensor:
     return torch.linalg.matrix_norm(u32.T @ u32 - eye_u) + torch.linalg.matrix_norm(v32 @ v32.T - eye_v)
 
 
-def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor per step for ``torch.optim.lr_scheduler.LambdaLR``.
+def loss_function(name: str) -> Callable[[Tensor], Tensor]:
+    """The loss of a prediction error tensor (prediction - target), reduced to a scalar mean."""
+    if name == "MSE":
+        return lambda err: err.square().mean()
+    if name == "L1":
+        return lambda err: err.abs().mean()
+    if name == "Huber":
+        return lambda err: torch.nn.functional.huber_loss(err, torch.zeros_like(err))
+    if name == "SmoothL1":
+        return lambda err: torch.nn.functional.smooth_l1_loss(err, torch.zeros_like(err))
+    raise ValueError(f"unknown loss_function {name!r}; expected one of {', '.join(LOSS_FUNCTIONS)}")
 
-    Linear warm-up from 0 over ``warmup_steps``, then "constant" (1), "linear" (down to 0 at
-    ``total_steps``) or "cosine" (half a cosine down to 0 at ``total_steps``).
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(
-            f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(map(repr, SCHEDULES))}"
-        )
-    if total_steps < 0 or warmup_steps < 0:
-        raise ValueError(
-            f"lr_lambda: steps must not be negative, got total_steps={total_steps}, warmup_steps={warmup_steps}"
-        )
-    decay_steps = max(1, total_steps - warmup_steps)
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / decay_steps)
-        if schedule == "linear":
-            return 1.0 - progress
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed for one purpose (e.g. ("noise", step, micro_step)) of a run's seed.
 
-    return factor
+    Each random draw gets its own generator seeded this way, so the stream at step k does not
+    depend on how the run got there: a resumed run draws what an uninterrupted one would."""
+    text = ":".join(str(p) for p in (int(seed), *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def generator(seed: int, *parts: object) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts))
+
+
+def sample_indices(seed: int, num_items: int, start: int, count: int) -> list[int]:
+    """Items ``start .. start + count - 1`` of an endless stream that visits all ``num_items``
+    once per epoch, in a fresh seeded order each epoch."""
+    if num_items < 1:
+        raise ValueError("sample_indices: num_items must be at least 1")
+    out: list[int] = []
+    epoch_cache: dict[int, list[int]] = {}
+    for position in range(start, start + count):
+        epoch, offset = divmod(position, num_items)
+        if epoch not in epoch_cache:
+            epoch_cache[epoch] = torch.randperm(num_items, generator=generator(seed, "order", epoch)).tolist()
+        out.append(epoch_cache[epoch][offset])
+    return out
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return True
+    # Each tensor's min and max hold any NaN or inf it has: one pass each (isfinite costs about
+    # ten times as much), then one reduction and one sync for the lot.
+    return bool(torch.stack([bound for t in tensors for bound in torch.aminmax(t.detach())]).isfinite().all())

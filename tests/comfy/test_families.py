@@ -187,13 +187,13 @@ def test_latents_of_another_model_are_refused_by_name(comfy_host, name, shape, m
 
 
 def block_lists(comfy_host, model):
-    blocks = pack_module(comfy_host, "nodes.blocks")
+    blocks = pack_module(comfy_host, "trilora_core.blocks")
     return blocks.depth_layout(n for n, _ in model.model.named_parameters()).lists
 
 
 @pytest.mark.parametrize("name", ["flux-dev", "sd3.5", "wan2.1", "qwen-image", "lumina2", "z-image"])
 def test_the_attention_preset_adapts_attention_in_every_block(comfy_host, name):
-    train_module = pack_module(comfy_host, "nodes.train")
+    train_module = pack_module(comfy_host, "nodes.training")
     tiny = tiny_model(name)
     attention = {t.name for t in train_module.find_targets(tiny.model, "attention")}
     feedforward = {t.name for t in train_module.find_targets(tiny.model, "attention+feedforward")}
@@ -205,7 +205,7 @@ def test_the_attention_preset_adapts_attention_in_every_block(comfy_host, name):
 
 
 def test_a_flux_single_blocks_fused_linears_count_as_attention(comfy_host):
-    train_module = pack_module(comfy_host, "nodes.train")
+    train_module = pack_module(comfy_host, "nodes.training")
     attention = {t.name for t in train_module.find_targets(tiny_model("flux-dev").model, "attention")}
     assert {"diffusion_model.single_blocks.0.linear1", "diffusion_model.single_blocks.0.linear2",
             "diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.double_blocks.0.txt_attn.proj"} <= attention
@@ -253,8 +253,8 @@ def test_a_wan_trained_file_says_it_is_wan(comfy_host):
 ])
 def test_block_weights_move_each_familys_own_blocks(comfy_host, name, described, groups):
     core = comfy_host.core
-    train_module = pack_module(comfy_host, "nodes.train")
-    blocks = pack_module(comfy_host, "nodes.blocks")
+    train_module = pack_module(comfy_host, "nodes.training")
+    blocks = pack_module(comfy_host, "trilora_core.blocks")
     tiny = tiny_model(name)
     g = torch.Generator().manual_seed(1)
     targets = train_module.find_targets(tiny.model, "all linear")

@@ -124,7 +124,7 @@ def test_every_naming_and_dtype_loads_as_lora_loader_patches_it(comfy_host, tiny
 # --------------------------------------------------------------------------- issue 13's inputs on SD1.5
 
 def train_module(comfy_host):
-    return sys.modules[comfy_host.pack.__name__ + ".nodes.train"]
+    return sys.modules[comfy_host.pack.__name__ + ".nodes.training"]
 
 
 def train_node(comfy_host, model, latents, positive, **inputs):

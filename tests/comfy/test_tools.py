@@ -235,7 +235,7 @@ def test_export_refuses_factors_that_overflow_half_precision(comfy_host, tiny):
     ("something_else", "Other"),
 ])
 def test_layers_are_grouped_by_model_part_in_every_naming(comfy_host, name, group):
-    blocks = __import__(comfy_host.pack.__name__ + ".nodes.blocks", fromlist=["block_group"])
+    blocks = __import__(comfy_host.pack.__name__ + ".trilora_core.blocks", fromlist=["block_group"])
     assert blocks.block_group(name) == group
 
 
@@ -457,7 +457,7 @@ def test_spectrum_plots_each_group_and_sums_up_effective_ranks(comfy_host, tiny)
     def has(color):
         return bool((np.abs(pixels - np.array(color)).sum(axis=-1) == 0).any())
 
-    from_pack = __import__(comfy_host.pack.__name__ + ".nodes.spectrum", fromlist=["COLORS"]).COLORS
+    from_pack = __import__(comfy_host.pack.__name__ + ".nodes.spectrum_plot", fromlist=["COLORS"]).COLORS
     assert has(from_pack["UNet input blocks"]) and has(from_pack["Text encoder"])
     assert not has(from_pack["UNet middle block"]) and not has(from_pack["UNet output blocks"])
 

@@ -49,7 +49,7 @@ def data(comfy_host):
         latent = nodes.VAEEncode().encode(vae, make_images(4, seed=0))[0]
         wide = nodes.VAEEncode().encode(vae, make_images(1, seed=1, width=96))[0]
         conds = [nodes.CLIPTextEncode().encode(clip, c)[0] for c in CAPTIONS]
-    train_module = sys.modules[comfy_host.pack.__name__ + ".nodes.train"]
+    train_module = sys.modules[comfy_host.pack.__name__ + ".nodes.training"]
     adapter_module = sys.modules[comfy_host.pack.__name__ + ".nodes.adapter"]
     return SimpleNamespace(model=model, latent=latent, wide=wide, conds=conds, train_module=train_module,
                            adapter_module=adapter_module)

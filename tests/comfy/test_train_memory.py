@@ -46,7 +46,7 @@ def test_no_weight_sized_tensor_per_step_under_the_executors_inference_mode(comf
                                                                             checkpointing):
     import sys
 
-    train = sys.modules[comfy_host.pack.__name__ + ".nodes.train"]
+    train = sys.modules[comfy_host.pack.__name__ + ".nodes.training"]
     shapes = {tuple(m.weight.shape) for m in executor_model.model.diffusion_model.modules()
               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim >= 2
               and m.weight.numel() >= 64 * 64}

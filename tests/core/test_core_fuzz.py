@@ -56,8 +56,8 @@ from trilora_core import (
     read_trilora,
     write_trilora,
 )
-from trilora_core.adapter_keys import LORA_NAMINGS, split_diff_key, split_lora_key, split_trilora_key
 from trilora_core.canonical import is_canonical
+from trilora_core.suffixes import LORA_NAMINGS, split_diff_key, split_lora_key, split_trilora_key
 
 REPO = Path(__file__).resolve().parents[2]
 _DEEP = os.environ.get("TRILORA_FUZZ_EXAMPLES")

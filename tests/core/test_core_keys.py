@@ -5,7 +5,7 @@ import torch
 from core_helpers import random_layer
 
 from trilora_core import TriLoRALayer, prefix_for_weight, prefixes_by_weight, weight_for_prefix
-from trilora_core.keys import Target, layers_by_weight, lookup, target_of
+from trilora_core.key_map import Target, layers_by_weight, lookup, target_of
 
 PROJ_IN = "diffusion_model.input_blocks.1.1.proj_in.weight"
 TO_Q = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
@@ -96,7 +96,7 @@ def test_prefixes_by_weight_matches_prefix_for_weight_and_is_deterministic() -> 
     assert prefixes_by_weight(reversed_map) == chosen
 
 
-# --------------------------------------------------------------------------- resolution (trilora_core.keys)
+# --------------------------------------------------------------------------- resolution (trilora_core.key_map)
 
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """What ComfyUI's swap_scale_shift does to a delta: its two row halves swapped."""

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trilora_core import TriLoRALayer, alias_groups, fold_aliases, is_canonical, merge_files, merge_layers, spectrum
-from trilora_core.adapter_keys import alias_key
+from trilora_core.suffixes import alias_key
 
 
 @st.composite

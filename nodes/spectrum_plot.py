@@ -1,4 +1,4 @@
-"""For TriLoRASpectrum (nodes/tools.py): each layer's singular values and cumulative energy as a
+"""For TriLoRASpectrum (nodes/tools/spectrum.py): each layer's singular values and cumulative energy as a
 picture, and a text summary of how many directions each part of the model really uses. Drawn with
 PIL only; no ComfyUI import."""
 from __future__ import annotations
@@ -10,8 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..trilora_core import TriLoRALayer, energy_rank, spectrum
-from .blocks import GROUPS, block_group
+from ..trilora_core import GROUPS, TriLoRALayer, block_group, energy_rank, rank_range, spectrum
 
 WIDTH, HEIGHT = 1024, 768
 BACKGROUND = (255, 255, 255)
@@ -62,8 +61,7 @@ def summary(spectra: list[LayerSpectrum], source: str) -> str:
     """Per group: layers, ranks, directions for 90% / 99% of each layer's energy, energy share."""
     ranks = [len(s.values) for s in spectra]
     total = sum(s.energy for s in spectra)
-    lines = [f"TriLoRA spectrum of {source}: {len(spectra)} layers, rank "
-             f"{min(ranks) if min(ranks) == max(ranks) else f'{min(ranks)}-{max(ranks)}'}",
+    lines = [f"TriLoRA spectrum of {source}: {len(spectra)} layers, rank {rank_range(ranks)}",
              "r90 / r99 = directions holding 90% / 99% of a layer's energy (sum of squared singular values); "
              "mean and max over the group's layers.",
              f"{'group':<20}{'layers':>7}{'rank':>9}{'r90 mean':>10}{'max':>5}{'r99 mean':>10}{'max':>5}{'energy':>9}"]
@@ -75,8 +73,7 @@ def summary(spectra: list[LayerSpectrum], source: str) -> str:
         r90 = [s.rank_for(0.9) for s in members]
         r99 = [s.rank_for(0.99) for s in members]
         share = sum(s.energy for s in members) / total if total > 0 else 0.0
-        rank_text = str(rk[0]) if min(rk) == max(rk) else f"{min(rk)}-{max(rk)}"
-        lines.append(f"{group:<20}{len(members):>7}{rank_text:>9}{np.mean(r90):>10.1f}{max(r90):>5}"
+        lines.append(f"{group:<20}{len(members):>7}{rank_range(rk):>9}{np.mean(r90):>10.1f}{max(r90):>5}"
                      f"{np.mean(r99):>10.1f}{max(r99):>5}{share:>8.1%}")
     for share in SHARES:
         kept = [s.rank_for(share) for s in spectra]

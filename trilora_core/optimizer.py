@@ -1,5 +1,6 @@
-"""Training plumbing that needs no model: per-factor learning rates, optimizers, losses, seeded
-data streams, and optimizer state as plain tensors (for safetensors checkpoints).
+"""The optimizer of a training run, with no model: per-factor learning rates, the optimizers,
+learning-rate schedules, and optimizer state as plain tensors in the resume side-file that sits
+beside a checkpoint (``<name>.optim``). (Initial factors, losses and seeds are in training.py.)
 
 Why s gets its own learning rate: with Adam every parameter moves by about the learning rate per
 step. A change of s_i by e changes delta W by e * (alpha / r) * u_i v_i^T, whose entries are only
@@ -10,15 +11,18 @@ the weight by about ``learning_rate * s_lr_scale * alpha / r`` per entry, as a L
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from .layer import TriLoRALayer
+from .safetensors_io import SafetensorsReader, atomic_write_bytes, file_content_hash, serialize
+
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
-LOSS_FUNCTIONS = ("MSE", "L1", "Huber", "SmoothL1")
+SCHEDULES = ("constant", "cosine", "linear")
 _STATE_PREFIX = "state."
 
 
@@ -76,54 +80,33 @@ def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
     return classes[name](groups, lr=groups[0]["lr"])
 
 
-def loss_function(name: str) -> Callable[[Tensor], Tensor]:
-    """The loss of a prediction error tensor (prediction - target), reduced to a scalar mean."""
-    if name == "MSE":
-        return lambda err: err.square().mean()
-    if name == "L1":
-        return lambda err: err.abs().mean()
-    if name == "Huber":
-        return lambda err: torch.nn.functional.huber_loss(err, torch.zeros_like(err))
-    if name == "SmoothL1":
-        return lambda err: torch.nn.functional.smooth_l1_loss(err, torch.zeros_like(err))
-    raise ValueError(f"unknown loss_function {name!r}; expected one of {', '.join(LOSS_FUNCTIONS)}")
+def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor per step for ``torch.optim.lr_scheduler.LambdaLR``.
 
+    Linear warm-up from 0 over ``warmup_steps``, then "constant" (1), "linear" (down to 0 at
+    ``total_steps``) or "cosine" (half a cosine down to 0 at ``total_steps``).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(
+            f"unknown learning-rate schedule {schedule!r}; expected one of {', '.join(map(repr, SCHEDULES))}"
+        )
+    if total_steps < 0 or warmup_steps < 0:
+        raise ValueError(
+            f"lr_lambda: steps must not be negative, got total_steps={total_steps}, warmup_steps={warmup_steps}"
+        )
+    decay_steps = max(1, total_steps - warmup_steps)
 
-def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed for one purpose (e.g. ("noise", step, micro_step)) of a run's seed.
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
 
-    Each random draw gets its own generator seeded this way, so the stream at step k does not
-    depend on how the run got there: a resumed run draws what an uninterrupted one would."""
-    text = ":".join(str(p) for p in (int(seed), *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def generator(seed: int, *parts: object) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts))
-
-
-def sample_indices(seed: int, num_items: int, start: int, count: int) -> list[int]:
-    """Items ``start .. start + count - 1`` of an endless stream that visits all ``num_items``
-    once per epoch, in a fresh seeded order each epoch."""
-    if num_items < 1:
-        raise ValueError("sample_indices: num_items must be at least 1")
-    out: list[int] = []
-    epoch_cache: dict[int, list[int]] = {}
-    for position in range(start, start + count):
-        epoch, offset = divmod(position, num_items)
-        if epoch not in epoch_cache:
-            epoch_cache[epoch] = torch.randperm(num_items, generator=generator(seed, "order", epoch)).tolist()
-        out.append(epoch_cache[epoch][offset])
-    return out
-
-
-def all_finite(tensors: Iterable[Tensor]) -> bool:
-    tensors = [t for t in tensors if t is not None]
-    if not tensors:
-        return True
-    # Each tensor's min and max hold any NaN or inf it has: one pass each (isfinite costs about
-    # ten times as much), then one reduction and one sync for the lot.
-    return bool(torch.stack([bound for t in tensors for bound in torch.aminmax(t.detach())]).isfinite().all())
+    return factor
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -171,3 +154,55 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str,
         new_state[param] = state
     for param, state in new_state.items():
         optimizer.state[param] = state
+
+
+# --------------------------------------------------------------------------- the resume side-file
+
+OPTIMIZER_FILE_SUFFIX = ".optim"  # not a model extension, so the side-file never shows in the loras list
+FOR_HASH_KEY = "trilora_for_hash"  # the content hash of the adapter file the side-file belongs to
+PARAM_PREFIX = "param."  # the raw (not canonicalized) factors the optimizer state refers to
+_FACTORS = ("trilora_u", "trilora_s", "trilora_vt")
+
+
+def optimizer_file_path(path: str | os.PathLike[str]) -> str:
+    """``<adapter file without extension>.optim``."""
+    root, _ = os.path.splitext(os.fspath(path))
+    return root + OPTIMIZER_FILE_SUFFIX
+
+
+def write_optimizer_file(path: str | os.PathLike[str], optimizer: torch.optim.Optimizer, optimizer_name: str) -> str:
+    """Writes the side-file of the adapter file at ``path`` (already written): the optimizer's
+    state (``optimizer_state_tensors``), each parameter as ``param.<name>`` (float32 as trained;
+    the adapter file holds them canonicalized), and the adapter file's content hash, so a
+    side-file left beside another version of the file is never used. Atomic; returns its path."""
+    tensors = optimizer_state_tensors(optimizer)
+    for group in optimizer.param_groups:
+        for name, param in zip(group["names"], group["params"], strict=True):
+            tensors[PARAM_PREFIX + name] = param.detach().cpu().contiguous().clone()
+    meta = {FOR_HASH_KEY: file_content_hash(path), "optimizer": optimizer_name}
+    side = optimizer_file_path(path)
+    atomic_write_bytes(side, serialize(tensors, meta))
+    return side
+
+
+def read_optimizer_file(path: str | os.PathLike[str], layers: Mapping[str, TriLoRALayer]
+                        ) -> tuple[dict[str, TriLoRALayer], dict[str, Tensor]] | None:
+    """(the raw layers the optimizer state refers to, all the side-file's tensors for
+    ``load_optimizer_state``) from the side-file of the adapter file at ``path``, whose layers
+    are ``layers`` (alphas are taken from them). None when there is no side-file. Raises
+    ``StaleOptimizerFile`` when it belongs to another version of the file; other errors (KeyError
+    for a missing factor, safetensors' errors) pass through."""
+    side = optimizer_file_path(path)
+    if not os.path.exists(side):
+        return None
+    with SafetensorsReader(side) as reader:
+        if reader.metadata().get(FOR_HASH_KEY) != file_content_hash(path):
+            raise StaleOptimizerFile(side)
+        tensors = {k: reader.tensor(k) for k in reader.keys()}
+    raw = {prefix: TriLoRALayer(*(tensors[f"{PARAM_PREFIX}{prefix}.{f}"] for f in _FACTORS), layer.alpha)
+           for prefix, layer in layers.items()}
+    return raw, tensors
+
+
+class StaleOptimizerFile(ValueError):
+    """The side-file was written for another version of its adapter file."""

@@ -1,4 +1,4 @@
-"""trilora_core.optim: per-factor learning rates, optimizers, losses, seeded streams and
+"""trilora_core.optimizer and trilora_core.training: per-factor learning rates, optimizers, losses, seeded streams and
 optimizer state round trips (no ComfyUI)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from trilora_core import init_layer
-from trilora_core import optim as topt
+from trilora_core import init_layer, training
+from trilora_core import optimizer as topt
 
 
 def _factors(shapes: dict[str, tuple[int, ...]], rank: int, seed: int = 0):
@@ -87,37 +87,37 @@ def test_adam_optimizers_take_the_fused_kernel_with_the_same_updates(name):
 
 def test_loss_functions():
     err = torch.tensor([0.5, -2.0])
-    assert topt.loss_function("MSE")(err).item() == pytest.approx((0.25 + 4.0) / 2)
-    assert topt.loss_function("L1")(err).item() == pytest.approx(1.25)
-    assert topt.loss_function("Huber")(err).item() == pytest.approx((0.125 + 1.5) / 2)
-    assert topt.loss_function("SmoothL1")(err).item() == pytest.approx((0.125 + 1.5) / 2)
+    assert training.loss_function("MSE")(err).item() == pytest.approx((0.25 + 4.0) / 2)
+    assert training.loss_function("L1")(err).item() == pytest.approx(1.25)
+    assert training.loss_function("Huber")(err).item() == pytest.approx((0.125 + 1.5) / 2)
+    assert training.loss_function("SmoothL1")(err).item() == pytest.approx((0.125 + 1.5) / 2)
     with pytest.raises(ValueError, match="unknown loss_function 'L3'"):
-        topt.loss_function("L3")
+        training.loss_function("L3")
 
 
 def test_derived_seeds_are_stable_and_distinct():
-    assert topt.derive_seed(0, "noise", 1, 0) == topt.derive_seed(0, "noise", 1, 0)
-    seeds = {topt.derive_seed(s, "noise", k, 0) for s in range(3) for k in range(50)}
+    assert training.derive_seed(0, "noise", 1, 0) == training.derive_seed(0, "noise", 1, 0)
+    seeds = {training.derive_seed(s, "noise", k, 0) for s in range(3) for k in range(50)}
     assert len(seeds) == 150 and all(0 <= x < 2**63 for x in seeds)
-    a = torch.randn(4, generator=topt.generator(7, "init"))
-    assert torch.equal(a, torch.randn(4, generator=topt.generator(7, "init")))
+    a = torch.randn(4, generator=training.generator(7, "init"))
+    assert torch.equal(a, torch.randn(4, generator=training.generator(7, "init")))
 
 
 def test_sample_indices_visit_every_item_once_per_epoch_and_resume_exactly():
-    stream = topt.sample_indices(5, 7, 0, 21)
+    stream = training.sample_indices(5, 7, 0, 21)
     for epoch in range(3):
         assert sorted(stream[7 * epoch: 7 * epoch + 7]) == list(range(7))
     assert stream[:7] != stream[7:14]  # a new order each epoch
     # Any window equals the same slice of the whole stream (what resuming relies on).
-    assert topt.sample_indices(5, 7, 9, 6) == stream[9:15]
-    assert topt.sample_indices(6, 7, 0, 7) != stream[:7]
+    assert training.sample_indices(5, 7, 9, 6) == stream[9:15]
+    assert training.sample_indices(6, 7, 0, 7) != stream[:7]
 
 
 def test_all_finite():
-    assert topt.all_finite([torch.ones(3), None, torch.zeros(2, 2)])
-    assert not topt.all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
-    assert not topt.all_finite([torch.tensor([float("inf")])])
-    assert topt.all_finite([])
+    assert training.all_finite([torch.ones(3), None, torch.zeros(2, 2)])
+    assert not training.all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert not training.all_finite([torch.tensor([float("inf")])])
+    assert training.all_finite([])
 
 
 def _train(opt, params, steps, seed):

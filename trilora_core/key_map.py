@@ -4,7 +4,9 @@ which nodes/ passes in): the one place where any file naming is resolved to a we
 A key map is {file_prefix: value}, with many aliases per weight (kohya ``lora_unet_...``/
 ``lora_te_...`` names, generic ``diffusion_model....`` names, diffusers/PEFT names, ...). The
 value names the weight in one of three forms (``target_of``). Choosing the name to write a weight
-under: ``prefix_for_weight``; reading a file: ``lookup`` and ``layers_by_weight``.
+under: ``prefix_for_weight``; reading a file: ``lookup`` and ``layers_by_weight``; writing a
+file's layers under the names of a model's key map (the converter and the kohya export):
+``rename_layers`` with ``prefixes_by_weight`` or ``kohya_prefixes``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .layer import TriLoRALayer
-from .merge import merge_layers
+from .merge import alias_groups, fold_aliases, merge_layers
 
 KeyMap = Mapping[str, "str | tuple"]
 
@@ -244,3 +246,41 @@ def layers_by_weight(
 def sum_layers(layers: Sequence[TriLoRALayer]) -> TriLoRALayer:
     """The canonical layer whose delta is the sum of the layers' deltas (exact)."""
     return merge_layers([(layer, 1.0) for layer in layers])
+
+
+def kohya_prefixes(key_map: KeyMap) -> dict[str, str]:
+    """{weight key: name kohya's sd-scripts use}: diffusers-style lora_unet_down_blocks_... for the
+    UNet where ComfyUI knows one, lora_te_/lora_te1_/lora_te2_ for text encoders."""
+    chosen = prefixes_by_weight(key_map)
+    diffusers: dict[str, str] = {}
+    for alias, target in key_map.items():
+        if not isinstance(target, str) or not alias.startswith("lora_unet_"):
+            continue
+        mechanical = "lora_unet_" + target.removeprefix(_UNET_MODEL_PREFIX).removesuffix(_WEIGHT_SUFFIX).replace(".", "_")
+        if alias != mechanical and (target not in diffusers or alias < diffusers[target]):
+            diffusers[target] = alias
+    return {weight: diffusers.get(weight, prefix) for weight, prefix in chosen.items()}
+
+
+def rename_layers(layers: Mapping[str, TriLoRALayer], key_map: KeyMap | None,
+                  weight_shapes: Mapping[str, Sequence[int]], names: Mapping[str, str]
+                  ) -> tuple[dict[str, TriLoRALayer], list[str], list[list[str]]]:
+    """(layers under the chosen names, prefixes the model does not know (kept as they are), groups
+    of prefixes that adapt one weight). With a key map (and the model's ``weight_shapes``) each
+    prefix is resolved to its weight (``layers_by_weight``) and saved under ``names[weight]``, else
+    ``prefix_for_weight``; without one (None), aliases are told by their names alone. Entries on one
+    weight become one layer with their summed delta (exact). Raises ValueError when a layer does
+    not fit its weight, or when an unknown prefix would take the name of a renamed layer."""
+    if key_map is None:
+        return fold_aliases(layers), [], alias_groups(layers)
+    try:
+        resolved = layers_by_weight(layers, key_map, weight_shapes)
+    except ValueError as err:
+        raise ValueError(f"{err}; was the adapter made for another base model?") from None
+    out = {names.get(weight, prefix_for_weight(weight, key_map)): layer for weight, layer in resolved.layers.items()}
+    for prefix in resolved.unknown:
+        if prefix in out:
+            raise ValueError(f"layer {prefix} is not in the connected model, and another layer is saved under "
+                             "that name; connect the model the adapter was made for")
+        out[prefix] = layers[prefix]
+    return dict(sorted(out.items())), resolved.unknown, list(resolved.aliases().values())

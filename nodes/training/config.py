@@ -1,0 +1,188 @@
+"""TrainArgs: the one definition of every TrainTriLoRA setting. Each field carries its widget (type,
+range, tooltip) and its rule, so the node's schema (``schema_inputs``), its ``execute`` (``from_inputs``),
+the check (``check``), the file's metadata (``asdict``) and the command line (nodes/train_cli.py,
+built from the schema) all read one place. Field order is the node's input order: saved workflows
+depend on it, so new settings go at the end, optional."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import torch
+from comfy_api.latest import io
+
+from ...trilora_core import LOSS_FUNCTIONS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
+from ..family_training import AUTO, DEFAULT_GUIDANCE
+from ..loras_folder import NONE_FILE, file_choice, prefix_location
+
+NODE = "TrainTriLoRA"
+TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+TARGETS = ("attention", "attention+feedforward", "all linear", "all linear+conv")
+
+# Defaults (see docs/training-defaults.md for why).
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 8.0
+DEFAULT_LR = 5e-4
+DEFAULT_S_LR_SCALE = 1.0
+DEFAULT_TARGET = "all linear+conv"
+DEFAULT_CHECKPOINT_PREFIX = "trilora/checkpoints/trilora"
+
+Rule = Callable[[str, object], "str | None"]  # (input name, value) -> what is wrong, or None
+
+
+def at_least(lowest: int) -> Rule:
+    return lambda name, v: None if v >= lowest else f"{name} must be at least {lowest}, got {v}"
+
+
+def zero_is_off(name: str, v) -> str | None:
+    return None if v >= 0 else f"{name} must be 0 (off) or more, got {v}"
+
+
+def not_negative(name: str, v) -> str | None:
+    return None if v >= 0 else f"{name} must not be negative, got {v}"
+
+
+def positive(name: str, v) -> str | None:
+    return None if math.isfinite(v) and v > 0 else f"{name} must be a positive number, got {v}"
+
+
+def zero_or_more(name: str, v) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else f"{name} must be 0 or more, got {v}"
+
+
+def one_of(choices) -> Rule:
+    return lambda name, v: None if v in choices else f"{name} must be one of {', '.join(choices)}, got {v!r}"
+
+
+def in_loras_folder(name: str, v) -> None:
+    prefix_location(v, NODE, name)  # raises ValueError naming the input
+
+
+@dataclass(frozen=True)
+class Widget:
+    """How one setting shows in ComfyUI: its io type (or "file" for a loras folder choice), its
+    options (min, max, step, options), tooltip, whether it is optional, and its rule."""
+
+    kind: object
+    tooltip: str
+    options: dict
+    rule: Rule | None
+    optional: bool
+
+    def build(self, name: str, default):
+        if self.kind == "file":
+            return file_choice(name, self.tooltip, none=True, optional=self.optional)
+        extra = {"optional": True} if self.optional else {}
+        return self.kind.Input(id=name, default=default, **self.options, **extra, tooltip=self.tooltip)
+
+
+def setting(default, kind, tooltip: str, rule: Rule | None = None, optional: bool = True, **options):
+    return field(default=default, metadata={"widget": Widget(kind, tooltip, options, rule, optional)})
+
+
+def required(default, kind, tooltip: str, rule: Rule | None = None, **options):
+    return setting(default, kind, tooltip, rule, optional=False, **options)
+
+
+def _choices(default, choices, tooltip: str, optional: bool = True):
+    return setting(default, io.Combo, tooltip, one_of(choices), optional, options=list(choices))
+
+
+@dataclass
+class TrainArgs:
+    """The run's arguments, as stored in the file's metadata (``trilora_training_args``)."""
+
+    steps: int = required(100, io.Int, "Optimizer steps to train (each sees batch_size x grad_accumulation_steps "
+                          "images).", at_least(1), min=1, max=1_000_000)
+    rank: int = required(DEFAULT_RANK, io.Int, "Rank r of each adapted layer (number of singular directions). "
+                         "Ignored when resuming: the file's rank is kept.", at_least(1), min=1, max=512)
+    learning_rate: float = required(DEFAULT_LR, io.Float, "Learning rate of U and V, as for a LoRA. s gets its "
+                                    "own, larger one (see s_learning_rate_scale).", positive, min=1e-7, max=10.0,
+                                    step=1e-6)
+    seed: int = required(0, io.Int, "Decides everything random: initial factors, image order, noise and noise "
+                         "levels. The same seed gives the same TriLoRA.", min=0, max=0xFFFFFFFFFFFFFFFF)
+    alpha: float = required(DEFAULT_ALPHA, io.Float, "The update is scaled by alpha / rank, as for a LoRA (and "
+                            "kept in the file).", positive, min=0.001, max=4096.0, step=0.5)
+    batch_size: int = required(1, io.Int, "Images per forward pass.", at_least(1), min=1, max=10000)
+    training_dtype: str = _choices("bf16", TRAINING_DTYPES, "Precision of the model's forward and backward "
+                                   "(autocast); the adapter itself trains in fp32. fp16 uses loss scaling. Use "
+                                   "fp32 on a CPU.", optional=False)
+    gradient_checkpointing: bool = required(True, io.Boolean, "Recompute activations in the backward pass: much "
+                                            "less memory, about a third slower. Always on for Flux, Chroma and "
+                                            "HunyuanVideo, whose blocks need it.")
+    grad_accumulation_steps: int = setting(1, io.Int, "Forward/backward passes whose gradients are added up per "
+                                           "optimizer step.", at_least(1), min=1, max=1024)
+    optimizer: str = _choices("AdamW", OPTIMIZERS, "The optimizer (torch defaults; AdamW has weight decay 0.01).")
+    lr_schedule: str = _choices("constant", SCHEDULES, "How the learning rate changes over the run (after "
+                                "warm-up).")
+    warmup_steps: int = setting(0, io.Int, "Steps over which the learning rate rises linearly from 0.",
+                                not_negative, min=0, max=1_000_000)
+    loss_function: str = _choices("MSE", LOSS_FUNCTIONS, "Loss on the model's own prediction (noise, v or flow), "
+                                  "per element.")
+    s_learning_rate_scale: float = setting(
+        DEFAULT_S_LR_SCALE, io.Float, "How fast s learns: one step changes each weight entry by about "
+        "learning_rate x this x alpha / rank (s's own learning rate is learning_rate x this x sqrt(out x in / "
+        "rank)). 1 learns as fast as ComfyUI's LoRA training or faster; lower it if training is unstable.",
+        positive, min=0.001, max=1000.0, step=0.01)
+    orthogonality_penalty: float = setting(0.0, io.Float, "Weight of AdaLoRA's penalty ||U^T U - I|| + ||V V^T - "
+                                           "I|| (mean over layers). 0 (off) learns fastest; saved files are made "
+                                           "orthonormal anyway.", zero_or_more, min=0.0, max=100.0, step=0.01)
+    target_layers: str = _choices(DEFAULT_TARGET, TARGETS, "Which layers of the diffusion model get an adapter. "
+                                  "attention includes fused layers that carry attention (a Flux single block's "
+                                  "linear1 and linear2). Ignored when resuming.")
+    existing_lora: str = setting(NONE_FILE, "file", "Continue training this TriLoRA (or LoRA) file from the loras "
+                                 "folder: its layers, step count and, for a checkpoint, optimizer state. [None] "
+                                 "starts fresh.")
+    checkpoint_every: int = setting(0, io.Int, "Save a checkpoint (with optimizer state, for resuming) every N "
+                                    "steps into the loras folder. 0 = off.", zero_is_off, min=0,
+                                    max=1_000_000)
+    checkpoint_prefix: str = setting(DEFAULT_CHECKPOINT_PREFIX, io.String, "File name for checkpoints inside the "
+                                     "loras folder; a counter and the step are added, nothing is replaced.",
+                                     in_loras_folder)
+    # The family settings (nodes/family_training.py), after all older inputs.
+    timestep_sampling: str = _choices(
+        AUTO, (AUTO, *TIMESTEP_SAMPLINGS), "Which noise levels training sees. auto: logit_normal for flow models "
+        "(Flux, SD3.5, Wan, Qwen-Image, Z-Image, Lumina 2: kohya's 'shift' sampling, mostly mid noise), uniform "
+        "for SD1.5/SDXL. Both go through the model's own schedule and shift; put a ModelSamplingSD3/"
+        "ModelSamplingFlux node before this one to train at another shift.")
+    guidance: float = setting(DEFAULT_GUIDANCE, io.Float, "Distilled guidance for guidance-distilled models (Flux "
+                              "dev, HunyuanVideo) during training; 1.0 as kohya and musubi-tuner train Flux. A "
+                              "FluxGuidance node on a caption overrides it for that caption. Other models ignore "
+                              "it.", zero_or_more, min=0.0, max=100.0, step=0.1)
+
+    @classmethod
+    def schema_inputs(cls) -> list:
+        """The node's setting inputs, in field order (built when the schema is: file lists are fresh)."""
+        return [f.metadata["widget"].build(f.name, f.default) for f in fields(cls)]
+
+    @classmethod
+    def from_inputs(cls, inputs: dict) -> TrainArgs:
+        """From the node's inputs (lists, as ComfyUI hands an is_input_list node, or plain values);
+        missing ones take their defaults. Raises TypeError for an input that is no setting."""
+        known = {f.name: f for f in fields(cls)}
+        extra = sorted(set(inputs) - set(known))
+        if extra:
+            raise TypeError(f"{NODE}: unexpected inputs {', '.join(extra)}")
+        values = {}
+        for name, value in inputs.items():
+            value = one_value(value)
+            convert = _CONVERT.get(known[name].type)
+            values[name] = convert(value) if convert else value
+        return cls(**values)
+
+    def check(self) -> None:
+        """Raises ValueError naming the first setting (in input order) that breaks its rule."""
+        for f in fields(self):
+            rule = f.metadata["widget"].rule
+            problem = rule(f.name, getattr(self, f.name)) if rule else None
+            if problem:
+                raise ValueError(f"{NODE}: {problem}")
+
+
+_CONVERT = {"int": int, "float": float, "bool": bool}
+
+
+def one_value(value):
+    """ComfyUI hands an is_input_list node every input as a list; scripts may pass plain values."""
+    return value[0] if isinstance(value, list) and value else value

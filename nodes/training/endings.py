@@ -1,0 +1,85 @@
+"""How a run ends other than by finishing: a loss or gradients that stop being finite
+(TrainingDivergedError) and a step that runs out of memory (TrainingOutOfMemoryError). Either
+way the last good adapter is saved when the run made one, and the error says where it is and what
+to change. Mixed into TriLoRATrainer (nodes/training/trainer.py), whose state it reads."""
+from __future__ import annotations
+
+import gc
+
+import comfy.model_management
+import torch
+
+from .config import NODE
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradients stopped being finite."""
+
+
+class TrainingOutOfMemoryError(torch.OutOfMemoryError):
+    """A step ran out of memory. An OutOfMemoryError, so ComfyUI's executor also unloads its models."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    is_oom = getattr(comfy.model_management, "is_oom", None)  # newer ComfyUI: accelerator OOMs too
+    if is_oom is not None and is_oom(err):
+        return True
+    # torch's CPU allocator reports a failed allocation as a plain RuntimeError
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+
+class RunEndings:
+    """The endings of TriLoRATrainer; data-parallel training (nodes/distributed.py) extends them."""
+
+    def _diverged(self, step: int, what: str):
+        lr = self.args.learning_rate
+        hint = "" if self.dtype == torch.float32 else " (or try training_dtype fp32)"
+        message = (f"{NODE}: training diverged at step {step} of {self.total}: {what}; "
+                   f"learning_rate {lr:g} is probably too high{hint}. ")
+        message += self._keep_last_good(self.good_step, from_snapshot=True, with_optimizer=False,
+                                        saved="The last good adapter (after step {step}) was saved to {path}.")
+        raise TrainingDivergedError(message)
+
+    def _out_of_memory(self, step: int, what: str):
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        comfy.model_management.soft_empty_cache()
+        message = (f"{NODE}: out of memory at step {step} of {self.total} on {self.device} ({what}). "
+                   f"The memory of the run was released. To fit, {self._memory_hints()}. ")
+        # Before the update the factors and the optimizer state are those after step `done`.
+        # The snapshot is taken just before the update: once it is, the update may be half done.
+        done = step - 1
+        in_update = self.good_step == done
+        message += self._keep_last_good(done, from_snapshot=in_update, with_optimizer=not in_update,
+                                        saved="The adapter after step {step} was saved to {path}; choose it as "
+                                              "existing_lora to go on from there.")
+        self.optimizer.state.clear()
+        raise TrainingOutOfMemoryError(message)
+
+    def _keep_last_good(self, steps_done: int, from_snapshot: bool, with_optimizer: bool, saved: str) -> str:
+        """Saves the adapter after ``steps_done`` steps (the factors of the last snapshot where
+        ``from_snapshot``) when this run made any; returns what the error message says of it."""
+        if steps_done > self.start.step:
+            if from_snapshot:
+                with torch.no_grad():
+                    torch._foreach_copy_([p.data for p in self.params], self.good)
+            path = self.write_checkpoint(steps_done, suffix="last_good", with_optimizer=with_optimizer)
+            return saved.format(step=steps_done, path=path)
+        if self.start.source:
+            return f"No step succeeded; the adapter you resumed from is unchanged: {self.start.source}."
+        return "No step succeeded, so there is no trained adapter to keep."
+
+    def _memory_hints(self) -> str:
+        hints = []
+        if self.batch > 1:
+            hints.append("lower batch_size (raise grad_accumulation_steps to keep the effective batch)")
+        if not self.settings.checkpointing:
+            hints.append("turn gradient_checkpointing on")
+        if self.dtype == torch.float32:
+            hints.append("train in bf16")
+        hints.append("use smaller latents or a lower rank")
+        return ", ".join(hints[:-1]) + (" or " if len(hints) > 1 else "") + hints[-1]
+

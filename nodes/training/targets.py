@@ -1,0 +1,188 @@
+"""The layers a run adapts and everything put on the shared model while it trains: which Linear/Conv
+layers of the diffusion model (``find_targets``), the forward hooks that add each adapter in bypass
+form (x -> Vt -> U diag(s)), a weight function for other layers, gradient checkpointing, and their
+exact removal (``Attachment.detach``, also on cancel)."""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import comfy.lora
+import torch
+
+from ...trilora_core import prefixes_by_weight
+from ..families import family_of
+
+ANY_LAYER = "any"  # a resumed file may adapt any weight ComfyUI's key map knows
+_ATTN_RE = re.compile(r"(^|[._])(attn\w*|attention\w*|self_attn|cross_attn|to_q|to_k|to_v|to_out|to_qkv|qkv|"
+                      r"q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value)([._]|$)")
+_FF_RE = re.compile(r"(^|[._])(ff\w*|mlp\w*|feed_forward|feedforward|fc1|fc2|w1|w2|w3|gate_proj|up_proj|down_proj)([._]|$)")
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+@dataclass
+class Target:
+    name: str  # module name under the BaseModel, e.g. diffusion_model.input_blocks.1.1...
+    module: torch.nn.Module
+    prefix: str  # file prefix (kohya name where ComfyUI knows one)
+    weight_shape: tuple[int, ...]
+
+
+def _layer_kind_ok(name: str, module: torch.nn.Module, target: str, fused_attention: re.Pattern | None = None) -> bool:
+    if target == ANY_LAYER:
+        return True
+    is_linear = isinstance(module, torch.nn.Linear)
+    if target == "all linear+conv":
+        return is_linear or isinstance(module, _CONVS)
+    if not is_linear:
+        return False
+    if target == "all linear":
+        return True
+    if _ATTN_RE.search(name) or (fused_attention is not None and fused_attention.search(name)):
+        return True
+    return target == "attention+feedforward" and bool(_FF_RE.search(name))
+
+
+def find_targets(model_patcher, target: str) -> list[Target]:
+    """The diffusion model's Linear/Conv layers of the chosen kind that ComfyUI's key map
+    knows (so the file applies back to the model), sorted by prefix. The attention presets
+    include the family's fused attention layers (a Flux single block's linear1 and linear2)."""
+    base = model_patcher.model
+    fused = family_of(model_patcher).fused_attention
+    by_weight = prefixes_by_weight(comfy.lora.model_lora_keys_unet(base, {}))
+    found = []
+    for name, module in base.named_modules():
+        weight = getattr(module, "weight", None)
+        key = f"{name}.weight"
+        if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or key not in by_weight:
+            continue
+        if _layer_kind_ok(name, module, target, fused):
+            found.append(Target(name, module, by_weight[key], tuple(weight.shape)))
+    return sorted(found, key=lambda t: t.prefix)
+
+
+def trainable_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on the same memory as ``tensor``, an inference tensor (the model was loaded
+    under the executor's torch.inference_mode), which autograd refuses to save for backward.
+
+    Made once per run, it costs no copy: a clone per forward would copy every weight on every step
+    (and keep them all until the backward). Safe because training never writes the base weights
+    (frozen, and ComfyUI's models run in eval mode). Tensor subclasses (quantized weights) are
+    cloned once."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return tensor.clone()
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+
+
+def _bypass_hook(adapter, module, args, kwargs, output):
+    x = args[0] if args else next(iter(kwargs.values()))
+    adapter.calls += 1
+    return output + adapter.h(x, output)
+
+
+class Attachment:
+    """Everything put on the shared model for training, and its exact removal."""
+
+    def __init__(self):
+        self.handles = []
+        self.functions = []  # (list object, function)
+        self.swapped = []  # (dict, name, original)
+        self.grad_flags = []
+        self.forwards = []  # (module, the instance forward it had or None)
+        self.own_lists = []  # (module, attribute) lists created here
+
+    def add_function(self, module, attribute: str, fn) -> None:
+        if attribute not in module.__dict__:  # never append to a class-level default list
+            setattr(module, attribute, list(getattr(module, attribute)))
+            self.own_lists.append((module, attribute))
+        functions = getattr(module, attribute)
+        functions.append(fn)
+        self.functions.append((functions, fn))
+
+    def detach(self) -> None:
+        for handle in reversed(self.handles):
+            handle.remove()
+        for functions, fn in reversed(self.functions):
+            for i in range(len(functions) - 1, -1, -1):
+                if functions[i] is fn:
+                    del functions[i]
+                    break
+        for store, name, original in reversed(self.swapped):
+            store[name] = original
+        for module, previous in reversed(self.forwards):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        for module, attribute in reversed(self.own_lists):
+            if not getattr(module, attribute):
+                module.__dict__.pop(attribute, None)
+        for param, flag in self.grad_flags:
+            # An inference tensor's flag may only be set back inside inference mode.
+            with torch.inference_mode(param.is_inference()):
+                param.requires_grad_(flag)
+        self.__init__()
+
+
+def attach(diffusion_model: torch.nn.Module, targets: list[Target], adapters: dict, checkpointing: bool) -> Attachment:
+    att = Attachment()
+    try:
+        for param in diffusion_model.parameters():
+            att.grad_flags.append((param, param.requires_grad))
+            param.requires_grad_(False)
+        for module in diffusion_model.modules():
+            for store in (module._parameters, module._buffers):
+                for pname, tensor in list(store.items()):
+                    if tensor is None or not tensor.is_inference():
+                        continue
+                    alias = trainable_alias(tensor)
+                    store[pname] = torch.nn.Parameter(alias, requires_grad=False) if store is module._parameters else alias
+                    att.swapped.append((store, pname, tensor))
+        for target in targets:
+            adapter, module = adapters[target.prefix], target.module
+            adapter.calls, adapter.multiplier = 0, 1.0
+            plain_conv = isinstance(module, _CONVS) and module.groups == 1 and module.padding_mode == "zeros"
+            if isinstance(module, torch.nn.Linear) or plain_conv:
+                adapter.is_conv = plain_conv
+                adapter.conv_dim = module.weight.ndim - 2
+                adapter.kw_dict = ({"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+                                   if plain_conv else {})
+                att.handles.append(module.register_forward_hook(functools.partial(_bypass_hook, adapter),
+                                                                with_kwargs=True))
+            elif hasattr(module, "weight_function"):
+                adapter.calls = None  # counted only for hooks
+                att.add_function(module, "weight_function", adapter)
+        if checkpointing:
+            for module in _checkpoint_units(diffusion_model):
+                att.forwards.append((module, module.__dict__.get("forward")))
+                _checkpoint(module)
+    except BaseException:
+        att.detach()
+        raise
+    return att
+
+
+def _checkpoint_units(model: torch.nn.Module, found=None) -> list[torch.nn.Module]:
+    """The highest submodules with a forward (containers are looked into), as ComfyUI's
+    TrainLoraNode picks them for gradient checkpointing."""
+    found = [] if found is None else found
+    for child in model.children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+            _checkpoint_units(child, found)
+        else:
+            found.append(child)
+    return found
+
+
+def _checkpoint(module: torch.nn.Module) -> None:
+    forward = module.forward
+
+    def run(args, kwargs):
+        return forward(*args, **kwargs)
+
+    def checkpointed(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(run, args, kwargs, use_reentrant=False)
+
+    module.forward = checkpointed

@@ -1,0 +1,304 @@
+"""The training run: TriLoRATrainer runs the loop where a sampler would, inside ComfyUI's guider
+(as ComfyUI's TrainLoraNode does), and ``train`` sets it up on a clone of the model.
+
+Phases: ``train`` clones the model, fits the latents and conditioning to the family, finds the
+target layers (or resumes a file) and loads the model; the guider prepares the conditioning and
+calls TrainSampler, which calls ``TriLoRATrainer.run``: attach the adapters (targets.py), loop
+over steps (each step: learning rate, micro-steps of forward and backward, all-reduce, penalty,
+finiteness check, snapshot, optimizer update), write checkpoints, and detach everything in
+``finally``. A loss that stops being finite or a step out of memory ends the run (endings.py).
+
+The loss is taken in the model's own prediction space (epsilon, v, flow velocity ...): the
+denoised error divided by the output's coefficient in model_sampling.calculate_denoised, so one
+code path serves every family."""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import torch
+import tqdm
+
+from ...trilora_core import (
+    TriLoRAFile,
+    TriLoRALayer,
+    all_finite,
+    canonicalize,
+    generator,
+    load_optimizer_state,
+    loss_function,
+    lr_lambda,
+    make_optimizer,
+    orthogonality_penalty,
+    param_groups,
+    sample_indices,
+    sample_noise_levels,
+)
+from .. import family_training as family
+from ..adapter import TriLoRATrainDiff
+from ..families import base_model_metadata
+from ..family_training import FamilySettings
+from .batches import ForwardBatches, clone_tree
+from .checkpoints import StartState, fresh, read_start, resume_start, run_metadata, write_checkpoint
+from .config import NODE, TRAINING_DTYPES, TrainArgs
+from .endings import RunEndings, is_out_of_memory
+from .targets import attach, find_targets
+
+try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
+    from comfy_extras.nodes_custom_sampler import Guider_Basic
+except ImportError:  # pragma: no cover - depends on the ComfyUI version
+    class Guider_Basic(comfy.samplers.CFGGuider):
+        def set_conds(self, positive):
+            self.inner_set_conds({"positive": positive})
+
+log = logging.getLogger("comfyui-trilora")
+
+
+class TriLoRATrainer(RunEndings):
+    """One training run; `run` is called by the sampler inside ComfyUI's guider."""
+
+    def __init__(self, args: TrainArgs, model_patcher, targets, start: StartState, images, image_conds,
+                 base_meta: dict, settings: FamilySettings):
+        self.args, self.mp, self.targets, self.start = args, model_patcher, targets, start
+        self.images, self.image_conds = images, image_conds
+        self.processed: list = []  # the guider's processed cond entries, in input order
+        self.batches = ForwardBatches(images, image_conds, args.seed)
+        self.settings = settings
+        self.base_meta = {**base_meta, **settings.metadata()}
+        self.dtype = TRAINING_DTYPES[args.training_dtype]
+        self.device = model_patcher.load_device
+        self.batch = min(args.batch_size, len(images))
+        self.loss_fn = loss_function(args.loss_function)
+        self.total = start.step + args.steps
+        self.losses: list[float] = []
+        self.checkpoints: list[str] = []
+        self.adapters = {}
+        for target in targets:
+            layer = start.layers[target.prefix]
+            # Contiguous factors: LAPACK returns column-major Q, and safetensors stores only dense rows.
+            vt = layer.vt.reshape(layer.rank, *target.weight_shape[1:])
+            adapter = TriLoRATrainDiff(layer.u.contiguous(), layer.s.contiguous(), vt.contiguous(), layer.alpha)
+            self.adapters[target.prefix] = adapter.to(self.device)
+        factors = {p: (a.trilora_u, a.trilora_s, a.trilora_vt) for p, a in self.adapters.items()}
+        shapes = {t.prefix: t.weight_shape for t in targets}
+        self.groups = param_groups(factors, shapes, args.learning_rate, args.s_learning_rate_scale)
+        self.optimizer = make_optimizer(args.optimizer, self.groups)
+        if start.optimizer_tensors is not None:
+            try:
+                load_optimizer_state(self.optimizer, start.optimizer_tensors)
+            except ValueError as err:
+                log.warning("TriLoRA: optimizer state not restored: %s", err)
+        self.params = [p for g in self.groups for p in g["params"]]
+        self.names = [n for g in self.groups for n in g["names"]]
+        self.good = [p.detach().clone() for p in self.params]
+        self.good_step = start.step
+        self.schedule = lr_lambda(args.lr_schedule, self.total, args.warmup_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
+    # ---- data
+
+    def _forward_groups(self, batch: list[int]):
+        return self.batches.groups(batch)
+
+    # ---- one micro-step: forward and backward, returns the loss as a float
+
+    def _micro(self, model_wrap, extra_args, step: int, micro: int) -> float:
+        ms = model_wrap.inner_model.model_sampling
+        first = (step * self.args.grad_accumulation_steps + micro) * self.batch
+        batch = sample_indices(self.args.seed, len(self.images), first, self.batch)
+        gen = generator(self.args.seed, "noise", step, micro)
+        levels = sample_noise_levels(self.settings.timestep_sampling, len(batch), gen)
+        noises = [torch.randn(self.images[i].shape, generator=gen) for i in batch]
+        # ComfyUI's percent runs the other way: 0 is the start of sampling, at the most noise.
+        sigmas = [float(ms.percent_to_sigma(1.0 - float(t))) for t in levels]
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        total = 0.0
+        for positions, conds in self._forward_groups(batch):
+            x0 = torch.cat([self.images[batch[p]] for p in positions])
+            noise = torch.cat([noises[p] for p in positions]).to(self.device)
+            sigma = torch.tensor([sigmas[p] for p in positions], device=self.device, dtype=torch.float32)
+            xt = ms.noise_scaling(sigma, noise, x0, False)
+            target = ms.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise), x0, False)
+            model_wrap.conds["positive"] = conds
+            with autocast:
+                denoised = model_wrap(xt, sigma, **extra_args)
+            # The model's output enters calculate_denoised linearly: its coefficient turns the
+            # denoised error back into the error of the model's own prediction (eps, v, flow...).
+            coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
+            loss = self.loss_fn((denoised.float() - target) / coeff)
+            weight = len(positions) / len(batch)
+            self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
+            total += float(loss.detach()) * weight
+        return total
+
+    # ---- the loop
+
+    def run(self, model_wrap, extra_args) -> None:
+        self.processed = model_wrap.conds["positive"]
+        base = model_wrap.inner_model
+        self.images = [img.to(self.device) for img in self.images]
+        self.images = [base.process_latent_in(img) for img in self.images]
+        self.batches.start(base, self.processed, self.images, self.device)
+        att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
+        try:
+            self._loop(model_wrap, extra_args)
+        finally:
+            att.detach()
+            model_wrap.conds["positive"] = self.processed
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _loop(self, model_wrap, extra_args) -> None:
+        args = self.args
+        pbar = comfy.utils.ProgressBar(args.steps)
+        text = _progress_text_sender()
+        console = tqdm.trange(args.steps, desc="Training TriLoRA", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
+        for k in console:
+            step = self.start.step + k  # updates done before this one
+            oom = None
+            try:
+                loss = self._step(model_wrap, extra_args, step)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                oom = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if oom is not None:  # handled out here, where the failed step's tensors are already freed
+                self._out_of_memory(step + 1, oom)
+            self.losses.append(loss)
+            if k == 0:
+                self._warn_unused()
+            console.set_postfix({"loss": f"{loss:.4f}"})
+            pbar.update_absolute(k + 1, args.steps)
+            text(f"step {step + 1}/{self.total}  loss {loss:.4f}")
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+                self.checkpoints.append(self.write_checkpoint(step + 1))
+        if not all_finite(self.params):
+            self._diverged(self.total, "the adapter's factors are not finite after the last update")
+
+    def _step(self, model_wrap, extra_args, step: int) -> float:
+        """One optimizer update; returns its loss."""
+        args = self.args
+        factor = self.schedule(step)
+        for group in self.groups:
+            group["lr"] = group["base_lr"] * factor
+        loss = 0.0
+        for micro in range(args.grad_accumulation_steps):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            micro_loss = self._micro(model_wrap, extra_args, step, micro)
+            if not math.isfinite(micro_loss):
+                self._diverged(step + 1, f"the loss is not finite ({micro_loss})")
+            loss += micro_loss / args.grad_accumulation_steps
+        loss = self._all_reduce(loss)
+        if args.orthogonality_penalty > 0:
+            penalty = torch.stack([orthogonality_penalty(a.trilora_u, a.trilora_vt)
+                                   for a in self.adapters.values()]).mean()
+            self.scaler.scale(penalty * args.orthogonality_penalty).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.dtype != torch.float16 and not all_finite(p.grad for p in self.params):
+            self._diverged(step + 1, "the gradients are not finite")
+        with torch.no_grad():  # the factors that gave this finite loss: the last good adapter
+            torch._foreach_copy_(self.good, [p.detach() for p in self.params])
+            self.good_step = step
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _all_reduce(self, loss: float) -> float:
+        """Called after a step's backward passes, before the update: data-parallel training
+        (nodes/distributed.py) sums the gradients and losses of all ranks here. Alone: as is."""
+        return loss
+
+    def _warn_unused(self) -> None:
+        # A model that calls F.linear on a layer's weight directly skips the layer's hooks.
+        unused = sorted(p for p, a in self.adapters.items() if a.calls == 0)
+        if unused:
+            log.warning("TriLoRA: %d adapted layers never ran in the forward pass and will not learn "
+                        "(first: %s)", len(unused), unused[0])
+
+    # ---- results
+
+    def layers(self, canonical: bool = True) -> dict[str, TriLoRALayer]:
+        out = {}
+        for prefix, adapter in self.adapters.items():
+            layer = TriLoRALayer(adapter.trilora_u.detach().float().cpu().clone(),
+                                 adapter.trilora_s.detach().float().cpu().clone(),
+                                 adapter.trilora_vt.detach().float().cpu().clone(), float(adapter.alpha))
+            out[prefix] = canonicalize(layer) if canonical else layer
+        return out
+
+    def metadata(self, steps_done: int) -> dict[str, str]:
+        return run_metadata(self.args, self.start, self.losses, len(self.images), self.base_meta, steps_done)
+
+    def write_checkpoint(self, steps_done: int, suffix: str = "", with_optimizer: bool = True) -> str:
+        adapter = TriLoRAFile(self.layers(), self.metadata(steps_done))
+        return write_checkpoint(self.args, adapter, steps_done, suffix, self.optimizer if with_optimizer else None)
+
+
+def _progress_text_sender():
+    """Shows the loss under the node in the ComfyUI frontend when a server runs; else nothing."""
+    try:
+        from comfy_execution.utils import get_executing_context
+
+        # Only a server ComfyUI already started: importing server.py here would start nothing useful.
+        prompt_server = getattr(sys.modules.get("server"), "PromptServer", None)
+        server, context = getattr(prompt_server, "instance", None), get_executing_context()
+        if server is None or context is None:
+            return lambda text: None
+    except Exception:
+        return lambda text: None
+
+    def send(text: str) -> None:
+        try:
+            server.send_progress_text(text, context.node_id)
+        except Exception:
+            pass
+
+    return send
+
+
+class TrainSampler(comfy.samplers.Sampler):
+    """Runs the training loop where a sampler would run, inside ComfyUI's guider."""
+
+    def __init__(self, trainer: TriLoRATrainer):
+        self.trainer = trainer
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self.trainer.run(model_wrap, extra_args)
+        return torch.zeros_like(latent_image)
+
+
+
+def train(args: TrainArgs, model, images, entries, image_conds,
+          trainer_class: type[TriLoRATrainer] = TriLoRATrainer, select_targets=find_targets) -> TriLoRATrainer:
+    """Trains on a clone of ``model``; returns the finished trainer (factors, losses).
+    ``trainer_class``: a TriLoRATrainer subclass, e.g. the data-parallel one of the CLI;
+    ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts."""
+    mp = model.clone()
+    mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
+    settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing)
+    images = family.fit_latents([img.detach().clone().float() for img in images], mp)
+    entries = settings.with_guidance([[cond.clone(), clone_tree(extra)] for cond, extra in entries])
+    if fresh(args):
+        targets = select_targets(mp, args.target_layers)
+        if not targets:
+            raise ValueError(f"{NODE}: target_layers {args.target_layers!r} selects no layer of this model; "
+                             "choose 'all linear' or 'all linear+conv'")
+        start = read_start(args, targets)
+    else:
+        targets, start = resume_start(args, mp)
+    trainer = trainer_class(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings)
+    comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+    guider = Guider_Basic(mp)
+    guider.set_conds(entries)
+    dummy = torch.zeros_like(images[0])
+    ms = mp.get_model_object("model_sampling")
+    sigmas = torch.tensor([float(ms.sigma_max), 0.0])
+    guider.sample(dummy, dummy, TrainSampler(trainer), sigmas, seed=args.seed)
+    return trainer
+
