@@ -10,7 +10,8 @@ PORT ?= 8188
 setup:
 	@bash scripts/setup.sh
 
-test: setup
+# ruff first: a style or complexity finding fails the run before minutes of tests.
+test: setup lint
 	$(PY) -m pytest tests/core
 	$(PY) -m pytest tests/comfy
 	$(PY) -m pytest tests/e2e

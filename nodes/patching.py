@@ -166,7 +166,24 @@ def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: 
     if clip is not None:
         sides.append(("CLIP", clip, clip.cond_stage_model,
                       comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}), strength_clip))
+    planned, claimed, diffs_used = _plan(sides, layers, diffs, source, report)
+    rest = sorted(p for p in layers if p not in claimed)
+    if clip is None:
+        report.text_encoder_left = [p for p in rest if block_group(p) in TEXT_ENCODERS]
+        rest = [p for p in rest if p not in report.text_encoder_left]
+    if not claimed and layers and not report.text_encoder_left:
+        raise TriLoRAFileError(source, None, f"no layer of the file matches this model (0 of {len(layers)}; "
+                               f"first keys: {', '.join(list(layers)[:3])}); was it made for another base model?")
+    results = _patch(planned, key_strength, report)
+    report.unmatched = rest + sorted(k for k in diffs if k not in diffs_used)
+    log.info("TriLoRA %s", report.summary())
+    return results.get("UNet", model), results.get("CLIP", clip), report
 
+
+def _plan(sides: list, layers: dict[str, TriLoRALayer], diffs: dict[str, torch.Tensor], source: str,
+          report: ApplyReport) -> tuple[list, set[str], set[str]]:
+    """(per side: (part, holder, patches, layers matched, diffs matched, strength), file prefixes
+    claimed, diff keys used); alias groups go into ``report``."""
     planned, claimed, diffs_used = [], set(), set()
     for part, holder, module, key_map, strength in sides:
         state_dict = module.state_dict()
@@ -179,14 +196,11 @@ def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: 
                 report.aliases.append(prefixes)
         n_layers = sum(len(prefixes) for prefixes in found.values())
         planned.append((part, holder, {**patches, **diff_patches}, n_layers, len(diff_patches), strength))
-    rest = sorted(p for p in layers if p not in claimed)
-    if clip is None:
-        report.text_encoder_left = [p for p in rest if block_group(p) in TEXT_ENCODERS]
-        rest = [p for p in rest if p not in report.text_encoder_left]
-    if not claimed and layers and not report.text_encoder_left:
-        raise TriLoRAFileError(source, None, f"no layer of the file matches this model (0 of {len(layers)}; "
-                               f"first keys: {', '.join(list(layers)[:3])}); was it made for another base model?")
+    return planned, claimed, diffs_used
 
+
+def _patch(planned: list, key_strength, report: ApplyReport) -> dict:
+    """{part: a clone of its holder carrying its patches}, for the sides that get any."""
     results = {}
     for part, holder, patches, n_layers, n_diffs, strength in planned:
         report.matched[part] = n_layers
@@ -195,12 +209,9 @@ def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: 
         report.ranks += [a.weights[1].shape[0] for a in patches.values() if isinstance(a, TriLoRAAdapter)]
         groups = group_by_strength(part, patches, strength, key_strength) if strength != 0 else {}
         if not groups:
-            results[part] = holder
             continue
         clone = holder.clone()
         for group_strength, group in groups.items():
             clone.add_patches(group, group_strength)
         results[part] = clone
-    report.unmatched = rest + sorted(k for k in diffs if k not in diffs_used)
-    log.info("TriLoRA %s", report.summary())
-    return results.get("UNet", model), results.get("CLIP", clip), report
+    return results

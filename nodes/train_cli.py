@@ -92,6 +92,36 @@ class ConfigError(ValueError):
     """A bad option: the same on every rank, so rank 0 alone reports it."""
 
 
+def _boolean(value) -> bool:
+    if isinstance(value, str):
+        value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
+def _integer(value) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return int(value)
+
+
+def _number(value) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    return float(value)
+
+
+def _string(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+# A config file's or command line's value -> the node's; ValueError, KeyError or TypeError when it is not one.
+_CONVERTERS = {"BOOLEAN": _boolean, "INT": _integer, "FLOAT": _number}
+
+
 @dataclasses.dataclass
 class Option:
     name: str
@@ -102,21 +132,7 @@ class Option:
         """The value as the node takes it; raises ConfigError naming the option."""
         spec, where = self.spec, f"{self.name} = {value!r}"
         try:
-            if self.kind == "BOOLEAN":
-                if isinstance(value, str):
-                    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
-                if not isinstance(value, bool):
-                    raise ValueError
-            elif self.kind == "INT":
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError
-                value = int(value)
-            elif self.kind == "FLOAT":
-                if isinstance(value, bool):
-                    raise ValueError
-                value = float(value)
-            elif not isinstance(value, str):
-                raise ValueError
+            value = _CONVERTERS.get(self.kind, _string)(value)
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{where}: not {KIND_NAMES[self.kind]}") from None
         if "min" in spec and value < spec["min"] or "max" in spec and value > spec["max"]:

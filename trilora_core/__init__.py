@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from .blocks import GROUPS, TEXT_ENCODERS, DepthLayout, block_group, depth_layout
 from .canonical import canonicalize, delta_energy, fix_signs, is_canonical, spectrum, truncate, truncation_limits
+from .checks import MAX_ALPHA
 from .convert import lora_to_trilora, trilora_to_lora
 from .errors import TriLoRAFileError
 from .extract import SVD_METHODS, energy_rank, extract_layer, kept_energy
 from .fileformat import (
     FORMAT_VERSION,
-    MAX_ALPHA,
     TRAINING_ARGS_KEY,
     TriLoRAFile,
     read_adapter_file,

@@ -16,6 +16,20 @@ import torch
 from torch import Tensor
 
 from .canonical import canonicalize, is_canonical
+from .checks import (
+    MAX_FACTOR_NDIM,
+    R_ALPHA_VALUE,
+    R_FACTOR_DTYPE,
+    R_NOT_FINITE,
+    R_TOO_LARGE,
+    TORCH_FACTOR_DTYPES,
+    NamedReader,
+    Validator,
+    alpha_ok,
+    fits_float32,
+    max_abs,
+    shape_str,
+)
 from .convert import lora_to_trilora
 from .errors import TriLoRAFileError
 from .layer import TriLoRALayer
@@ -37,26 +51,6 @@ FORMAT_VERSION = "1"
 FORMAT_KEY = "trilora_format"
 TRAINING_ARGS_KEY = "trilora_training_args"  # JSON string of the training arguments
 HASH_KEY = "sshs_model_hash"
-# Anything above this is a broken or hostile file, not a real scale (alpha / rank).
-MAX_ALPHA = 1e6
-
-FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
-# Read as well (ComfyUI reads them), up-cast to float32 at once: torch has little math for them.
-FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
-_READ_DTYPES = (*FACTOR_DTYPES, *FP8_DTYPES)
-_ALPHA_DTYPES = (*_READ_DTYPES, "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
-_TORCH_FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MAX_FACTOR_NDIM = 5  # [r, in, kd, kh, kw] for 3-D convs
-
-# Reasons shared by the reader and the writer, so users see one wording.
-R_NOT_FINITE = "contains NaN or infinite values"
-R_FACTOR_DTYPE = "expected a float16, bfloat16, float32 or float64 tensor, got {}"
-R_READ_DTYPE = "expected a float8, float16, bfloat16, float32 or float64 tensor, got {}"
-R_ALPHA_VALUE = "expected a finite alpha > 0 and <= 1000000, got {}"
-R_TOO_LARGE = "values too large: delta W overflows {}"
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
 @dataclass
 class TriLoRAFile:
     """Layers by module prefix (sorted), and the file's metadata (possibly empty).
@@ -69,113 +63,7 @@ class TriLoRAFile:
     diffs: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _shape_str(shape: list[int] | torch.Size) -> str:
-    return str(list(shape))
-
-
-def _alpha_ok(alpha: float) -> bool:
-    return math.isfinite(alpha) and 0.0 < alpha <= MAX_ALPHA
-
-
-def max_abs(tensor: Tensor) -> float:
-    """max |entry|: NaN when there is a NaN, inf when an inf. One pass and no temporary, so it is
-    also the finiteness check (isfinite costs about ten times as much)."""
-    low, high = torch.aminmax(tensor.detach())
-    return float(torch.maximum(-low, high))
-
-
-def _fits_float32(layer: TriLoRALayer, maxima: tuple[float, float, float] | None = None) -> bool:
-    """Whether delta W and the partial products ComfyUI forms on the way to it ((alpha / r) * s,
-    then U diag(s) (alpha / r)) surely fit in float32: finite factors alone do not make a finite
-    patch. Bounded from max|entries| (``maxima`` of U, s, Vt where known), so no delta W is formed."""
-    u, s, vt = maxima or tuple(max_abs(t) for t in (layer.u, layer.s, layer.vt))
-    bound = abs(layer.scale) * s
-    for factor in (u, vt * layer.rank):
-        if not bound <= _FLOAT32_MAX:  # checked before each product: never inf * 0
-            return False
-        bound *= factor
-    return bound <= _FLOAT32_MAX
-
-
 # --------------------------------------------------------------------------- reading
-
-
-class _NamedReader:
-    """An open file whose keys are seen under the names they are matched by: ComfyUI renames some
-    files' keys before matching them (comfy/lora_convert.py), ``rename`` maps stored key -> name."""
-
-    def __init__(self, reader: SafetensorsReader, rename: Mapping[str, str] | None) -> None:
-        self.reader, self.path = reader, reader.path
-        self.stored: dict[str, str] = {}
-        for key in reader.keys():
-            name = (rename or {}).get(key, key)
-            if name in self.stored:
-                raise TriLoRAFileError(self.path, key, f"names the same tensor as {self.stored[name]} ({name})")
-            self.stored[name] = key
-
-    def keys(self) -> list[str]:
-        return sorted(self.stored)
-
-    def shape(self, key: str) -> list[int]:
-        return self.reader.shape(self.stored[key])
-
-    def dtype_name(self, key: str) -> str:
-        return self.reader.dtype_name(self.stored[key])
-
-    def tensor(self, key: str) -> Tensor:
-        return self.reader.tensor(self.stored[key])
-
-
-class _Validator:
-    """Checks tensors of one open file, raising TriLoRAFileError with the key at fault (as stored)."""
-
-    def __init__(self, reader: _NamedReader) -> None:
-        self.reader = reader
-        self.path = reader.path
-
-    def fail(self, key: str | None, reason: str) -> TriLoRAFileError:
-        return TriLoRAFileError(self.path, self.reader.stored.get(key, key) if key is not None else None, reason)
-
-    def factor_dtype(self, key: str) -> None:
-        name = self.reader.dtype_name(key)
-        if name not in _READ_DTYPES:
-            raise self.fail(key, R_READ_DTYPE.format(name))
-
-    def no_zero_dims(self, key: str, shape: list[int]) -> None:
-        if 0 in shape:
-            raise self.fail(key, f"expected no zero-sized dimension, got shape {_shape_str(shape)}")
-
-    def finite_tensor(self, key: str, float32: bool = False) -> tuple[Tensor, float]:
-        """The tensor and its max |entry|; float8 (and with ``float32`` float16 / bfloat16 too)
-        up-cast to float32, which holds every value of those exactly."""
-        tensor = self.reader.tensor(key)
-        if self.reader.dtype_name(key) in FP8_DTYPES or (float32 and tensor.dtype != torch.float64):
-            tensor = tensor.float()
-        largest = max_abs(tensor)
-        if not math.isfinite(largest):
-            raise self.fail(key, R_NOT_FINITE)
-        return tensor, largest
-
-    def bounded(self, prefix: str, layer: TriLoRALayer, maxima=None) -> TriLoRALayer:
-        if not _fits_float32(layer, maxima):
-            raise self.fail(prefix, R_TOO_LARGE.format("float32"))
-        return layer
-
-    def alpha(self, key: str | None, rank: int) -> float:
-        """The layer's alpha; ``key`` None (no alpha tensor) means alpha = rank. Any numeric dtype,
-        a scalar or a one-element tensor (shape [1]), as ComfyUI's ``.item()`` takes it."""
-        if key is None:
-            return float(rank)
-        shape = self.reader.shape(key)
-        if math.prod(shape) != 1:
-            raise self.fail(key, f"expected a scalar, got shape {_shape_str(shape)}")
-        name = self.reader.dtype_name(key)
-        if name not in _ALPHA_DTYPES:
-            raise self.fail(key, f"expected a numeric scalar, got {name}")
-        value = float(self.reader.tensor(key).reshape(()).double().item())
-        if not _alpha_ok(value):
-            raise self.fail(key, R_ALPHA_VALUE.format(repr(value)))
-        return value
 
 
 def _no_layers_reason(keys: list[str], what: str) -> str:
@@ -188,7 +76,22 @@ def _no_layers_reason(keys: list[str], what: str) -> str:
     return f"no {what} layers: no key ends in .trilora_u, .trilora_s or .trilora_vt"
 
 
-def _read_trilora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALayer]:
+def _read_trilora_layers(check: Validator, keys: list[str]) -> dict[str, TriLoRALayer]:
+    groups = _group_trilora_keys(check, keys)
+    # Pass 1: names, dtypes and shapes from the header only; no tensor data read yet.
+    for prefix, parts in groups.items():
+        _check_trilora_header(check, prefix, parts)
+    # Pass 2: values.
+    layers: dict[str, TriLoRALayer] = {}
+    for prefix, parts in sorted(groups.items()):
+        (u, u_max), (s, s_max), (vt, vt_max) = (check.finite_tensor(parts[p]) for p in TRILORA_PARTS)
+        alpha = check.alpha(parts.get(ALPHA_PART), s.shape[0])
+        layers[prefix] = check.bounded(prefix, TriLoRALayer(u=u, s=s, vt=vt, alpha=alpha), (u_max, s_max, vt_max))
+    return layers
+
+
+def _group_trilora_keys(check: Validator, keys: list[str]) -> dict[str, dict[str, str]]:
+    """{prefix: {part: key}}; raises when the file has no TriLoRA layer or a key of another kind."""
     groups: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
     for key in sorted(keys):
@@ -203,49 +106,54 @@ def _read_trilora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoR
         raise check.fail(
             unknown[0], "not a TriLoRA key (expected <prefix>.trilora_u, .trilora_s, .trilora_vt or .alpha)"
         )
+    return groups
 
-    # Pass 1: names, dtypes and shapes from the header only; no tensor data read yet.
-    for prefix, parts in groups.items():
-        for part in TRILORA_PARTS:
-            if part not in parts:
-                raise check.fail(
-                    f"{prefix}.{part}", "missing (every TriLoRA layer needs .trilora_u, .trilora_s and .trilora_vt)"
-                )
-        u_key, s_key, vt_key = (parts[p] for p in TRILORA_PARTS)
-        for key in (u_key, s_key, vt_key):
-            check.factor_dtype(key)
-        u_shape, s_shape, vt_shape = (check.reader.shape(k) for k in (u_key, s_key, vt_key))
-        if len(u_shape) != 2:
-            raise check.fail(u_key, f"expected a 2-D tensor [out, rank], got shape {_shape_str(u_shape)}")
-        if len(s_shape) != 1:
-            raise check.fail(s_key, f"expected a 1-D tensor of singular values, got shape {_shape_str(s_shape)}")
-        if not 2 <= len(vt_shape) <= _MAX_FACTOR_NDIM:
+
+def _check_trilora_header(check: Validator, prefix: str, parts: dict[str, str]) -> None:
+    """One layer's parts, dtypes and shapes, from the header alone."""
+    for part in TRILORA_PARTS:
+        if part not in parts:
             raise check.fail(
-                vt_key,
-                f"expected a tensor [rank, in] or [rank, in, *kernel] (2-D to 5-D), got shape {_shape_str(vt_shape)}",
+                f"{prefix}.{part}", "missing (every TriLoRA layer needs .trilora_u, .trilora_s and .trilora_vt)"
             )
-        if s_shape[0] == 0:
-            raise check.fail(s_key, "rank must be at least 1, got shape [0]")
-        check.no_zero_dims(u_key, u_shape)
-        check.no_zero_dims(vt_key, vt_shape)
-        if not u_shape[1] == s_shape[0] == vt_shape[0]:
-            raise check.fail(
-                prefix,
-                f"ranks disagree: trilora_u has shape {_shape_str(u_shape)}, trilora_s has shape "
-                f"{_shape_str(s_shape)}, trilora_vt has shape {_shape_str(vt_shape)}",
-            )
+    u_key, s_key, vt_key = (parts[p] for p in TRILORA_PARTS)
+    for key in (u_key, s_key, vt_key):
+        check.factor_dtype(key)
+    u_shape, s_shape, vt_shape = (check.reader.shape(k) for k in (u_key, s_key, vt_key))
+    if len(u_shape) != 2:
+        raise check.fail(u_key, f"expected a 2-D tensor [out, rank], got shape {shape_str(u_shape)}")
+    if len(s_shape) != 1:
+        raise check.fail(s_key, f"expected a 1-D tensor of singular values, got shape {shape_str(s_shape)}")
+    if not 2 <= len(vt_shape) <= MAX_FACTOR_NDIM:
+        raise check.fail(
+            vt_key,
+            f"expected a tensor [rank, in] or [rank, in, *kernel] (2-D to 5-D), got shape {shape_str(vt_shape)}",
+        )
+    if s_shape[0] == 0:
+        raise check.fail(s_key, "rank must be at least 1, got shape [0]")
+    check.no_zero_dims(u_key, u_shape)
+    check.no_zero_dims(vt_key, vt_shape)
+    if not u_shape[1] == s_shape[0] == vt_shape[0]:
+        raise check.fail(
+            prefix,
+            f"ranks disagree: trilora_u has shape {shape_str(u_shape)}, trilora_s has shape "
+            f"{shape_str(s_shape)}, trilora_vt has shape {shape_str(vt_shape)}",
+        )
 
-    # Pass 2: values.
-    layers: dict[str, TriLoRALayer] = {}
-    for prefix, parts in sorted(groups.items()):
-        (u, u_max), (s, s_max), (vt, vt_max) = (check.finite_tensor(parts[p]) for p in TRILORA_PARTS)
-        alpha = check.alpha(parts.get(ALPHA_PART), s.shape[0])
-        layers[prefix] = check.bounded(prefix, TriLoRALayer(u=u, s=s, vt=vt, alpha=alpha), (u_max, s_max, vt_max))
-    return layers
 
-
-def _read_lora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALayer]:
+def _read_lora_layers(check: Validator, keys: list[str]) -> dict[str, TriLoRALayer]:
     """Standard LoRA / LoCon layers, each converted exactly to canonical TriLoRA form."""
+    pairs, alphas = _pair_lora_keys(check, keys)
+    for prefix, (naming, sides) in pairs.items():
+        _check_lora_header(check, prefix, naming, sides)
+    return {prefix: _lora_layer(check, prefix, sides, alphas.get(prefix))
+            for prefix, (_, sides) in sorted(pairs.items())}
+
+
+def _pair_lora_keys(check: Validator, keys: list[str]
+                    ) -> tuple[dict[str, tuple[LoraNaming, dict[str, str]]], dict[str, str]]:
+    """({prefix: (naming, {"up"/"down": key})}, {prefix: alpha key}); raises for a key of another
+    kind or a layer stored under two namings."""
     pairs: dict[str, tuple[LoraNaming, dict[str, str]]] = {}
     alphas: dict[str, str] = {}
     for key in sorted(keys):
@@ -263,51 +171,54 @@ def _read_lora_layers(check: _Validator, keys: list[str]) -> dict[str, TriLoRALa
             raise check.fail(key, "not a LoRA or TriLoRA key")
     for prefix in alphas:
         pairs.setdefault(prefix, (LORA_NAMINGS[0], {}))  # an alpha without factors
-
-    for prefix, (naming, sides) in pairs.items():
-        for side, suffix in (("up", naming.up), ("down", naming.down)):
-            if side not in sides:
-                raise check.fail(f"{prefix}{suffix}", "missing (every LoRA layer needs both up and down weights)")
-        up_key, down_key = sides["up"], sides["down"]
-        check.factor_dtype(up_key)
-        check.factor_dtype(down_key)
-        up_shape, down_shape = check.reader.shape(up_key), check.reader.shape(down_key)
-        if not 2 <= len(up_shape) <= _MAX_FACTOR_NDIM or any(d != 1 for d in up_shape[2:]):
-            raise check.fail(up_key, f"expected [out, rank] or [out, rank, 1, 1], got shape {_shape_str(up_shape)}")
-        if not 2 <= len(down_shape) <= _MAX_FACTOR_NDIM:
-            raise check.fail(
-                down_key,
-                f"expected [rank, in] or [rank, in, *kernel] (2-D to 5-D), got shape {_shape_str(down_shape)}",
-            )
-        if up_shape[1] != down_shape[0]:
-            raise check.fail(
-                prefix,
-                f"ranks disagree: {naming.up.lstrip('.')} has shape {_shape_str(up_shape)}, "
-                f"{naming.down.lstrip('.')} has shape {_shape_str(down_shape)}",
-            )
-        if up_shape[1] == 0:
-            raise check.fail(up_key, f"rank must be at least 1, got shape {_shape_str(up_shape)}")
-        check.no_zero_dims(up_key, up_shape)
-        check.no_zero_dims(down_key, down_shape)
-
-    layers: dict[str, TriLoRALayer] = {}
-    for prefix, (_, sides) in sorted(pairs.items()):
-        # float32 before the conversion: the SVD of half or float8 factors would round the delta
-        (up, _), (down, _) = check.finite_tensor(sides["up"], True), check.finite_tensor(sides["down"], True)
-        alpha = check.alpha(alphas.get(prefix), up.shape[1])
-        try:
-            layer = lora_to_trilora(up, down, alpha)
-        except torch.linalg.LinAlgError as err:  # the SVD met values that overflowed float32
-            raise check.fail(prefix, R_TOO_LARGE.format("float32")) from err
-        maxima = tuple(max_abs(t) for t in (layer.u, layer.s, layer.vt))
-        if not all(math.isfinite(m) for m in maxima):
-            # huge finite factors: the canonical form overflowed in float32 or in their dtype
-            raise check.fail(prefix, R_TOO_LARGE.format(str(layer.u.dtype).removeprefix("torch.")))
-        layers[prefix] = check.bounded(prefix, layer, maxima)
-    return layers
+    return pairs, alphas
 
 
-def _read_diffs(check: _Validator, keys: list[str], layers: Mapping[str, TriLoRALayer]) -> dict[str, Tensor]:
+def _check_lora_header(check: Validator, prefix: str, naming: LoraNaming, sides: dict[str, str]) -> None:
+    """One LoRA layer's factors, dtypes and shapes, from the header alone."""
+    for side, suffix in (("up", naming.up), ("down", naming.down)):
+        if side not in sides:
+            raise check.fail(f"{prefix}{suffix}", "missing (every LoRA layer needs both up and down weights)")
+    up_key, down_key = sides["up"], sides["down"]
+    check.factor_dtype(up_key)
+    check.factor_dtype(down_key)
+    up_shape, down_shape = check.reader.shape(up_key), check.reader.shape(down_key)
+    if not 2 <= len(up_shape) <= MAX_FACTOR_NDIM or any(d != 1 for d in up_shape[2:]):
+        raise check.fail(up_key, f"expected [out, rank] or [out, rank, 1, 1], got shape {shape_str(up_shape)}")
+    if not 2 <= len(down_shape) <= MAX_FACTOR_NDIM:
+        raise check.fail(
+            down_key,
+            f"expected [rank, in] or [rank, in, *kernel] (2-D to 5-D), got shape {shape_str(down_shape)}",
+        )
+    if up_shape[1] != down_shape[0]:
+        raise check.fail(
+            prefix,
+            f"ranks disagree: {naming.up.lstrip('.')} has shape {shape_str(up_shape)}, "
+            f"{naming.down.lstrip('.')} has shape {shape_str(down_shape)}",
+        )
+    if up_shape[1] == 0:
+        raise check.fail(up_key, f"rank must be at least 1, got shape {shape_str(up_shape)}")
+    check.no_zero_dims(up_key, up_shape)
+    check.no_zero_dims(down_key, down_shape)
+
+
+def _lora_layer(check: Validator, prefix: str, sides: dict[str, str], alpha_key: str | None) -> TriLoRALayer:
+    """One LoRA layer's values, converted exactly to canonical TriLoRA form."""
+    # float32 before the conversion: the SVD of half or float8 factors would round the delta
+    (up, _), (down, _) = check.finite_tensor(sides["up"], True), check.finite_tensor(sides["down"], True)
+    alpha = check.alpha(alpha_key, up.shape[1])
+    try:
+        layer = lora_to_trilora(up, down, alpha)
+    except torch.linalg.LinAlgError as err:  # the SVD met values that overflowed float32
+        raise check.fail(prefix, R_TOO_LARGE.format("float32")) from err
+    maxima = tuple(max_abs(t) for t in (layer.u, layer.s, layer.vt))
+    if not all(math.isfinite(m) for m in maxima):
+        # huge finite factors: the canonical form overflowed in float32 or in their dtype
+        raise check.fail(prefix, R_TOO_LARGE.format(str(layer.u.dtype).removeprefix("torch.")))
+    return check.bounded(prefix, layer, maxima)
+
+
+def _read_diffs(check: Validator, keys: list[str], layers: Mapping[str, TriLoRALayer]) -> dict[str, Tensor]:
     """The file's ``P.diff`` / ``P.diff_b`` tensors, float32; a weight may have a layer or a diff."""
     diffs = {}
     for key in keys:
@@ -321,10 +232,10 @@ def _read_diffs(check: _Validator, keys: list[str], layers: Mapping[str, TriLoRA
     return diffs
 
 
-def _open(path: str | os.PathLike[str], rename: Mapping[str, str] | None) -> tuple[SafetensorsReader, _Validator]:
+def _open(path: str | os.PathLike[str], rename: Mapping[str, str] | None) -> tuple[SafetensorsReader, Validator]:
     reader = SafetensorsReader(path)
     try:
-        return reader, _Validator(_NamedReader(reader, rename))
+        return reader, Validator(NamedReader(reader, rename))
     except BaseException:
         reader.__exit__(None, None, None)
         raise
@@ -414,7 +325,7 @@ def write_trilora(
     path = os.fspath(path)
     if not layers:
         raise TriLoRAFileError(path, None, "no layers to write")
-    if dtype is not None and dtype not in _TORCH_FACTOR_DTYPES:
+    if dtype is not None and dtype not in TORCH_FACTOR_DTYPES:
         raise TriLoRAFileError(path, None, R_FACTOR_DTYPE.format(str(dtype).removeprefix("torch.")))
     meta: dict[str, str] = {}
     for key, value in (metadata or {}).items():
@@ -426,34 +337,39 @@ def write_trilora(
     written: dict[str, TriLoRALayer] = {}
     alphas: dict[str, float] = {}
     for prefix in sorted(layers, key=str):  # key=str: a bad prefix gets our error, not a TypeError
-        layer = layers[prefix]
         if not isinstance(prefix, str) or not prefix:
             raise TriLoRAFileError(path, None, f"invalid layer prefix {prefix!r}")
-        if canonical and not is_canonical(layer):
-            layer = canonicalize(layer)
-        written[prefix] = layer
-        maxima = []
-        for part, tensor in zip(TRILORA_PARTS, (layer.u, layer.s, layer.vt), strict=True):
-            key = f"{prefix}.{part}"
-            tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype)
-            if tensor.dtype not in _TORCH_FACTOR_DTYPES:
-                raise TriLoRAFileError(path, key, R_FACTOR_DTYPE.format(str(tensor.dtype).removeprefix("torch.")))
-            maxima.append(max_abs(tensor))
-            if not math.isfinite(maxima[-1]):  # after the cast: float16 may overflow
-                raise TriLoRAFileError(path, key, R_NOT_FINITE)
-            # A private contiguous copy: safetensors refuses tensors that share storage.
-            tensors[key] = tensor.clone(memory_format=torch.contiguous_format)
-        alpha = torch.tensor(layer.alpha, dtype=torch.float32)
-        if not _alpha_ok(float(alpha)):
-            raise TriLoRAFileError(path, f"{prefix}.{ALPHA_PART}", R_ALPHA_VALUE.format(repr(layer.alpha)))
-        stored = TriLoRALayer(*(tensors[f"{prefix}.{part}"] for part in TRILORA_PARTS), alpha=float(alpha))
-        if not _fits_float32(stored, tuple(maxima)):  # the reader would refuse it
-            raise TriLoRAFileError(path, prefix, R_TOO_LARGE.format("float32"))
-        tensors[f"{prefix}.{ALPHA_PART}"] = alpha
-        alphas[prefix] = float(alpha)
+        layer = layers[prefix]
+        written[prefix] = layer if not canonical or is_canonical(layer) else canonicalize(layer)
+        alphas[prefix] = _layer_tensors(path, prefix, written[prefix], dtype, tensors)
 
     meta.update(_format_metadata(written, alphas))
     # The hash covers tensor data only, so adding it to the header does not change it.
     meta[HASH_KEY] = data_hash(serialize(tensors, meta))
     atomic_write_bytes(path, serialize(tensors, meta))
     return path
+
+
+def _layer_tensors(path: str, prefix: str, layer: TriLoRALayer, dtype: torch.dtype | None,
+                   tensors: dict[str, Tensor]) -> float:
+    """Adds one layer's tensors, as stored (``dtype``, CPU, alpha as a float32 scalar), to
+    ``tensors``, checked as the reader checks them; returns the stored alpha."""
+    maxima = []
+    for part, tensor in zip(TRILORA_PARTS, (layer.u, layer.s, layer.vt), strict=True):
+        key = f"{prefix}.{part}"
+        tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype)
+        if tensor.dtype not in TORCH_FACTOR_DTYPES:
+            raise TriLoRAFileError(path, key, R_FACTOR_DTYPE.format(str(tensor.dtype).removeprefix("torch.")))
+        maxima.append(max_abs(tensor))
+        if not math.isfinite(maxima[-1]):  # after the cast: float16 may overflow
+            raise TriLoRAFileError(path, key, R_NOT_FINITE)
+        # A private contiguous copy: safetensors refuses tensors that share storage.
+        tensors[key] = tensor.clone(memory_format=torch.contiguous_format)
+    alpha = torch.tensor(layer.alpha, dtype=torch.float32)
+    if not alpha_ok(float(alpha)):
+        raise TriLoRAFileError(path, f"{prefix}.{ALPHA_PART}", R_ALPHA_VALUE.format(repr(layer.alpha)))
+    stored = TriLoRALayer(*(tensors[f"{prefix}.{part}"] for part in TRILORA_PARTS), alpha=float(alpha))
+    if not fits_float32(stored, tuple(maxima)):  # the reader would refuse it
+        raise TriLoRAFileError(path, prefix, R_TOO_LARGE.format("float32"))
+    tensors[f"{prefix}.{ALPHA_PART}"] = alpha
+    return float(alpha)

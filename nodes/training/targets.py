@@ -101,7 +101,49 @@ class Attachment:
         functions.append(fn)
         self.functions.append((functions, fn))
 
+    def freeze(self, model: torch.nn.Module) -> None:
+        for param in model.parameters():
+            self.grad_flags.append((param, param.requires_grad))
+            param.requires_grad_(False)
+
+    def alias_inference_tensors(self, model: torch.nn.Module) -> None:
+        """Swaps the model's inference tensors for trainable aliases (``trainable_alias``)."""
+        for module in model.modules():
+            for store in (module._parameters, module._buffers):
+                for pname, tensor in list(store.items()):
+                    if tensor is None or not tensor.is_inference():
+                        continue
+                    alias = trainable_alias(tensor)
+                    store[pname] = torch.nn.Parameter(alias, requires_grad=False) if store is module._parameters else alias
+                    self.swapped.append((store, pname, tensor))
+
+    def add_adapter(self, module: torch.nn.Module, adapter) -> None:
+        """A forward hook (bypass form) on plain Linear/Conv layers, else the layer's weight function."""
+        adapter.calls, adapter.multiplier = 0, 1.0
+        plain_conv = isinstance(module, _CONVS) and module.groups == 1 and module.padding_mode == "zeros"
+        if isinstance(module, torch.nn.Linear) or plain_conv:
+            adapter.is_conv = plain_conv
+            adapter.conv_dim = module.weight.ndim - 2
+            adapter.kw_dict = ({"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+                               if plain_conv else {})
+            self.handles.append(module.register_forward_hook(functools.partial(_bypass_hook, adapter),
+                                                             with_kwargs=True))
+        elif hasattr(module, "weight_function"):
+            adapter.calls = None  # counted only for hooks
+            self.add_function(module, "weight_function", adapter)
+
+    def checkpoint(self, model: torch.nn.Module) -> None:
+        for module in _checkpoint_units(model):
+            self.forwards.append((module, module.__dict__.get("forward")))
+            _checkpoint(module)
+
     def detach(self) -> None:
+        """Removes everything, newest first, and leaves the Attachment empty."""
+        self._remove_added()
+        self._restore_replaced()
+        self.__init__()
+
+    def _remove_added(self) -> None:
         for handle in reversed(self.handles):
             handle.remove()
         for functions, fn in reversed(self.functions):
@@ -109,6 +151,8 @@ class Attachment:
                 if functions[i] is fn:
                     del functions[i]
                     break
+
+    def _restore_replaced(self) -> None:
         for store, name, original in reversed(self.swapped):
             store[name] = original
         for module, previous in reversed(self.forwards):
@@ -123,41 +167,19 @@ class Attachment:
             # An inference tensor's flag may only be set back inside inference mode.
             with torch.inference_mode(param.is_inference()):
                 param.requires_grad_(flag)
-        self.__init__()
 
 
 def attach(diffusion_model: torch.nn.Module, targets: list[Target], adapters: dict, checkpointing: bool) -> Attachment:
+    """Puts the adapters on the target layers of the frozen model (and gradient checkpointing on
+    its blocks); on any error, what was attached so far is removed before the error propagates."""
     att = Attachment()
     try:
-        for param in diffusion_model.parameters():
-            att.grad_flags.append((param, param.requires_grad))
-            param.requires_grad_(False)
-        for module in diffusion_model.modules():
-            for store in (module._parameters, module._buffers):
-                for pname, tensor in list(store.items()):
-                    if tensor is None or not tensor.is_inference():
-                        continue
-                    alias = trainable_alias(tensor)
-                    store[pname] = torch.nn.Parameter(alias, requires_grad=False) if store is module._parameters else alias
-                    att.swapped.append((store, pname, tensor))
+        att.freeze(diffusion_model)
+        att.alias_inference_tensors(diffusion_model)
         for target in targets:
-            adapter, module = adapters[target.prefix], target.module
-            adapter.calls, adapter.multiplier = 0, 1.0
-            plain_conv = isinstance(module, _CONVS) and module.groups == 1 and module.padding_mode == "zeros"
-            if isinstance(module, torch.nn.Linear) or plain_conv:
-                adapter.is_conv = plain_conv
-                adapter.conv_dim = module.weight.ndim - 2
-                adapter.kw_dict = ({"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
-                                   if plain_conv else {})
-                att.handles.append(module.register_forward_hook(functools.partial(_bypass_hook, adapter),
-                                                                with_kwargs=True))
-            elif hasattr(module, "weight_function"):
-                adapter.calls = None  # counted only for hooks
-                att.add_function(module, "weight_function", adapter)
+            att.add_adapter(target.module, adapters[target.prefix])
         if checkpointing:
-            for module in _checkpoint_units(diffusion_model):
-                att.forwards.append((module, module.__dict__.get("forward")))
-                _checkpoint(module)
+            att.checkpoint(diffusion_model)
     except BaseException:
         att.detach()
         raise

@@ -76,22 +76,8 @@ class TriLoRATrainer(RunEndings):
         self.total = start.step + args.steps
         self.losses: list[float] = []
         self.checkpoints: list[str] = []
-        self.adapters = {}
-        for target in targets:
-            layer = start.layers[target.prefix]
-            # Contiguous factors: LAPACK returns column-major Q, and safetensors stores only dense rows.
-            vt = layer.vt.reshape(layer.rank, *target.weight_shape[1:])
-            adapter = TriLoRATrainDiff(layer.u.contiguous(), layer.s.contiguous(), vt.contiguous(), layer.alpha)
-            self.adapters[target.prefix] = adapter.to(self.device)
-        factors = {p: (a.trilora_u, a.trilora_s, a.trilora_vt) for p, a in self.adapters.items()}
-        shapes = {t.prefix: t.weight_shape for t in targets}
-        self.groups = param_groups(factors, shapes, args.learning_rate, args.s_learning_rate_scale)
-        self.optimizer = make_optimizer(args.optimizer, self.groups)
-        if start.optimizer_tensors is not None:
-            try:
-                load_optimizer_state(self.optimizer, start.optimizer_tensors)
-            except ValueError as err:
-                log.warning("TriLoRA: optimizer state not restored: %s", err)
+        self.adapters = make_adapters(targets, start.layers, self.device)
+        self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets, start.optimizer_tensors)
         self.params = [p for g in self.groups for p in g["params"]]
         self.names = [n for g in self.groups for n in g["names"]]
         self.good = [p.detach().clone() for p in self.params]
@@ -223,13 +209,8 @@ class TriLoRATrainer(RunEndings):
     # ---- results
 
     def layers(self, canonical: bool = True) -> dict[str, TriLoRALayer]:
-        out = {}
-        for prefix, adapter in self.adapters.items():
-            layer = TriLoRALayer(adapter.trilora_u.detach().float().cpu().clone(),
-                                 adapter.trilora_s.detach().float().cpu().clone(),
-                                 adapter.trilora_vt.detach().float().cpu().clone(), float(adapter.alpha))
-            out[prefix] = canonicalize(layer) if canonical else layer
-        return out
+        """The factors now, float32 on the CPU, canonical unless asked otherwise."""
+        return {prefix: adapter_layer(adapter, canonical) for prefix, adapter in self.adapters.items()}
 
     def metadata(self, steps_done: int) -> dict[str, str]:
         return run_metadata(self.args, self.start, self.losses, len(self.images), self.base_meta, steps_done)
@@ -237,6 +218,40 @@ class TriLoRATrainer(RunEndings):
     def write_checkpoint(self, steps_done: int, suffix: str = "", with_optimizer: bool = True) -> str:
         adapter = TriLoRAFile(self.layers(), self.metadata(steps_done))
         return write_checkpoint(self.args, adapter, steps_done, suffix, self.optimizer if with_optimizer else None)
+
+
+
+def make_adapters(targets, layers: dict[str, TriLoRALayer], device) -> dict[str, TriLoRATrainDiff]:
+    """{prefix: trainable adapter} on ``device``, from each target's start layer."""
+    adapters = {}
+    for target in targets:
+        layer = layers[target.prefix]
+        # Contiguous factors: LAPACK returns column-major Q, and safetensors stores only dense rows.
+        vt = layer.vt.reshape(layer.rank, *target.weight_shape[1:])
+        adapter = TriLoRATrainDiff(layer.u.contiguous(), layer.s.contiguous(), vt.contiguous(), layer.alpha)
+        adapters[target.prefix] = adapter.to(device)
+    return adapters
+
+
+def make_optimizer_for(args: TrainArgs, adapters: dict, targets, state: dict | None):
+    """(param groups, optimizer) of the adapters' factors, with a resumed optimizer state where it fits."""
+    factors = {p: (a.trilora_u, a.trilora_s, a.trilora_vt) for p, a in adapters.items()}
+    shapes = {t.prefix: t.weight_shape for t in targets}
+    groups = param_groups(factors, shapes, args.learning_rate, args.s_learning_rate_scale)
+    optimizer = make_optimizer(args.optimizer, groups)
+    if state is not None:
+        try:
+            load_optimizer_state(optimizer, state)
+        except ValueError as err:
+            log.warning("TriLoRA: optimizer state not restored: %s", err)
+    return groups, optimizer
+
+
+def adapter_layer(adapter, canonical: bool = True) -> TriLoRALayer:
+    layer = TriLoRALayer(adapter.trilora_u.detach().float().cpu().clone(),
+                         adapter.trilora_s.detach().float().cpu().clone(),
+                         adapter.trilora_vt.detach().float().cpu().clone(), float(adapter.alpha))
+    return canonicalize(layer) if canonical else layer
 
 
 def _progress_text_sender():

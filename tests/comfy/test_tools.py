@@ -213,32 +213,6 @@ def test_export_refuses_factors_that_overflow_half_precision(comfy_host, tiny):
     assert not list(comfy_host.loras.rglob("huge*"))
 
 
-@pytest.mark.parametrize("name, group", [
-    ("lora_unet_input_blocks_1_1_proj_in", "UNet input blocks"),
-    ("lora_unet_down_blocks_0_resnets_0_conv1", "UNet input blocks"),
-    ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q", "UNet input blocks"),
-    ("diffusion_model.input_blocks.0.0.weight", "UNet input blocks"),
-    ("lora_unet_conv_in", "UNet input blocks"),
-    ("lora_unet_middle_block_1_proj_in", "UNet middle block"),
-    ("lora_unet_mid_block_attentions_0_proj_out", "UNet middle block"),
-    ("lora_unet_output_blocks_2_1_proj_out", "UNet output blocks"),
-    ("lora_unet_up_blocks_1_resnets_2_conv2", "UNet output blocks"),
-    ("diffusion_model.out.2.weight", "UNet output blocks"),
-    ("lora_unet_time_embed_0", "UNet other"),
-    ("lora_unet_time_embedding_linear_1", "UNet other"),
-    ("lora_te_text_model_encoder_layers_0_mlp_fc1", "Text encoder"),
-    ("lora_te1_text_model_encoder_layers_0_mlp_fc1", "Text encoder"),
-    ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1", "Text encoder"),
-    ("clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight", "Text encoder"),
-    ("lora_te2_text_model_encoder_layers_0_mlp_fc1", "Text encoder 2"),
-    ("clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight", "Text encoder 2"),
-    ("something_else", "Other"),
-])
-def test_layers_are_grouped_by_model_part_in_every_naming(comfy_host, name, group):
-    blocks = __import__(comfy_host.pack.__name__ + ".trilora_core.blocks", fromlist=["block_group"])
-    assert blocks.block_group(name) == group
-
-
 def test_a_peft_named_lora_converts_to_layers_the_loader_applies(comfy_host, tiny, unload_after):
     g = torch.Generator().manual_seed(2)
     q_key = LAYERS["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"][1]
