@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from comfy.weight_adapter.base import WeightAdapterBase, WeightAdapterTrainBase
 
-from ..trilora_core import TriLoRALayer, init_layer
+from ..trilora_core import TRILORA_PARTS, TriLoRALayer, init_layer
 
-SUFFIX_U, SUFFIX_S, SUFFIX_VT = ".trilora_u", ".trilora_s", ".trilora_vt"
+SUFFIX_U, SUFFIX_S, SUFFIX_VT = (f".{part}" for part in TRILORA_PARTS)  # the file format's
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 

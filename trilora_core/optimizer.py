@@ -20,9 +20,11 @@ from torch import Tensor
 
 from .layer import TriLoRALayer
 from .safetensors_io import SafetensorsReader, atomic_write_bytes, file_content_hash, serialize
+from .suffixes import TRILORA_PARTS
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
 SCHEDULES = ("constant", "cosine", "linear")
+_U, _S, _VT = TRILORA_PARTS  # parameter names are the file's: <prefix>.trilora_u ...
 _STATE_PREFIX = "state."
 
 
@@ -55,13 +57,13 @@ def param_groups(
     for prefix in sorted(factors):
         u, s, vt = factors[prefix]
         uv["params"] += [u, vt]
-        uv["names"] += [f"{prefix}.trilora_u", f"{prefix}.trilora_vt"]
+        uv["names"] += [f"{prefix}.{_U}", f"{prefix}.{_VT}"]
         lr = s_learning_rate(learning_rate, weight_shapes[prefix], s.shape[0], s_lr_scale)
         # No weight decay on s: with s's large learning rate, AdamW's decoupled decay (lr * wd * s)
         # would pull the learned singular values back far harder than it pulls on U and V.
         group = by_lr.setdefault(lr, {"params": [], "names": [], "lr": lr, "base_lr": lr, "weight_decay": 0.0})
         group["params"].append(s)
-        group["names"].append(f"{prefix}.trilora_s")
+        group["names"].append(f"{prefix}.{_S}")
     return [uv, *(by_lr[lr] for lr in sorted(by_lr))]
 
 
@@ -161,7 +163,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str,
 OPTIMIZER_FILE_SUFFIX = ".optim"  # not a model extension, so the side-file never shows in the loras list
 FOR_HASH_KEY = "trilora_for_hash"  # the content hash of the adapter file the side-file belongs to
 PARAM_PREFIX = "param."  # the raw (not canonicalized) factors the optimizer state refers to
-_FACTORS = ("trilora_u", "trilora_s", "trilora_vt")
 
 
 def optimizer_file_path(path: str | os.PathLike[str]) -> str:
@@ -199,7 +200,7 @@ def read_optimizer_file(path: str | os.PathLike[str], layers: Mapping[str, TriLo
         if reader.metadata().get(FOR_HASH_KEY) != file_content_hash(path):
             raise StaleOptimizerFile(side)
         tensors = {k: reader.tensor(k) for k in reader.keys()}
-    raw = {prefix: TriLoRALayer(*(tensors[f"{PARAM_PREFIX}{prefix}.{f}"] for f in _FACTORS), layer.alpha)
+    raw = {prefix: TriLoRALayer(*(tensors[f"{PARAM_PREFIX}{prefix}.{f}"] for f in TRILORA_PARTS), layer.alpha)
            for prefix, layer in layers.items()}
     return raw, tensors
 
