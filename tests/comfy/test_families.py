@@ -55,7 +55,7 @@ def saved_metadata(comfy_host, trilora, prefix):
 
 def expected_sigmas(comfy_host, model, kind: str, seed: int, n: int) -> torch.Tensor:
     core = comfy_host.core
-    levels = core.timesteps.sample_noise_levels(kind, n, core.optim.generator(seed, "noise", 0, 0))
+    levels = core.timesteps.sample_noise_levels(kind, n, core.generator(seed, "noise", 0, 0))
     ms = model.get_model_object("model_sampling")
     return torch.tensor([float(ms.percent_to_sigma(1.0 - float(t))) for t in levels])
 

@@ -129,7 +129,7 @@ def test_every_naming_of_every_family_loads_as_lora_loader_and_resumes(comfy_hos
         got = resumed_deltas(comfy_host, tiny.model, name)
         assert sorted(got) == keys, convention
         stock = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(tiny.model, name, 1.0)[0]
-        want = core.keys.layers_by_weight(core.read_adapter_file(str(comfy_host.loras / name)).layers, key_map, shapes)
+        want = core.layers_by_weight(core.read_adapter_file(str(comfy_host.loras / name)).layers, key_map, shapes)
         for key in keys:
             patched = computed(stock, key).double() - tiny.model.model.state_dict()[key].double()
             scale = float(patched.abs().max())
@@ -165,7 +165,7 @@ def test_the_packs_own_export_resumes_on_sdxl(comfy_host):
     assert "lora_unet_add_embedding_linear_1" in exported, sorted(exported)
     got = resumed_deltas(comfy_host, tiny.model, name)
     for w in weights:
-        want = core.keys.layers_by_weight(layers, key_map, shapes).layers[w].delta(torch.float64)
+        want = core.layers_by_weight(layers, key_map, shapes).layers[w].delta(torch.float64)
         torch.testing.assert_close(got[w], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()),
                                    msg=lambda m, w=w: f"{w}: {m}")
 

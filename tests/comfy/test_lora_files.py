@@ -138,7 +138,7 @@ def train_node(comfy_host, model, latents, positive, **inputs):
 
 def file_deltas(core, path, key_map, shapes) -> dict[str, torch.Tensor]:
     """{weight key: delta} of a file, each layer resolved through ComfyUI's key map."""
-    resolved = core.keys.layers_by_weight(core.read_adapter_file(str(path)).layers, key_map, shapes)
+    resolved = core.layers_by_weight(core.read_adapter_file(str(path)).layers, key_map, shapes)
     return {w: layer.delta(torch.float64) for w, layer in resolved.layers.items()}
 
 
@@ -350,7 +350,7 @@ def test_merge_adds_one_weight_under_two_names(comfy_host, tiny, key_maps):
     shapes = unet_shapes(tiny.model)
     a = file_deltas(comfy_host.core, comfy_host.loras / "alias_a.safetensors", key_maps["unet"], shapes)
     b = file_deltas(comfy_host.core, comfy_host.loras / "alias_b.safetensors", key_maps["unet"], shapes)
-    merged = comfy_host.core.keys.layers_by_weight(trilora.layers, key_maps["unet"], shapes)
+    merged = comfy_host.core.layers_by_weight(trilora.layers, key_maps["unet"], shapes)
     assert_deltas({w: layer.delta(torch.float64) for w, layer in merged.layers.items()},
                   {w: a[w] - 0.5 * b[w] for w in a})
 

@@ -195,8 +195,8 @@ def test_the_loss_is_the_models_own_epsilon_objective_with_per_image_captions(co
     core = comfy_host.core
     seed = 11
     _, _, loss_map, _ = train(comfy_host, data, steps=1, batch_size=2, seed=seed)
-    batch = core.optim.sample_indices(seed, 4, 0, 2)
-    gen = core.optim.generator(seed, "noise", 0, 0)
+    batch = core.sample_indices(seed, 4, 0, 2)
+    gen = core.generator(seed, "noise", 0, 0)
     # SD1.5 trains with uniform timesteps ("auto" on an eps model), percent = 1 - noise level.
     percents = 1 - core.timesteps.sample_noise_levels("uniform", 2, gen)
     noises = [torch.randn(1, 4, 8, 8, generator=gen) for _ in batch]
