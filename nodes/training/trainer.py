@@ -79,7 +79,6 @@ class TriLoRATrainer(RunEndings):
         self.adapters = make_adapters(targets, start.layers, self.device)
         self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets, start.optimizer_tensors)
         self.params = [p for g in self.groups for p in g["params"]]
-        self.names = [n for g in self.groups for n in g["names"]]
         self.good = [p.detach().clone() for p in self.params]
         self.good_step = start.step
         self.schedule = lr_lambda(args.lr_schedule, self.total, args.warmup_steps)
