@@ -44,8 +44,11 @@ def find_comfyui(given: str | None) -> Path:
                      "give its folder with --comfyui DIR or COMFYUI_DIR")
 
 
-def boot(comfy_dir: Path, cpu: bool):
-    """Imports ComfyUI from ``comfy_dir`` on this rank's device and loads the pack; returns the pack."""
+def import_comfyui(comfy_dir: Path, cpu: bool):
+    """Imports ComfyUI from ``comfy_dir`` as its main.py starts, on the CPU or this rank's GPU: its
+    command line, its modules first on sys.path, utils before nodes, its extra_model_paths.yaml.
+    Returns ComfyUI's nodes module. Call it before anything imports a ComfyUI module: ComfyUI reads
+    its command line at the first import. The dev harness (harness/host.py) boots through here too."""
     import torch
 
     cuda = torch.cuda.is_available() and not cpu
@@ -66,9 +69,17 @@ def boot(comfy_dir: Path, cpu: bool):
     extra_paths = comfy_dir / "extra_model_paths.yaml"  # as ComfyUI's main.py reads it
     if extra_paths.is_file():
         utils.extra_config.load_extra_path_config(str(extra_paths))
-    if not asyncio.run(nodes.load_custom_node(str(PACK))):
-        raise SystemExit(f"train_trilora: ComfyUI could not load the pack from {PACK} (see its log above)")
-    return next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(PACK / "__init__.py"))
+    return nodes
+
+
+def load_pack(pack_dir: Path):
+    """Loads the pack from ``pack_dir`` with ComfyUI's own custom-node loader; returns the pack's
+    module, or None where the loader reported an import error (ComfyUI logs its traceback)."""
+    import nodes
+
+    if not asyncio.run(nodes.load_custom_node(str(pack_dir))):
+        return None
+    return next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
 
 
 def main() -> int:
@@ -76,7 +87,10 @@ def main() -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 logs; the others report only their own failure
         logging.disable(logging.CRITICAL)
         warnings.simplefilter("ignore")
-    pack = boot(find_comfyui(host.comfyui), host.cpu)
+    import_comfyui(find_comfyui(host.comfyui), host.cpu)
+    pack = load_pack(PACK)
+    if pack is None:
+        raise SystemExit(f"train_trilora: ComfyUI could not load the pack from {PACK} (see its log above)")
     from importlib import import_module
 
     return import_module(pack.__name__ + ".nodes.train_cli").main(sys.argv[1:], host_options())

@@ -44,26 +44,38 @@ Results: bench_output/bench-<time>.json (raw), bench_output/latest.json, bench_o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime as _dt
 import functools
 import gc
 import json
-import math
 import os
-import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFY = Path(os.environ.get("COMFYUI_DIR") or REPO / ".comfyui").resolve()
-TINY = "trilora-tiny-sd15.safetensors"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness
+from harness import REPO  # noqa: E402
+from harness.bench import (  # noqa: E402
+    BenchHost,
+    analytic_adapter_bytes,
+    compare,
+    family_data,
+    fmt,
+    full_size_model,
+    machine_info,
+    malloc_trim,
+    measured_run,
+    median,
+    pairs,
+    ratio_summary,
+    reset_peak_rss,
+    status_kib,
+)
+
 SCHEMA_VERSION = 1
 
 # name -> (goal for ours / theirs, stretch goal or None)
@@ -125,130 +137,15 @@ def say(text: str) -> None:
     print(f"[bench] {text}", flush=True)
 
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def ratio_summary(ours: list[float], theirs: list[float], ours_cpu=None, theirs_cpu=None) -> dict:
-    """Per-pair ratios ours/theirs and their median; absolute medians as context. With CPU times
-    (process time: single-threaded runs), their ratios too, under ``cpu``."""
-    ratios = [a / b for a, b in zip(ours, theirs, strict=True) if a is not None and b]
-    extra = {"cpu": ratio_summary(ours_cpu, theirs_cpu)} if ours_cpu is not None else {}
-    return {
-        **extra,
-        "ratio_median": median(ratios),
-        "ratio_min": min(ratios) if ratios else None,
-        "ratio_max": max(ratios) if ratios else None,
-        "ratios": ratios,
-        "ours_median": median(ours),
-        "theirs_median": median(theirs),
-        "ours": ours,
-        "theirs": theirs,
-        "pairs": len(ratios),
-    }
-
-
 # =========================================================================== worker side: ComfyUI
 
 
-class Host:
-    """The real ComfyUI in this process (CPU unless the device is cuda), with the pack loaded by
-    ComfyUI's own custom-node loader, as tests/comfy/conftest.py does."""
-
-    def __init__(self, device: str, threads: int = 0):
-        sys.path.insert(0, str(COMFY))
-        sys.argv = [sys.argv[0]] + (["--cpu"] if device == "cpu" else [])
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import logging
-
-        import comfy.model_management
-        import comfy.sd
-        import comfy.utils
-        import folder_paths
-        import torch
-
-        import nodes
-
-        logging.getLogger().setLevel(logging.ERROR)
-        if threads:
-            torch.set_num_threads(threads)
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-        pack_dir = COMFY / "custom_nodes" / "comfyui-trilora"
-        if not asyncio.run(nodes.load_custom_node(str(pack_dir))):
-            raise SystemExit(f"the pack did not load from {pack_dir}")
-        pack = next(m for m in list(sys.modules.values())
-                    if getattr(m, "__file__", None) == str(pack_dir / "__init__.py"))
-        comfy.utils.PROGRESS_BAR_ENABLED = False  # TrainLoraNode's tqdm bar
-        self.torch, self.nodes, self.mm, self.utils = torch, nodes, comfy.model_management, comfy.utils
-        self.sd, self.folder_paths = comfy.sd, folder_paths
-        self.train_mod = sys.modules[pack.__name__ + ".nodes.training"]
-        self.file_cache = sys.modules[pack.__name__ + ".nodes.file_cache"]
-        self.core = sys.modules[pack.__name__ + ".trilora_core"]
-        self.device = device
-        self.tmp = tempfile.TemporaryDirectory(prefix="trilora-bench-")
-        loras = Path(self.tmp.name) / "loras"
-        loras.mkdir()
-        self.loras = loras
-        folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
-        folder_paths.set_output_directory(str(Path(self.tmp.name) / "output"))
-        self.stamps: list[tuple[float, float]] = []  # (wall, process CPU time) at each progress update
-        comfy.utils.set_progress_bar_global_hook(
-            lambda *a, **k: self.stamps.append((time.perf_counter(), time.process_time())))
-        self.ours = nodes.NODE_CLASS_MAPPINGS["TrainTriLoRA"]
-        self.theirs = nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"]
-
-    def load_tiny(self, clip: bool = False, dtype=None):
-        """The tiny checkpoint, loaded under inference mode as the executor runs CheckpointLoaderSimple
-        (``dtype``: the diffusion model's weight dtype, as UNETLoader's weight_dtype sets it)."""
-        path = self.folder_paths.get_full_path_or_raise("checkpoints", TINY)
-        with self.torch.inference_mode():
-            out = self.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=clip,
-                                                       embedding_directory=self.folder_paths.get_folder_paths("embeddings"),
-                                                       model_options={} if dtype is None else {"dtype": dtype})
-        return out[0], out[1]
-
-    def data(self, latent: int, seed: int = 0):
-        """Two latents of one size (TrainLoraNode 0.3.75 crashes on a single LATENT input), one
-        random conditioning shaped like CLIP-L's (the UNet cannot tell it from an encoded prompt)."""
-        g = self.torch.Generator().manual_seed(seed)
-        latents = [{"samples": self.torch.randn(1, 4, latent, latent, generator=g)} for _ in range(2)]
-        positive = [[self.torch.randn(1, 77, 768, generator=g), {}]]
-        return latents, positive
-
-    def settle(self) -> None:
-        """Between runs, untimed: nothing loaded, garbage gone (both trainers leave their clone loaded)."""
-        self.mm.unload_all_models()
-        gc.collect()
-        self.mm.soft_empty_cache()
-
-    # ---- one training run per side; returns {"step_s": median step time, "steps": [...], "total_s"}
-
-    def _timed(self, fn, settle: bool = True) -> dict:
-        """Runs a node as ComfyUI's executor does (under torch.inference_mode unless the caller
-        turned it off around this call); ``settle`` unloads everything before and after."""
-        if settle:
-            self.settle()
-        self.stamps.clear()
-        t0, c0 = time.perf_counter(), time.process_time()
-        with self.torch.inference_mode(self.torch.is_inference_mode_enabled() or settle):
-            fn()
-        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
-        wall = [b[0] - a[0] for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
-        cpu = [b[1] - a[1] for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
-        if settle:
-            self.settle()
-        return {"step_s": median(wall), "step_cpu_s": median(cpu), "steps": wall, "steps_cpu": cpu,
-                "total_s": total, "total_cpu_s": total_cpu}
+class Host(BenchHost):
+    """The measuring host (harness.bench) with section 2's no-adapter baseline."""
 
     def run_ours(self, model, latents, positive, steps, rank, dtype, checkpointing, only_first=False,
                  settle: bool = True) -> dict:
-        kwargs = dict(model=[model], latents=latents, positive=[positive], steps=[steps], rank=[rank],
-                      learning_rate=[1e-4], seed=[0], alpha=[float(rank)], batch_size=[1],
-                      training_dtype=[dtype], gradient_checkpointing=[checkpointing],
-                      optimizer=["AdamW"], loss_function=["MSE"], target_layers=["all linear+conv"])
+        kwargs = self.ours_inputs(model, latents, positive, steps, rank, dtype, checkpointing)
         if not only_first:
             return self._timed(lambda: self.ours.execute(**kwargs), settle)
         # The no-adapter baseline: one tiny adapter on the first layer only (see the module doc).
@@ -262,24 +159,6 @@ class Host:
             select_targets = staticmethod(first_only)
 
         return self._timed(lambda: FirstLayerOnly.execute(**kwargs))
-
-    def run_theirs(self, model, latents, positive, steps, rank, dtype, checkpointing, settle: bool = True) -> dict:
-        # Keyword args only, from the schema's defaults (newer ComfyUI inserts inputs mid-list).
-        kwargs = {}
-        with contextlib.suppress(Exception):
-            for inp in self.theirs.define_schema().inputs:
-                if getattr(inp, "default", None) is not None:
-                    kwargs[inp.id] = [inp.default]
-        kwargs.update(model=[model], latents=latents, positive=[positive], batch_size=[1], steps=[steps],
-                      grad_accumulation_steps=[1], learning_rate=[1e-4], rank=[rank], optimizer=["AdamW"],
-                      loss_function=["MSE"], seed=[0], training_dtype=[dtype],
-                      lora_dtype=["fp32"],  # our factors train in fp32: the same for theirs
-                      algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
-        import inspect
-
-        accepted = inspect.signature(self.theirs.execute).parameters
-        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-        return self._timed(lambda: self.theirs.execute(**kwargs), settle)
 
 
 def training_dtype(device: str) -> str:
@@ -449,191 +328,6 @@ def section_scaling(host: Host, cfg: dict, model, clip) -> dict:
 # ---------------------------------------------------------------- section 6: full size
 
 
-# ComfyUI's own SD1.5 / SDXL UNet configs are locals of unet_config_from_diffusers_unet (read from its
-# source); Flux's comes from ComfyUI's checkpoint detection run on a skeleton of Flux-dev's keys.
-UNET_CONFIG_NAMES = {"SD15": "SD15", "SDXL": "SDXL"}
-FLUX_DEV_SHAPES = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
-                   "vector_in.in_layer.weight": (3072, 768), "guidance_in.in_layer.weight": (3072, 256),
-                   "double_blocks.0.img_attn.norm.key_norm.scale": (128,)}
-# (latent channels, context tokens, context width, pooled width or None) of each family's conditioning.
-FAMILY_DATA = {"tiny": (4, 77, 768, None), "SD15": (4, 77, 768, None), "SDXL": (4, 77, 2048, 1280), "Flux": (16, 256, 4096, 768)}
-
-
-def comfy_unet_config(family: str) -> dict:
-    """The diffusion model config ComfyUI itself uses for ``family`` (SD15, SDXL or Flux)."""
-    import ast
-    import inspect
-
-    import comfy.model_detection as md
-
-    if family == "Flux":
-        skeleton = {k: _Shape(v) for k, v in FLUX_DEV_SHAPES.items()}
-        skeleton.update({f"double_blocks.{i}.x": _Shape(()) for i in range(19)})
-        skeleton.update({f"single_blocks.{i}.x": _Shape(()) for i in range(38)})
-        return md.detect_unet_config(skeleton, "")
-    tree = ast.parse(inspect.getsource(md.unet_config_from_diffusers_unet).lstrip())
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-                and node.targets[0].id == UNET_CONFIG_NAMES[family] and isinstance(node.value, ast.Dict)):
-            return {ast.literal_eval(k): None if isinstance(v, ast.Name) else ast.literal_eval(v)
-                    for k, v in zip(node.value.keys, node.value.values, strict=True)}
-    raise RuntimeError(f"ComfyUI's {family} UNet config was not found in unet_config_from_diffusers_unet")
-
-
-class _Shape:
-    """A stand-in state-dict entry: ComfyUI's detection reads only .shape."""
-
-    def __init__(self, shape):
-        self.shape = shape
-
-
-def full_size_model(host: Host, family: str, dtype, seed: int = 0):
-    """(ModelPatcher, diffusion-model parameter count): a full-size ``family`` model with random
-    weights, built as ComfyUI builds a detected checkpoint's model (its model config, its
-    operations, weights in ``dtype``) and under torch.inference_mode, as the executor runs the
-    checkpoint loader (so the weights are inference tensors, as in users' graphs)."""
-    import comfy.model_detection
-    import comfy.model_patcher
-
-    torch = host.torch
-    model_config = comfy.model_detection.model_config_from_unet_config(comfy_unet_config(family))
-    if model_config is None or type(model_config).__name__ != family:
-        raise RuntimeError(f"ComfyUI did not take the {family} config for {family} but {type(model_config).__name__}")
-    compute = torch.bfloat16 if dtype not in (torch.float32, torch.bfloat16, torch.float16) else None
-    model_config.set_inference_dtype(dtype, compute)  # fp8 weights compute in bf16 (manual cast)
-    load_device = host.mm.get_torch_device()
-    g = torch.Generator(device=load_device).manual_seed(seed)
-    with torch.inference_mode():
-        model = model_config.get_model({}, "", device=load_device)
-        # ComfyUI's ops leave weights uninitialised: give every tensor a value, layer by layer
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                std = (1.0 / max(1, p[0].numel())) ** 0.5
-                if p.dtype in (torch.float32, torch.bfloat16, torch.float16):
-                    p.normal_(0.0, std, generator=g)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g, device=load_device, dtype=torch.bfloat16).mul_(std))
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
-    n_params = sum(p.numel() for p in model.diffusion_model.parameters())
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
-                                            offload_device=host.mm.unet_offload_device()), n_params
-
-
-def family_data(host: Host, family: str, latent: int, seed: int = 0):
-    """Two latents and one random conditioning shaped like ``family``'s text encoders' output."""
-    torch = host.torch
-    channels, tokens, width, pooled = FAMILY_DATA[family]
-    g = torch.Generator().manual_seed(seed)
-    latents = [{"samples": torch.randn(1, channels, latent, latent, generator=g)} for _ in range(2)]
-    extra = {} if pooled is None else {"pooled_output": torch.randn(1, pooled, generator=g)}
-    if family == "Flux":
-        extra["guidance"] = 3.5
-    return latents, [[torch.randn(1, tokens, width, generator=g), extra]]
-
-
-def _malloc_trim() -> None:
-    """Gives freed heap back to the kernel, so each run's RSS starts from the same floor."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class AdapterMemory:
-    """Bytes of every optimizer's parameters, their gradients and its state (distinct storages),
-    seen after the first optimizer step of a run: the adapter's whole training memory."""
-
-    def __init__(self, torch):
-        self.torch, self.bytes, self.numel = torch, None, None
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self.handle = register_optimizer_step_post_hook(self._hook)
-
-    def _hook(self, optimizer, args, kwargs):
-        if self.bytes is not None:
-            return
-        tensors = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                tensors += [p, p.grad] + [v for v in optimizer.state.get(p, {}).values()
-                                          if isinstance(v, self.torch.Tensor)]
-        seen, total = set(), 0
-        for t in tensors:
-            if t is None:
-                continue
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        self.bytes = total
-        self.numel = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
-def analytic_adapter_bytes(host: Host, mp, rank: int) -> int:
-    """TriLoRA's training memory by its shapes: per adapted layer k (out + 1 + in) fp32 numbers
-    (k = min(rank, out, in)), times 4: the factors, their gradients and AdamW's two moments."""
-    numel = 0
-    for t in host.train_mod.find_targets(mp, "all linear+conv"):
-        out, inner = t.weight_shape[0], math.prod(t.weight_shape[1:])
-        numel += min(rank, out, inner) * (out + 1 + inner)
-    return numel * 4 * 4
-
-
-def measured_run(host: Host, side: str, mp, latents, positive, steps, rank, dtype, checkpointing,
-                 executor: bool = True) -> dict:
-    """One training run of ``side`` with its step times, peak memory over the loaded model and
-    adapter memory. ``executor``: under torch.inference_mode, as ComfyUI's executor runs nodes."""
-    torch = host.torch
-    cuda = host.device == "cuda"
-    host.settle()
-    _malloc_trim()
-    host.mm.load_models_gpu([mp])
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        reset = _reset_peak_rss()
-        before_kib = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    adapter = AdapterMemory(torch)
-    fn = host.run_ours if side == "ours" else host.run_theirs
-    try:
-        with torch.inference_mode(executor):
-            res = fn(mp, latents, positive, steps, rank, dtype, checkpointing, settle=False)
-    finally:
-        adapter.close()
-    if cuda:
-        res["peak_bytes"] = torch.cuda.max_memory_allocated() - before
-    else:
-        peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        res["peak_bytes"] = (peak_kib - before_kib) * 1024
-    res.update(adapter_bytes=adapter.bytes, adapter_numel=adapter.numel)
-    host.settle()
-    return res
-
-
-def _pairs(n: int):
-    """A B, B A, A B ...: each side goes first equally often."""
-    return [("ours", "theirs") if p % 2 == 0 else ("theirs", "ours") for p in range(n)]
-
-
-def _compare(runs: dict, setting: dict) -> dict:
-    """Step time (wall and CPU time), peak memory and adapter memory, ours against theirs."""
-    step = {k: [x["step_s"] for x in v] for k, v in runs.items()}
-    cpu = {k: [x["step_cpu_s"] for x in v] for k, v in runs.items()}
-    peak = {k: [x["peak_bytes"] for x in v] for k, v in runs.items()}
-    adapter = {k: [x["adapter_bytes"] for x in v] for k, v in runs.items()}
-    return {"setting": setting, "step": ratio_summary(step["ours"], step["theirs"], cpu["ours"], cpu["theirs"]),
-            "memory": ratio_summary(peak["ours"], peak["theirs"]),
-            "adapter_bytes": {k: median(v) for k, v in adapter.items()}, "raw": runs}
-
-
 def section_fullsize(host: Host, cfg: dict) -> dict:
     """Full-width models (ComfyUI's configs, random weights), as the executor runs the nodes:
     TrainTriLoRA vs TrainLoraNode, checkpointing on and off; ours under inference mode vs not;
@@ -659,7 +353,7 @@ def section_fullsize(host: Host, cfg: dict) -> dict:
             f"latent {latent}x{latent}) built in {entry['build_s']:.0f} s")
         for checkpointing in cfg["fs_checkpointing"]:
             runs = {"ours": [], "theirs": []}
-            for order in _pairs(cfg["fs_pairs"]):
+            for order in pairs(cfg["fs_pairs"]):
                 for side in order:
                     runs[side].append(measured_run(host, side, mp, latents, positive, steps, rank, train_dtype,
                                                    checkpointing))
@@ -667,17 +361,17 @@ def section_fullsize(host: Host, cfg: dict) -> dict:
                     say(f"    checkpointing {'on' if checkpointing else 'off'} {side}: step {r['step_s']:.2f} s "
                         f"(cpu {r['step_cpu_s']:.2f} s), peak {r['peak_bytes'] / 2**20:.0f} MiB, adapter "
                         f"{(r['adapter_bytes'] or 0) / 2**20:.1f} MiB")
-            entry["rows"].append({"checkpointing": checkpointing, **_compare(runs, {"checkpointing": checkpointing})})
+            entry["rows"].append({"checkpointing": checkpointing, **compare(runs, {"checkpointing": checkpointing})})
         if cfg["fs_executor_pairs"]:
             # Ours as the executor runs it vs on plain weights outside inference mode (same storage).
             ck = cfg["fs_checkpointing"][0]
             runs = {"ours": [], "theirs": []}  # "theirs" here: ours outside inference mode
-            for order in _pairs(cfg["fs_executor_pairs"]):
+            for order in pairs(cfg["fs_executor_pairs"]):
                 for side in order:
                     with plain_weights(host, mp) if side == "theirs" else contextlib.nullcontext():
                         runs[side].append(measured_run(host, "ours", mp, latents, positive, steps, rank, train_dtype,
                                                        ck, executor=side == "ours"))
-            entry["executor"] = {"checkpointing": ck, **_compare(runs, {"checkpointing": ck})}
+            entry["executor"] = {"checkpointing": ck, **compare(runs, {"checkpointing": ck})}
             say(f"    executor / plain step {entry['executor']['step']['cpu']['ratio_median']:.3f} (cpu time), "
                 f"memory {entry['executor']['memory']['ratio_median']:.3f}")
         if n == 0 and (cfg["fs_scale_ranks"] or cfg["fs_scale_latents"]):
@@ -686,12 +380,12 @@ def section_fullsize(host: Host, cfg: dict) -> dict:
             for r, size in points:
                 lat, pos = family_data(host, family, size)
                 runs = {"ours": [], "theirs": []}
-                for order in _pairs(cfg["fs_scale_pairs"]):
+                for order in pairs(cfg["fs_scale_pairs"]):
                     for side in order if cfg["fs_scale_theirs"] else ("ours",):
                         runs[side].append(measured_run(host, side, mp, lat, pos, steps, r, train_dtype, ck))
                 if not runs["theirs"]:
                     runs["theirs"] = [{k: None for k in runs["ours"][0]} for _ in runs["ours"]]
-                row = {"rank": r, "latent": size, "checkpointing": ck, **_compare(runs, {"rank": r, "latent": size}),
+                row = {"rank": r, "latent": size, "checkpointing": ck, **compare(runs, {"rank": r, "latent": size}),
                        "analytic_adapter_bytes": analytic_adapter_bytes(host, mp, r)}
                 out["scaling"].append({"family": family, "weights": weight_dtype, **row})
                 ours = row["raw"]["ours"][-1]
@@ -701,7 +395,7 @@ def section_fullsize(host: Host, cfg: dict) -> dict:
         out["models"].append(entry)
         del mp
         host.settle()
-        _malloc_trim()
+        malloc_trim()
     return out
 
 
@@ -727,26 +421,6 @@ def plain_weights(host: Host, mp):
 # ---------------------------------------------------------------- section 4 (one side per process)
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker_memory(host: Host, cfg: dict, side: str) -> dict:
     torch = host.torch
     model, _ = host.load_tiny()
@@ -762,8 +436,8 @@ def worker_memory(host: Host, cfg: dict, side: str) -> dict:
         result["method"] = "cuda max_memory_allocated - memory_allocated after model load"
     else:
         gc.collect()
-        reset = _reset_peak_rss()
-        before_kib = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        reset = reset_peak_rss()
+        before_kib = status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         result["method"] = ("VmHWM after a reset (clear_refs 5) - VmRSS after model load" if reset
                             else "ru_maxrss - ru_maxrss after model load")
     # The node's own model load happens inside the node (on the clone of an already loaded model).
@@ -774,7 +448,7 @@ def worker_memory(host: Host, cfg: dict, side: str) -> dict:
     if host.device == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated() - before
     else:
-        peak_kib = _status_kib("VmHWM") if result["method"].startswith("VmHWM") else \
+        peak_kib = status_kib("VmHWM") if result["method"].startswith("VmHWM") else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         result["peak_bytes"] = (peak_kib - before_kib) * 1024
         result["rss_after_model_load_bytes"] = before_kib * 1024
@@ -807,31 +481,6 @@ def worker_timing(host: Host, cfg: dict, sections: list[str]) -> dict:
 # =========================================================================== orchestrator
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {
-        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-        "torch_default_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(), "comfyui_dir": str(COMFY),
-    }
-    with contextlib.suppress(Exception):
-        info["comfyui_version"] = (COMFY / "comfyui_version.py").read_text().split('"')[1]
-    with contextlib.suppress(Exception):
-        info["git_commit"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                            capture_output=True, text=True).stdout.strip()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def spawn(args: list[str], result: Path, timeout: float, threads: int = 0) -> dict:
     """Runs a worker; its [bench] lines are shown as they come, the rest kept for an error."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *args, "--result", str(result)]
@@ -854,10 +503,6 @@ def spawn(args: list[str], result: Path, timeout: float, threads: int = 0) -> di
         tail = "\n".join(lines[-40:])
         raise RuntimeError(f"worker {' '.join(args)} failed (exit {code}):\n{tail}")
     return json.loads(result.read_text())
-
-
-def fmt(value, digits=3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def goal_text(name: str, value) -> str:

@@ -33,21 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFY = Path(os.environ.get("COMFYUI_DIR") or REPO / ".comfyui").resolve()
-TINY = "trilora-tiny-sd15.safetensors"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness
+from harness import COMFY, REPO, TINY  # noqa: E402
+from harness.bench import cpu_name  # noqa: E402
+
 RATE_RE = re.compile(r"(\d+) steps on (\d+) ranks?; after the first step ([\d.]+) steps/s, ([\d.]+) images/s, "
                      r"([\d.]+) CPU s/step on rank 0")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_once(ranks: int, threads: int, args, work: Path) -> dict:

@@ -36,8 +36,8 @@ import traceback
 from pathlib import Path
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS for the resume check
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (the same Host, model builders and measured runs as `make bench`)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness
+from harness import bench  # noqa: E402  (the same host, model builders and measured runs as `make bench`)
 
 # (label, family, weight dtype, latent side): 512 px = latent 64, 1024 px = latent 128.
 ROWS = [("SD1.5 512px", "SD15", "bf16", 64), ("SDXL 1024px", "SDXL", "bf16", 128),
@@ -56,7 +56,7 @@ def say(text: str) -> None:
 # --------------------------------------------------------------------------- rows
 
 
-def model_for(host: bench.Host, family: str, weights: str, dry: bool):
+def model_for(host: bench.BenchHost, family: str, weights: str, dry: bool):
     torch = host.torch
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
     if dry:  # the tiny checkpoint stands in for every family, in the row's weight dtype
@@ -64,7 +64,7 @@ def model_for(host: bench.Host, family: str, weights: str, dry: bool):
     return bench.full_size_model(host, family, dtypes[weights])[0], family
 
 
-def run_row(host: bench.Host, cfg: dict, label: str, family: str, weights: str, latent: int, dry: bool) -> dict:
+def run_row(host: bench.BenchHost, cfg: dict, label: str, family: str, weights: str, latent: int, dry: bool) -> dict:
     t0 = time.perf_counter()
     mp, data_family = model_for(host, family, weights, dry)
     if dry:
@@ -72,7 +72,7 @@ def run_row(host: bench.Host, cfg: dict, label: str, family: str, weights: str, 
     latents, positive = bench.family_data(host, data_family, latent)
     n_params = sum(p.numel() for p in mp.model.diffusion_model.parameters())
     runs, theirs_error = {"ours": [], "theirs": []}, None
-    for order in bench._pairs(cfg["pairs"]):
+    for order in bench.pairs(cfg["pairs"]):
         for side in order:
             try:
                 runs[side].append(bench.measured_run(host, side, mp, latents, positive, cfg["steps"], cfg["rank"],
@@ -84,7 +84,7 @@ def run_row(host: bench.Host, cfg: dict, label: str, family: str, weights: str, 
                 host.settle()
     if theirs_error:
         runs["theirs"] = [{k: None for k in runs["ours"][0]} for _ in runs["ours"]]
-    cmp = bench._compare(runs, {"checkpointing": True})
+    cmp = bench.compare(runs, {"checkpointing": True})
     row = {"label": label, "family": family, "weights": weights, "latent": latent, "params": n_params,
            "rank": cfg["rank"], "steps": cfg["steps"], "theirs_error": theirs_error,
            "it_s_ours": 1 / cmp["step"]["ours_median"],
@@ -103,7 +103,7 @@ def run_row(host: bench.Host, cfg: dict, label: str, family: str, weights: str, 
 # --------------------------------------------------------------------------- checks
 
 
-def _train(host: bench.Host, model, latents, positive, **inputs):
+def _train(host: bench.BenchHost, model, latents, positive, **inputs):
     """TrainTriLoRA as the executor runs it; returns its outputs."""
     torch = host.torch
     args = {"model": [model], "latents": latents, "positive": [positive], "steps": [2], "rank": [4], "seed": [0],
@@ -148,7 +148,7 @@ def check_fp16(host, model, data) -> dict:
 
 
 @contextlib.contextmanager
-def capped_memory(host: bench.Host, headroom_bytes: int):
+def capped_memory(host: bench.BenchHost, headroom_bytes: int):
     """Real allocation failures past ``headroom_bytes`` more than now: on CUDA the caching
     allocator's per-process fraction, on the CPU the address-space limit (RLIMIT_AS)."""
     torch = host.torch
@@ -160,7 +160,7 @@ def capped_memory(host: bench.Host, headroom_bytes: int):
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
         return
-    size_kib = bench._status_kib("VmSize")
+    size_kib = bench.status_kib("VmSize")
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (size_kib * 1024 + headroom_bytes, hard))
     try:
@@ -179,7 +179,7 @@ def check_out_of_memory(host, model, data, cfg, loras: Path) -> dict:
     _train(host, model, latents, positive, steps=1, checkpoint_prefix="gpu/warmup", training_dtype=dtype)
     host.settle()
     cuda = host.device == "cuda"
-    before = torch.cuda.memory_allocated() if cuda else bench._status_kib("VmRSS") * 1024
+    before = torch.cuda.memory_allocated() if cuda else bench.status_kib("VmRSS") * 1024
     error = None
     with capped_memory(host, (2 << 30) if cuda else (512 << 20)):
         try:
@@ -187,7 +187,7 @@ def check_out_of_memory(host, model, data, cfg, loras: Path) -> dict:
         except Exception as err:
             error = err
     host.settle()
-    after = torch.cuda.memory_allocated() if cuda else bench._status_kib("VmRSS") * 1024
+    after = torch.cuda.memory_allocated() if cuda else bench.status_kib("VmRSS") * 1024
     files = sorted(p.name for p in (loras / "gpu").glob("oom_*"))
     mro = [c.__name__ for c in type(error).__mro__] if error is not None else []
     res = {"error": None if error is None else f"{type(error).__name__}: {str(error)[:400]}", "mro": mro,
@@ -218,7 +218,7 @@ def check_resume(host, model, data, cfg, loras: Path) -> dict:
             "max_abs_diff": diff, "passed": equal and rest[3] == 4 and rest[2]["loss"] == straight[2]["loss"][2:]}
 
 
-def run_checks(host: bench.Host, cfg: dict) -> dict:
+def run_checks(host: bench.BenchHost, cfg: dict) -> dict:
     model = host.load_tiny()[0]
     data = bench.family_data(host, "tiny", cfg["check_latent"])
     out = {}
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
                "command": " ".join(["python", "scripts/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
                "machine": bench.machine_info(), "config": cfg, "rows": [], "checks": {}}
     t0 = time.perf_counter()
-    host = bench.Host(device, 1 if opts.dry_run else 0)  # one CPU thread: see bench.py on shared machines
+    host = bench.BenchHost(device, 1 if opts.dry_run else 0)  # one CPU thread: see bench.py on shared machines
     chosen = range(len(ROWS)) if opts.rows == "all" else [] if opts.rows == "none" else \
         [int(n) - 1 for n in opts.rows.split(",")]
     for i in chosen:

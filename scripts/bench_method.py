@@ -49,8 +49,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import REPO, Host, machine_info  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness
+from harness import REPO  # noqa: E402
+from harness.bench import BenchHost as Host  # noqa: E402
+from harness.bench import machine_info  # noqa: E402
 
 SCHEMA_VERSION = 1
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels, as ComfyUI's timestep percent

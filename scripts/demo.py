@@ -27,9 +27,9 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))  # trilora_core (pure torch), to read the trained file
-from comfy_browser import ComfyBrowser, ComfyError, ComfyServer, Converted, execution_error  # noqa: E402
+sys.path.insert(0, str(REPO))  # harness, and trilora_core (pure torch) to read the trained file
+from harness.browser import ComfyBrowser, Converted  # noqa: E402
+from harness.server import ComfyError, ComfyServer, execution_error  # noqa: E402
 
 TINY = "trilora-tiny-sd15.safetensors"
 TRAIN_WORKFLOW = REPO / "workflows" / "trilora_train_style.json"

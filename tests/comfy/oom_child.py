@@ -14,9 +14,10 @@ import resource
 import sys
 from pathlib import Path
 
-ARGS = sys.argv[1:]  # read before conftest gives ComfyUI its own command line
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import conftest  # noqa: E402  (sets ComfyUI's command line before ComfyUI is imported)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: harness
+from harness import TINY, host  # noqa: E402
+
+host.start()  # before torch and ComfyUI's modules: ComfyUI reads its command line at the first import
 import torch  # noqa: E402
 
 
@@ -28,14 +29,14 @@ def status_kib(field: str) -> int:
 
 
 def main(loras: str, output: str, headroom_mib: str, big_side: str) -> dict:
-    host = conftest.boot_host(Path(loras), Path(output))
-    nodes = host.nodes
+    h = host.boot(Path(loras), Path(output))
+    nodes = h.nodes
     cls = nodes.NODE_CLASS_MAPPINGS["TrainTriLoRA"]
     gen = torch.Generator().manual_seed(0)
     small = [{"samples": torch.randn(1, 4, 8, 8, generator=gen)} for _ in range(2)]
     big = {"samples": torch.randn(1, 4, int(big_side), int(big_side), generator=gen)}
     with torch.inference_mode():
-        model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(conftest.TINY)[:2]
+        model, clip = nodes.CheckpointLoaderSimple().load_checkpoint(TINY)[:2]
         positive = nodes.CLIPTextEncode().encode(clip, "a test")[0]
 
     def train(latents, steps, prefix, existing="[None]"):
@@ -72,4 +73,4 @@ def main(loras: str, output: str, headroom_mib: str, big_side: str) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(*ARGS)), flush=True)
+    print("RESULT " + json.dumps(main(*sys.argv[1:])), flush=True)

@@ -17,8 +17,9 @@ from PIL import Image, ImageStat
 
 sys.path.insert(0, str(REPO / "scripts"))
 import make_workflow_fixtures as fixtures  # noqa: E402
-from comfy_browser import ComfyServer, execution_error  # noqa: E402
 
+from harness.server import ComfyServer, execution_error  # noqa: E402
+from harness.workflows import WORKFLOW_SPECS, workflow_id  # noqa: E402
 from trilora_core import read_trilora  # noqa: E402
 
 WORKFLOW_DIR = REPO / "workflows"
@@ -175,10 +176,8 @@ def test_a_workflow_with_an_unknown_node_type_is_reported(browser):
 def test_committed_workflows_are_what_make_workflows_builds_with_todays_nodes(browser):
     """Catches a node whose inputs changed since the files were made (their widget values are
     stored by position): rerun scripts/make_workflows.py then."""
-    import make_workflows
-
-    for name, spec in make_workflows.WORKFLOW_SPECS.items():
-        built = browser.build({**spec(), "id": make_workflows.workflow_id(name)})
+    for name, spec in WORKFLOW_SPECS.items():
+        built = browser.build({**spec(), "id": workflow_id(name)})
         assert built == read(WORKFLOW_DIR / f"{name}.json"), f"{name}.json is stale: run scripts/make_workflows.py"
 
 

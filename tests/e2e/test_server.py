@@ -44,7 +44,7 @@ def test_server_starts_with_the_pack_and_lists_its_nodes(server):
 
 def test_a_graph_with_a_trilora_samples_an_image(server):
     small_trilora(server.loras / "e2e_small.safetensors")
-    entry = server.run_prompt(generation_prompt("e2e_small.safetensors"))
+    entry = server.run(generation_prompt("e2e_small.safetensors"))
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = entry["outputs"]["8"]["images"]
     assert images and (server.output / images[0]["filename"]).is_file()
@@ -52,10 +52,10 @@ def test_a_graph_with_a_trilora_samples_an_image(server):
 
 def test_a_bad_file_fails_the_graph_clearly_and_the_server_keeps_serving(server):
     (server.loras / "e2e_broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    entry = server.run_prompt(generation_prompt("e2e_broken.safetensors"))
+    entry = server.run(generation_prompt("e2e_broken.safetensors"))
     assert entry["status"]["status_str"] == "error"
     error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
     assert error["node_type"] == "TriLoRALoader"
     assert "e2e_broken.safetensors" in error["exception_message"]
     small_trilora(server.loras / "e2e_good.safetensors")
-    assert server.run_prompt(generation_prompt("e2e_good.safetensors"))["status"]["status_str"] == "success"
+    assert server.run(generation_prompt("e2e_good.safetensors"))["status"]["status_str"] == "success"

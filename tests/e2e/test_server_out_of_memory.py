@@ -9,7 +9,9 @@ import resource
 from pathlib import Path
 
 import pytest
-from conftest import TINY, start_server, stop_server
+from conftest import TINY
+
+from harness.server import start_server
 
 HEADROOM = 2**30
 
@@ -37,18 +39,18 @@ def vm_size(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("oom_server"))
+    srv = start_server(tmp_path_factory.mktemp("oom_server"), cpu=True)
     try:
-        warm = srv.run_prompt(train_prompt(64, "warmup"))  # model loaded, torch's threads started
+        warm = srv.run(train_prompt(64, "warmup"))  # model loaded, torch's threads started
         assert warm["status"]["status_str"] == "success", warm["status"]
         resource.prlimit(srv.proc.pid, resource.RLIMIT_AS, (vm_size(srv.proc.pid) + HEADROOM, resource.RLIM_INFINITY))
         yield srv
     finally:
-        stop_server(srv)
+        srv.stop()
 
 
 def test_out_of_memory_is_reported_as_comfyuis_oom_and_the_server_trains_the_next_graph(capped):
-    failed = capped.run_prompt(train_prompt(2048, "too_big"))  # its attention alone needs several GiB
+    failed = capped.run(train_prompt(2048, "too_big"))  # its attention alone needs several GiB
     assert failed["status"]["status_str"] == "error", failed["status"]
     error = next(m[1] for m in failed["status"]["messages"] if m[0] == "execution_error")
     assert error["node_type"] == "TrainTriLoRA"
@@ -59,7 +61,7 @@ def test_out_of_memory_is_reported_as_comfyuis_oom_and_the_server_trains_the_nex
     assert "Got an OOM, unloading all loaded models." in capped.log_tail(20000)
     assert not list(capped.loras.rglob("too_big*"))  # no step finished: nothing written, nothing half-written
 
-    after = capped.run_prompt(train_prompt(64, "after"))  # the same cap: the memory came back
+    after = capped.run(train_prompt(64, "after"))  # the same cap: the memory came back
     assert after["status"]["status_str"] == "success", (after["status"], capped.log_tail())
     assert any(capped.loras.glob("after_*.safetensors"))
     assert capped.proc.poll() is None

@@ -87,7 +87,7 @@ def alive(server) -> None:
 def good_run_succeeds(server, seed: int) -> None:
     if not (server.loras / "reliability_good.safetensors").exists():
         write_trilora(str(server.loras / "reliability_good.safetensors"), layers(0))
-    entry = server.run_prompt(prompt("reliability_good.safetensors", seed=seed))
+    entry = server.run(prompt("reliability_good.safetensors", seed=seed))
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert image(server, entry).shape == (64, 64, 3)
 
@@ -106,14 +106,14 @@ def wait_for(server, prompt_id: str, timeout: float = 300) -> dict:
 def test_a_file_replaced_on_disk_gives_the_new_image(server):
     path = server.loras / "reliability_replaced.safetensors"
     write_trilora(str(path), layers(1))
-    first = server.run_prompt(prompt(path.name, seed=7))
+    first = server.run(prompt(path.name, seed=7))
     old = os.stat(path)
     write_trilora(str(path), layers(2))  # same shapes: the same size
     os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))  # and the old modification time
     assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (old.st_size, old.st_mtime_ns)
-    second = server.run_prompt(prompt(path.name, seed=7))
+    second = server.run(prompt(path.name, seed=7))
     write_trilora(str(server.loras / "reliability_replacement.safetensors"), layers(2))
-    fresh = server.run_prompt(prompt("reliability_replacement.safetensors", seed=7))
+    fresh = server.run(prompt("reliability_replacement.safetensors", seed=7))
     assert sampled(second) and sampled(fresh)
     assert not np.array_equal(image(server, first), image(server, second)), "the old file's image came back"
     assert np.array_equal(image(server, second), image(server, fresh))
@@ -125,7 +125,7 @@ def test_two_strengths_queued_back_to_back_each_match_their_run_alone(server):
     ids = [server.post("/prompt", {"prompt": prompt(name, strength, seed=3, prefix=f"pair_{strength}")})["prompt_id"]
            for strength in (0.5, 1.5)]  # queued together: the second waits in the queue for the first
     pair = [wait_for(server, prompt_id) for prompt_id in ids]
-    alone = [server.run_prompt(prompt(name, strength, seed=3, prefix=f"alone_{strength}")) for strength in (0.5, 1.5)]
+    alone = [server.run(prompt(name, strength, seed=3, prefix=f"alone_{strength}")) for strength in (0.5, 1.5)]
     assert all(sampled(entry) for entry in pair + alone)
     a, b = image(server, pair[0]), image(server, pair[1])
     assert not np.array_equal(a, b), "two strengths gave the same image"
@@ -157,7 +157,7 @@ def write_bad_file(path, case: str) -> str:
 def test_a_bad_file_fails_in_comfyuis_way_and_the_server_keeps_serving(server, case):
     name = f"reliability_bad_{case}.safetensors"
     expected = write_bad_file(server.loras / name, case)
-    entry = server.run_prompt(prompt(name))
+    entry = server.run(prompt(name))
     assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
     [error] = messages(entry, "execution_error")
     assert error["node_type"] == "TriLoRALoader" and error["node_id"] == LOADER

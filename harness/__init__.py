@@ -1,0 +1,24 @@
+"""The development harness of comfyui-trilora: the real ComfyUI for tests, benchmarks and the demo.
+
+- harness.host: ComfyUI in this process (on the CPU or a GPU), the pack loaded by ComfyUI's own
+  custom-node loader; the boot itself is the command-line trainer's (train_trilora.py).
+- harness.server: ComfyUI's main.py as a server on 127.0.0.1, and a client for it.
+- harness.browser: the server's own frontend in headless Chromium (UI workflow -> API prompt).
+- harness.bench: what the benchmark scripts share (the measuring host, full-size models, runs).
+
+Development only: ComfyUI never imports it (the pack's __init__.py imports nodes/ alone), and
+nothing in nodes/ or trilora_core/ may. Tests reach it through pytest's pythonpath (the repo
+root), the scripts in scripts/ by putting the repo root on sys.path.
+
+The host is harness.COMFY: $COMFYUI_DIR, else the .comfyui/ that `make setup` builds.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMFY = Path(os.environ.get("COMFYUI_DIR") or REPO / ".comfyui").resolve()
+# The pack as a user has it: a folder (here a link to the repo) in the host's custom_nodes/.
+PACK_LINK = COMFY / "custom_nodes" / "comfyui-trilora"
+TINY = "trilora-tiny-sd15.safetensors"  # the tiny SD1.5 checkpoint that `make setup` puts in the host

@@ -1,0 +1,73 @@
+"""The real ComfyUI in this process, with the pack loaded by ComfyUI's own custom-node loader.
+
+ComfyUI is imported from harness.COMFY through the command-line trainer's own boot
+(train_trilora.py: import_comfyui, load_pack), so tests, benchmarks and users' training runs start
+ComfyUI one way. On top of it the harness loads ComfyUI's built-in extra nodes (comfy_extras, with
+TrainLoraNode, which the tests and benchmarks compare against), loads the pack from its link in
+the host's custom_nodes/ as a user's ComfyUI finds it, and saves into folders the caller gives, so
+the host's own folders stay clean. Host quirks: DESIGN.md, "The ComfyUI host".
+
+    from harness import host
+    host.start()                     # before anything imports a ComfyUI module
+    h = host.boot(loras_dir, output_dir)
+    h.nodes.NODE_CLASS_MAPPINGS["TrainTriLoRA"]
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import train_trilora  # the repo root is on sys.path wherever harness imports
+
+from . import COMFY, PACK_LINK
+
+_state: dict = {}
+
+
+def start(device: str = "cpu") -> None:
+    """Imports ComfyUI from harness.COMFY for ``device`` ("cpu", or "cuda": ComfyUI's own choice of
+    GPU); a second call does nothing. ComfyUI reads its command line when its modules are first
+    imported, so this comes before any `import comfy...`."""
+    if "device" in _state:
+        if _state["device"] != device:
+            raise RuntimeError(f"ComfyUI already runs on {_state['device']} in this process, not {device}")
+        return
+    train_trilora.import_comfyui(COMFY, cpu=device == "cpu")
+    _state["device"] = device
+
+
+def _pack():
+    if "pack" not in _state:
+        import nodes
+
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        _state["pack"] = train_trilora.load_pack(PACK_LINK)
+    return _state["pack"]
+
+
+def boot(loras: Path, output: Path, device: str = "cpu") -> SimpleNamespace:
+    """ComfyUI's modules and the loaded pack, saving to these folders: ``loras`` becomes the first
+    loras folder (what SaveTriLoRA writes into), ``output`` the output folder. Loads the pack once
+    per process. Fields: nodes (ComfyUI's nodes module), folder_paths, mm (comfy.model_management),
+    loaded_ok (ComfyUI's loader reported no import error), pack and core (the pack's package and
+    its trilora_core, as ComfyUI imported them), pack_dir, loras, output."""
+    start(device)
+    pack = _pack()
+    import comfy.model_management
+    import folder_paths
+
+    import nodes
+
+    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+    folder_paths.set_output_directory(str(output))
+    return SimpleNamespace(nodes=nodes, folder_paths=folder_paths, mm=comfy.model_management,
+                           loaded_ok=pack is not None, pack=pack, pack_dir=PACK_LINK,
+                           core=sys.modules.get(f"{pack.__name__}.trilora_core") if pack else None,
+                           loras=loras, output=output)
+
+
+def pack_module(host: SimpleNamespace, name: str):
+    """One of the pack's modules as ComfyUI imported it, by its path in the pack ("nodes.train")."""
+    return sys.modules[f"{host.pack.__name__}.{name}"]
