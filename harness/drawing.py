@@ -202,7 +202,7 @@ def encode(pixels: torch.Tensor) -> torch.Tensor:
 
 def train_decoder(seed: int = SEED, steps: int = 150, log=print) -> SmallDecoder:
     """Trains the small decoder to invert the encoder on base pictures and the sample style
-    (4 of each per batch: edges and frames), from a fixed seed. About a minute on 2 CPU cores."""
+    (8 base pictures and the 8 sample pictures per batch: edges and frames), from a fixed seed. About a minute on 2 CPU cores."""
     torch.manual_seed(seed)
     decoder = SmallDecoder()
     combos = caption_pool()
@@ -213,7 +213,7 @@ def train_decoder(seed: int = SEED, steps: int = 150, log=print) -> SmallDecoder
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        idx = torch.cat([torch.randint(64, (4,), generator=g), 64 + torch.randint(8, (4,), generator=g)])
+        idx = torch.cat([torch.randint(64, (8,), generator=g), torch.arange(64, 72)])
         loss = (decoder(latents[idx]) - pictures[idx]).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

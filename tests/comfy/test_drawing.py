@@ -25,7 +25,7 @@ def test_loads_as_sd15_with_the_fixtures_clip(drawing_checkpoint, tiny):
     model, clip, _ = drawing_checkpoint
     assert type(model.model.model_config).__name__ == "SD15"
     ours = clip.encode_from_tokens(clip.tokenize("a red circle"))
-    fixture = tiny[1].encode_from_tokens(tiny[1].tokenize("a red circle"))
+    fixture = tiny.clip.encode_from_tokens(tiny.clip.tokenize("a red circle"))
     assert torch.equal(ours, fixture)  # CLIP-L is the random fixture's, unchanged
 
 
