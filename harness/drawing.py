@@ -461,7 +461,7 @@ def spec() -> str:
 
     parts = [caption_pool, base_caption, base_picture, sample_style_pictures, encoder_state_dict, _Block,
              SmallDecoder, decoder_state_dict, train_decoder, _ops, small_unet, _channel_map, embed_unet,
-             model_sampling, encode_captions, pretrain_unet, build]
+             model_sampling, encode_captions, pretrain_unet, vae_state_dict, assemble, build]
     text = "".join(inspect.getsource(p) for p in parts)
     text += repr((SIZE, VAE_SCALE, DECODER_WIDTH, UNET_WIDTH, UNCONDITIONAL, DROPOUT, _DECODER_LAYERS))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -471,24 +471,44 @@ def description(seed: int = SEED) -> str:
     return f"comfyui-trilora drawing model (make demo), seed {seed}, spec {spec()}"
 
 
+def vae_state_dict(decoder: SmallDecoder) -> dict[str, torch.Tensor]:
+    """TAESD's keys (as under `first_stage_model.`): the set encoder, the decoder placed, the scale."""
+    vae = {f"taesd_encoder.{k}": v for k, v in encoder_state_dict().items()}
+    vae.update({f"taesd_decoder.{k}": v for k, v in decoder_state_dict(decoder).items()})
+    vae.update(vae_scale=torch.tensor(VAE_SCALE), vae_shift=torch.tensor(0.0))
+    return vae
+
+
+def assemble(tensors: dict[str, torch.Tensor], decoder: SmallDecoder, unet) -> dict[str, torch.Tensor]:
+    """The fixture's tensors (its CLIP-L and key layout) with this VAE and the small UNet embedded in
+    place of its random ones; fp16, sorted keys. Raises KeyError if ``tensors`` is not the tiny
+    SD1.5 fixture's layout."""
+    tensors = dict(tensors)
+    prefix = "model.diffusion_model."
+    shapes = {k[len(prefix):]: v.shape for k, v in tensors.items() if k.startswith(prefix)}
+    for key, value in embed_unet(unet.state_dict(), shapes).items():
+        tensors[prefix + key] = value
+    for key, value in vae_state_dict(decoder).items():
+        if "first_stage_model." + key not in tensors:
+            raise KeyError(f"no first_stage_model.{key}: not the tiny SD1.5 fixture's layout")
+        tensors["first_stage_model." + key] = value
+    return {k: v.to(torch.float16).contiguous() for k, v in sorted(tensors.items())}
+
+
 def build(fixture: Path, seed: int = SEED, log=print) -> tuple[dict[str, torch.Tensor], dict]:
-    """The drawing checkpoint's tensors: the random fixture at ``fixture`` (its CLIP-L and key
-    layout) with the VAE and the pretrained UNet in place of its random ones; fp16, sorted keys.
-    Returns (tensors, {"decoder_seconds", "unet_seconds", "psnr": per sample picture, ...})."""
+    """The drawing checkpoint's tensors from the random fixture at ``fixture`` (`assemble`), with the
+    decoder and UNet trained here. Returns (tensors, {"decoder_seconds", "psnr": per sample
+    picture at SIZE px, "unet_seconds", "loss_first", "loss_last"})."""
     import comfy.sd
     from comfy.taesd.taesd import TAESD
     from safetensors.torch import load_file
 
-    tensors = load_file(str(fixture))
     clip = comfy.sd.load_checkpoint_guess_config(str(fixture), output_vae=False)[1]
     t0 = time.perf_counter()
     decoder = train_decoder(seed, log=log)
     info = {"decoder_seconds": round(time.perf_counter() - t0, 1)}
-    vae = {f"taesd_encoder.{k}": v for k, v in encoder_state_dict().items()}
-    vae.update({f"taesd_decoder.{k}": v for k, v in decoder_state_dict(decoder).items()})
-    vae.update(vae_scale=torch.tensor(VAE_SCALE), vae_shift=torch.tensor(0.0))
     taesd = TAESD()
-    taesd.load_state_dict(vae)
+    taesd.load_state_dict(vae_state_dict(decoder))
     pictures = sample_style_pictures()
     with torch.no_grad():
         decoded = (taesd.decode(taesd.encode(pictures * 2 - 1)) + 1) / 2
@@ -497,15 +517,7 @@ def build(fixture: Path, seed: int = SEED, log=print) -> tuple[dict[str, torch.T
     unet, unet_info = pretrain_unet(clip, seed, log=log)
     info.update(unet_seconds=round(unet_info["seconds"], 1), loss_first=unet_info["loss_first"],
                 loss_last=unet_info["loss_last"])
-    prefix = "model.diffusion_model."
-    shapes = {k[len(prefix):]: v.shape for k, v in tensors.items() if k.startswith(prefix)}
-    for key, value in embed_unet(unet.state_dict(), shapes).items():
-        tensors[prefix + key] = value
-    for key, value in vae.items():
-        if "first_stage_model." + key not in tensors:
-            raise KeyError(f"{fixture}: no first_stage_model.{key}: not the tiny SD1.5 fixture's layout")
-        tensors["first_stage_model." + key] = value
-    return {k: v.to(torch.float16).contiguous() for k, v in sorted(tensors.items())}, info
+    return assemble(load_file(str(fixture)), decoder, unet), info
 
 
 def is_current(path: Path, seed: int = SEED) -> bool:

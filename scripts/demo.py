@@ -9,13 +9,14 @@ converter, app.graphToPrompt(), its checkpoint widget pointed at the model. Then
    graph, and previews at several strengths through Apply TriLoRA;
 2. generation: Load TriLoRA with the file just trained, at several strengths.
 
-Everything lands in demo_output/ (see the README's "make demo" section). The default model is
-the tiny drawing checkpoint `make setup` pretrains (harness/drawing.py: SD1.5's layout, a VAE that
-keeps flat colours, a UNet that draws captioned flat shapes and has never seen the sample style's
-frame), at 128 px and few steps, so it runs in minutes on a CPU. The generated pictures are put in
-one strip (strengths.png) and measured: the frame's contrast (border against centre) at each
-strength, and whether the prompt's large shape keeps its colour. Give a real SD1.5 checkpoint with
-`make demo CKPT=/path/to/model.safetensors` to see a real style.
+Everything lands in demo_output/ (see the README's "make demo" section). On the tiny test
+checkpoint (the default) sizes and steps are small, so it runs in minutes on a CPU; its weights are
+random, so the images are noise: the demo shows the machinery, not a style. Give a real SD1.5
+checkpoint with `make demo CKPT=/path/to/model.safetensors` to see one. `--drawing` uses the tiny
+drawing checkpoint instead (harness/drawing.py, built on first use: work in progress, issue 16),
+at 128 px. The generated pictures are put in one strip (strengths.png) and measured: the sample
+style's frame contrast (border against centre) at each strength, and whether the prompt's large
+shape keeps its colour.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +36,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))  # trilora_core (pure torch), to read the trained file
 from comfy_browser import ComfyBrowser, ComfyError, ComfyServer, Converted, execution_error  # noqa: E402
 
-TINY = "trilora-drawing-sd15.safetensors"  # harness/drawing.py: the tiny fixture, pretrained to draw
-TINY_SIZE, TINY_TRAIN_STEPS, TINY_SAMPLE_STEPS = 128, 30, 12
+TINY = "trilora-tiny-sd15.safetensors"
+TINY_SIZE, TINY_TRAIN_STEPS, TINY_SAMPLE_STEPS = 64, 30, 4
+DRAWING = "trilora-drawing-sd15.safetensors"  # harness/drawing.FILE_NAME (--drawing)
+DRAWING_SIZE, DRAWING_SAMPLE_STEPS = 128, 12
 TRAIN_WORKFLOW = REPO / "workflows" / "trilora_train_style.json"
 GENERATE_WORKFLOW = REPO / "workflows" / "trilora_generate.json"
 MARKER = ".trilora-demo"  # marks a folder the demo made, so a rerun may empty it
@@ -152,6 +156,9 @@ def main() -> int:
                         help=f"default: {TINY_SAMPLE_STEPS} on the tiny model, else the workflow's")
     parser.add_argument("--size", type=int,
                         help=f"training and image size; default: {TINY_SIZE} on the tiny model, else 512")
+    parser.add_argument("--drawing", action="store_true",
+                        help=f"the tiny drawing checkpoint (harness/drawing.py; built on first use) at "
+                             f"{DRAWING_SIZE} px, {DRAWING_SAMPLE_STEPS} sampling steps")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5],
                         help="strengths for the generation workflow")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per prompt")
@@ -162,9 +169,14 @@ def main() -> int:
     tiny = args.ckpt is None
     if not tiny and not args.ckpt.is_file():
         raise SystemExit(f"--ckpt {args.ckpt}: no such file")
-    ckpt_name = TINY if tiny else args.ckpt.name
     if tiny and not (comfy / "models" / "checkpoints" / TINY).is_file():
         raise SystemExit(f"{TINY} is missing from {comfy}/models/checkpoints: run `make setup`")
+    ckpt_name = TINY if tiny else args.ckpt.name
+    if tiny and args.drawing:  # built (once) by the fixture script, in its own process as make setup runs it
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), "--comfyui", str(comfy),
+                        "--drawing"], check=True)
+        ckpt_name = DRAWING
+        args.size, args.sample_steps = args.size or DRAWING_SIZE, args.sample_steps or DRAWING_SAMPLE_STEPS
     out = args.out.resolve()
     prepare_output(out)
 
@@ -280,6 +292,8 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
         print(f"  content       the large shape is {colour['colour']!r} in the prompt; at strength 1.0 its "
               f"region is nearest to {colour['nearest']!r} (distance {colour['distance']:.2f})")
     print(f"  total         {summary['total_seconds']:.1f} s; everything is in {out}/ (summary.json, server.log)")
+    if tiny and not args.drawing:
+        print("  (the tiny test model has random weights: its images are noise. make demo CKPT=... for a real one)")
     return 0
 
 

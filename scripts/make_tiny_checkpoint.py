@@ -22,12 +22,13 @@ model ComfyUI detects as its family (FAMILIES below), and the same seed gives th
     python scripts/make_tiny_checkpoint.py --comfyui .comfyui            # SD1.5, into its checkpoints folder
     python scripts/make_tiny_checkpoint.py --comfyui .comfyui --family all
     python scripts/make_tiny_checkpoint.py --output /tmp/tiny.safetensors --force
-    python scripts/make_tiny_checkpoint.py --comfyui .comfyui --drawing  # + the demo's model (minutes, once)
+    python scripts/make_tiny_checkpoint.py --comfyui .comfyui --drawing  # + the drawing model (minutes, once)
 
 `--drawing` also builds `trilora-drawing-sd15.safetensors`, the SD1.5 fixture with a VAE that keeps
-flat colours and a UNet pretrained from a fixed seed on captioned flat shapes (harness/drawing.py):
-the model `make demo` trains a style on. It is rebuilt only when missing or when harness/drawing.py
-changed; the random fixture's bytes do not depend on it.
+flat colours and a UNet pretrained from a fixed seed on captioned flat shapes (harness/drawing.py;
+`scripts/demo.py --drawing` trains the sample style on it). Work in progress (issue 16): `make setup`
+does not build it yet. It is rebuilt only when missing or when its build code changed; the random
+fixture's bytes do not depend on it.
 """
 from __future__ import annotations
 
@@ -299,14 +300,14 @@ def main() -> None:
         write_drawing(args.comfyui / "models" / "checkpoints")
 
 
-def write_drawing(folder: Path) -> None:
-    """The demo's drawing model beside the SD1.5 fixture it is made from, unless it is current."""
+def write_drawing(folder: Path) -> Path:
+    """The drawing model's path beside the SD1.5 fixture it is made from; built first unless current."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from harness import drawing
 
     path = folder / drawing.FILE_NAME
     if drawing.is_current(path):
-        return
+        return path
     fixture = folder / FILE_NAME
     if not is_current(fixture, "sd15"):
         write(fixture, SEED, "sd15")
@@ -314,6 +315,7 @@ def write_drawing(folder: Path) -> None:
     start = time.perf_counter()
     info = drawing.write(path, fixture, log=lambda text: print(f"[setup]   {text}", flush=True))
     print(f"[setup] wrote {path} in {time.perf_counter() - start:.0f} s: {json.dumps(info)}", flush=True)
+    return path
 
 
 if __name__ == "__main__":

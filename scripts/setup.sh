@@ -68,7 +68,6 @@ if [ "$(readlink "$link" 2>/dev/null)" != "$ROOT" ]; then
     ln -s "$ROOT" "$link"
 fi
 
-# 5. The tiny SD1.5 test checkpoint, generated from a fixed seed, and the demo's drawing model made
-#    from it (a VAE and a UNet pretrained from a fixed seed: minutes, once; then skipped).
-"$PY" scripts/make_tiny_checkpoint.py --comfyui "$COMFY" --drawing
+# 5. The tiny SD1.5 test checkpoint, generated from a fixed seed.
+"$PY" scripts/make_tiny_checkpoint.py --comfyui "$COMFY"
 say "ready: ComfyUI in $COMFY, python $PY"
