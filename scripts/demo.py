@@ -255,9 +255,9 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
             generated += save_outputs(server, entry, prompt, out, {"Save Image": f"generate_strength_{strength}"})
 
     info = describe_file(trained)
-    prompt = next(n["inputs"]["text"] for n in converted_generate.prompt.values()
-                  if n.get("_meta", {}).get("title") == "Positive prompt")
-    style = measure_style(generated, args.strengths, prompt, out / "strengths.png")
+    positive = next(n["inputs"]["text"] for n in converted_generate.prompt.values()
+                    if n.get("_meta", {}).get("title") == "Positive prompt")
+    style = measure_style(generated, args.strengths, positive, out / "strengths.png")
     summary = {
         "model": ckpt_name, "device": "cpu" if on_cpu else "gpu",
         "trained_file": str(trained), "steps": info["steps"], "layers": info["layers"],
