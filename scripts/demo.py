@@ -12,7 +12,11 @@ converter, app.graphToPrompt(), its checkpoint widget pointed at the model. Then
 Everything lands in demo_output/ (see the README's "make demo" section). On the tiny test
 checkpoint (the default) sizes and steps are small, so it runs in minutes on a CPU; its weights are
 random, so the images are noise: the demo shows the machinery, not a style. Give a real SD1.5
-checkpoint with `make demo CKPT=/path/to/model.safetensors` to see one.
+checkpoint with `make demo CKPT=/path/to/model.safetensors` to see one. `--drawing` uses the tiny
+drawing checkpoint instead (harness/drawing.py, built on first use: work in progress, issue 16),
+at 128 px. The generated pictures are put in one strip (strengths.png) and measured: the sample
+style's frame contrast (border against centre) at each strength, and whether the prompt's large
+shape keeps its colour.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +37,9 @@ from harness.browser import ComfyBrowser, Converted  # noqa: E402
 from harness.server import ComfyError, ComfyServer, execution_error  # noqa: E402
 
 TINY = "trilora-tiny-sd15.safetensors"
+TINY_SIZE, TINY_TRAIN_STEPS, TINY_SAMPLE_STEPS = 64, 30, 4
+DRAWING = "trilora-drawing-sd15.safetensors"  # harness/drawing.FILE_NAME (--drawing)
+DRAWING_SIZE, DRAWING_SAMPLE_STEPS = 128, 12
 TRAIN_WORKFLOW = REPO / "workflows" / "trilora_train_style.json"
 GENERATE_WORKFLOW = REPO / "workflows" / "trilora_generate.json"
 MARKER = ".trilora-demo"  # marks a folder the demo made, so a rerun may empty it
@@ -142,9 +150,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Train a TriLoRA with the pack's workflow, then generate with it.")
     parser.add_argument("--ckpt", type=Path, help="an SD1.5 checkpoint (default: the tiny test checkpoint)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output")
-    parser.add_argument("--train-steps", type=int, help="default: 30 on the tiny model, else the workflow's")
-    parser.add_argument("--sample-steps", type=int, help="default: 4 on the tiny model, else the workflow's")
-    parser.add_argument("--size", type=int, help="training and image size; default: 64 on the tiny model, else 512")
+    parser.add_argument("--train-steps", type=int,
+                        help=f"default: {TINY_TRAIN_STEPS} on the tiny model, else the workflow's")
+    parser.add_argument("--sample-steps", type=int,
+                        help=f"default: {TINY_SAMPLE_STEPS} on the tiny model, else the workflow's")
+    parser.add_argument("--size", type=int,
+                        help=f"training and image size; default: {TINY_SIZE} on the tiny model, else 512")
+    parser.add_argument("--drawing", action="store_true",
+                        help=f"the tiny drawing checkpoint (harness/drawing.py; built on first use) at "
+                             f"{DRAWING_SIZE} px, {DRAWING_SAMPLE_STEPS} sampling steps")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5],
                         help="strengths for the generation workflow")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per prompt")
@@ -155,9 +169,14 @@ def main() -> int:
     tiny = args.ckpt is None
     if not tiny and not args.ckpt.is_file():
         raise SystemExit(f"--ckpt {args.ckpt}: no such file")
-    ckpt_name = TINY if tiny else args.ckpt.name
     if tiny and not (comfy / "models" / "checkpoints" / TINY).is_file():
         raise SystemExit(f"{TINY} is missing from {comfy}/models/checkpoints: run `make setup`")
+    ckpt_name = TINY if tiny else args.ckpt.name
+    if tiny and args.drawing:  # built (once) by the fixture script, in its own process as make setup runs it
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), "--comfyui", str(comfy),
+                        "--drawing"], check=True)
+        ckpt_name = DRAWING
+        args.size, args.sample_steps = args.size or DRAWING_SIZE, args.sample_steps or DRAWING_SAMPLE_STEPS
     out = args.out.resolve()
     prepare_output(out)
 
@@ -183,9 +202,9 @@ def main() -> int:
 
 def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, started: float) -> int:
     on_cpu = all(d.get("type") == "cpu" for d in server.get("/system_stats").get("devices", []))
-    size = args.size or (64 if tiny else None)
-    train_steps = args.train_steps or (30 if tiny else None)
-    sample_steps = args.sample_steps or (4 if tiny else None)
+    size = args.size or (TINY_SIZE if tiny else None)
+    train_steps = args.train_steps or (TINY_TRAIN_STEPS if tiny else None)
+    sample_steps = args.sample_steps or (TINY_SAMPLE_STEPS if tiny else None)
 
     train = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}}
     if on_cpu:  # bf16 autocast is slow or missing on many CPUs; gradient checkpointing only saves memory
@@ -236,6 +255,9 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
             generated += save_outputs(server, entry, prompt, out, {"Save Image": f"generate_strength_{strength}"})
 
     info = describe_file(trained)
+    positive = next(n["inputs"]["text"] for n in converted_generate.prompt.values()
+                    if n.get("_meta", {}).get("title") == "Positive prompt")
+    style = measure_style(generated, args.strengths, positive, out / "strengths.png")
     summary = {
         "model": ckpt_name, "device": "cpu" if on_cpu else "gpu",
         "trained_file": str(trained), "steps": info["steps"], "layers": info["layers"],
@@ -246,6 +268,7 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
         "loss_graph": str(out / "loss_graph.png"),
         "training_previews": [str(p) for p in images if p.name.startswith("preview_")],
         "generated": [str(p) for p in generated], "strengths": args.strengths,
+        "strip": str(out / "strengths.png"), "style": style,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -259,11 +282,50 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
     print(f"  loss graph    {out / 'loss_graph.png'}")
     print(f"  previews      {len(summary['training_previews'])} from the training workflow (preview_strength_*.png)")
     print(f"  generated     {len(generated)} images at strengths {', '.join(map(str, args.strengths))} "
-          f"(generate_strength_*.png) in {gen_seconds:.1f} s")
+          f"(generate_strength_*.png) in {gen_seconds:.1f} s; strip: strengths.png")
+    print("  frame contrast (border - centre luminance; the sample pictures: "
+          f"{style['sample_frame_contrast']:+.3f}):")
+    for strength, value in zip(args.strengths, style["frame_contrast"], strict=True):
+        print(f"    strength {strength:<4} {value:+.3f}")
+    colour = style["content"]
+    if colour:
+        print(f"  content       the large shape is {colour['colour']!r} in the prompt; at strength 1.0 its "
+              f"region is nearest to {colour['nearest']!r} (distance {colour['distance']:.2f})")
     print(f"  total         {summary['total_seconds']:.1f} s; everything is in {out}/ (summary.json, server.log)")
-    if tiny:
+    if tiny and not args.drawing:
         print("  (the tiny test model has random weights: its images are noise. make demo CKPT=... for a real one)")
     return 0
+
+
+def measure_style(images: list[Path], strengths: list[float], prompt: str, strip: Path) -> dict:
+    """The generated pictures in one strip, labelled by strength, and measured: the frame's contrast
+    at each strength (harness.drawing.frame_contrast), the same on the sample pictures, and the
+    colour of the prompt's large shape at strength 1.0 if there is one."""
+    import re
+
+    from PIL import Image, ImageDraw
+
+    from harness import drawing
+
+    pictures = [Image.open(p).convert("RGB") for p in images]
+    side = pictures[0].height
+    label = 18
+    sheet = Image.new("RGB", (side * len(pictures) + 4 * (len(pictures) - 1), side + label), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (picture, strength) in enumerate(zip(pictures, strengths, strict=True)):
+        x = i * (side + 4)
+        sheet.paste(picture, (x, label))
+        draw.text((x + 4, 3), f"strength {strength:g}", fill="black")
+    sheet.save(strip)
+    samples = drawing.sample_style_pictures(side)
+    result = {"frame_contrast": [round(drawing.frame_contrast(p), 4) for p in pictures],
+              "sample_frame_contrast": round(float(sum(drawing.frame_contrast(s) for s in samples) / len(samples)), 4),
+              "content": None}
+    match = re.search(r"\blarge (\w+) ", prompt)
+    if match and 1.0 in strengths and match.group(1) in drawing.style.COLOURS:
+        measured = drawing.colour_distance(pictures[strengths.index(1.0)], match.group(1))
+        result["content"] = {"colour": match.group(1), **measured}
+    return result
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ model ComfyUI detects as its family (FAMILIES below), and the same seed gives th
     python scripts/make_tiny_checkpoint.py --comfyui .comfyui            # SD1.5, into its checkpoints folder
     python scripts/make_tiny_checkpoint.py --comfyui .comfyui --family all
     python scripts/make_tiny_checkpoint.py --output /tmp/tiny.safetensors --force
+    python scripts/make_tiny_checkpoint.py --comfyui .comfyui --drawing  # + the drawing model (minutes, once)
+
+`--drawing` also builds `trilora-drawing-sd15.safetensors`, the SD1.5 fixture with a VAE that keeps
+flat colours and a UNet pretrained from a fixed seed on captioned flat shapes (harness/drawing.py;
+`scripts/demo.py --drawing` trains the sample style on it). Work in progress (issue 16): `make setup`
+does not build it yet. It is rebuilt only when missing or when its build code changed; the random
+fixture's bytes do not depend on it.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,6 +281,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, help="file to write instead (one family)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--force", action="store_true", help="write even if the file exists")
+    parser.add_argument("--drawing", action="store_true",
+                        help="also build the demo's drawing model from the SD1.5 fixture (minutes, once)")
     args = parser.parse_args()
 
     _comfy(args.comfyui)
@@ -286,6 +296,26 @@ def main() -> None:
             continue
         write(path, args.seed, family)
         print(f"[setup] wrote {path}")
+    if args.drawing:
+        write_drawing(args.comfyui / "models" / "checkpoints")
+
+
+def write_drawing(folder: Path) -> Path:
+    """The drawing model's path beside the SD1.5 fixture it is made from; built first unless current."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from harness import drawing
+
+    path = folder / drawing.FILE_NAME
+    if drawing.is_current(path):
+        return path
+    fixture = folder / FILE_NAME
+    if not is_current(fixture, "sd15"):
+        write(fixture, SEED, "sd15")
+    print(f"[setup] pretraining the demo's drawing model into {path} (once; a few minutes) ...", flush=True)
+    start = time.perf_counter()
+    info = drawing.write(path, fixture, log=lambda text: print(f"[setup]   {text}", flush=True))
+    print(f"[setup] wrote {path} in {time.perf_counter() - start:.0f} s: {json.dumps(info)}", flush=True)
+    return path
 
 
 if __name__ == "__main__":
