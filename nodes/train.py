@@ -25,7 +25,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import comfy.lora
 import comfy.model_management
@@ -634,6 +634,11 @@ class TriLoRATrainer:
         self.by_shape = {tuple(self.images[0].shape): self.processed}
         self.images = [img.to(self.device) for img in self.images]
         self.images = [base.process_latent_in(img) for img in self.images]
+        if getattr(base, "model_lowvram", False) and not self.settings.checkpointing:
+            # ComfyUI offloaded part of the model (low VRAM): each offloaded weight is cast to the
+            # device per forward, and without checkpointing every such copy is kept for the backward.
+            log.warning("TrainTriLoRA: the model is partially loaded (low VRAM), so gradient checkpointing is on")
+            self.settings = replace(self.settings, checkpointing=True)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
             self._loop(model_wrap, extra_args)
