@@ -113,7 +113,7 @@ FULL = {
     "fs_models_cuda": [["SD15", "bf16", 64], ["SDXL", "bf16", 128]],
     "fs_rank": 16,
     "fs_steps": 3,        # the first step is left out of the step time
-    "fs_pairs": 1,        # A B (then B A ...) per model and checkpointing setting
+    "fs_pairs": 1,        # A B (then B A ...) per model and checkpointing setting (0: only the scaling rows)
     "fs_checkpointing": [True, False],
     "fs_executor_pairs": 1,             # ours under inference mode vs plain weights (0: off)
     "fs_scale_ranks": [4, 128],         # fs_rank is the main rows (first model only)
@@ -351,7 +351,7 @@ def section_fullsize(host: Host, cfg: dict) -> dict:
                  analytic_adapter_bytes(host, mp, rank), "build_s": time.perf_counter() - t0, "rows": []}
         say(f"  {family} ({n_params / 1e6:.0f}M parameters, {weight_dtype} weights, {train_dtype} training, "
             f"latent {latent}x{latent}) built in {entry['build_s']:.0f} s")
-        for checkpointing in cfg["fs_checkpointing"]:
+        for checkpointing in cfg["fs_checkpointing"] if cfg["fs_pairs"] else []:
             runs = {"ours": [], "theirs": []}
             for order in pairs(cfg["fs_pairs"]):
                 for side in order:
@@ -587,11 +587,11 @@ def fullsize_rows(fs: dict, add) -> None:
             add("full_memory", f"{what}, checkpointing {ck}: peak memory over the loaded model", row["memory"], **mib)
         measured = median(r["adapter_bytes"] for row in m["rows"] for r in row["raw"]["ours"])
         theirs = median(r["adapter_bytes"] for row in m["rows"] for r in row["raw"]["theirs"])
-        add("full_adapter", f"{what}: adapter memory (factors+grads+AdamW state), measured / analytic; theirs: "
-            f"{fmt(theirs and theirs / 2**20, 1)} MiB", {"ratio_median": measured / m["analytic_adapter_bytes"],
-                                                       "ours_median": measured,
-                                                       "theirs_median": m["analytic_adapter_bytes"], "pairs": 1},
-            **mib)
+        if measured is not None:
+            add("full_adapter", f"{what}: adapter memory (factors+grads+AdamW state), measured / analytic; "
+                f"theirs: {fmt(theirs and theirs / 2**20, 1)} MiB",
+                {"ratio_median": measured / m["analytic_adapter_bytes"], "ours_median": measured,
+                 "theirs_median": m["analytic_adapter_bytes"], "pairs": 1}, **mib)
         if "executor" in m:
             e = m["executor"]
             add("executor_step", f"{what}: TrainTriLoRA step under the executor's inference mode / outside it "

@@ -13,8 +13,10 @@ Figures: it/s and peak VRAM over the loaded model (torch.cuda.max_memory_allocat
 the loaded model holds), ours / theirs, and the adapter's memory against its analytic size.
 Checks (pass or fail, with details): bf16 autocast training, fp16 training with its grad scaler,
 an out-of-memory ending on a real CUDA allocation failure (the allocator capped with
-set_per_process_memory_fraction) that releases the run's memory, and resume exactness on CUDA
-(4 steps straight = 2 steps, checkpoint, 2 resumed steps, bit for bit).
+set_per_process_memory_fraction) that releases the run's memory, resume exactness on CUDA
+(4 steps straight = 2 steps, checkpoint, 2 resumed steps, bit for bit), and training with half
+the model offloaded as ComfyUI's low-VRAM loading leaves it (same factors as fully loaded,
+lower peak VRAM).
 
     .venv/bin/python scripts/bench_gpu.py             # on a GPU (make bench-gpu)
     .venv/bin/python scripts/bench_gpu.py --dry-run   # the same code paths, tiny model, CPU
@@ -218,6 +220,61 @@ def check_resume(host, model, data, cfg, loras: Path) -> dict:
             "max_abs_diff": diff, "passed": equal and rest[3] == 4 and rest[2]["loss"] == straight[2]["loss"][2:]}
 
 
+@contextlib.contextmanager
+def offloaded_after_sampler_load(host: bench.BenchHost, fraction: float):
+    """ComfyUI's free-memory step on a card too small for the model: after the sampler's own
+    load, ``LoadedModel.model_unload(memory_to_free)`` moves ``fraction`` of the model to the
+    offload device, and training runs on it partially loaded (low VRAM). CUDA's peak-memory mark
+    is reset there, so it covers the training steps, not the load."""
+    import comfy.sampler_helpers
+
+    real = comfy.sampler_helpers.prepare_sampling
+
+    def prepare_sampling(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        if fraction:
+            loaded = next(m for m in host.mm.current_loaded_models if m.model is model)
+            loaded.model_unload(memory_to_free=int(model.model_size() * fraction))
+        if host.device == "cuda":
+            host.torch.cuda.empty_cache()
+            host.torch.cuda.reset_peak_memory_stats()
+        return out
+
+    comfy.sampler_helpers.prepare_sampling = prepare_sampling
+    try:
+        yield
+    finally:
+        comfy.sampler_helpers.prepare_sampling = real
+        host.mm.unload_all_models()
+
+
+def check_low_vram(host, model, data, cfg) -> dict:
+    """The same run fully loaded and with half the model offloaded (real host-device copies per
+    forward on CUDA, through ComfyUI's offload stream): the same factors and losses, and the
+    offloaded run's peak VRAM lower by the weights it left on the host."""
+    torch = host.torch
+    cuda = host.device == "cuda"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    runs = {}
+    try:
+        for name, fraction in (("full", 0.0), ("offloaded", 0.5)):
+            host.settle()
+            with offloaded_after_sampler_load(host, fraction):
+                out = _train(host, model, *data, steps=3, seed=5, training_dtype=cfg["check_dtype"])
+            runs[name] = {"layers": out[1].layers, "losses": out[2]["loss"],
+                          "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    a, b = runs["full"]["layers"], runs["offloaded"]["layers"]
+    diff = max(float((getattr(a[k], f) - getattr(b[k], f)).abs().max()) for k in a for f in ("u", "s", "vt"))
+    loss_diff = max(abs(x - y) for x, y in zip(runs["full"]["losses"], runs["offloaded"]["losses"], strict=True))
+    peaks = [runs[n]["peak_bytes"] for n in ("full", "offloaded")]
+    return {"max_abs_diff": diff, "max_loss_diff": loss_diff, "peak_full_bytes": peaks[0],
+            "peak_offloaded_bytes": peaks[1],
+            "passed": a.keys() == b.keys() and diff <= 1e-2 and loss_diff <= 1e-2 and (not cuda or peaks[1] < peaks[0])}
+
+
 def run_checks(host: bench.BenchHost, cfg: dict) -> dict:
     model = host.load_tiny()[0]
     data = bench.family_data(host, "tiny", cfg["check_latent"])
@@ -225,7 +282,8 @@ def run_checks(host: bench.BenchHost, cfg: dict) -> dict:
     for name, fn in (("bf16 autocast", lambda: check_bf16(host, model, data)),
                      ("fp16 with grad scaler", lambda: check_fp16(host, model, data)),
                      ("out of memory", lambda: check_out_of_memory(host, model, data, cfg, host.loras)),
-                     ("resume exactness", lambda: check_resume(host, model, data, cfg, host.loras))):
+                     ("resume exactness", lambda: check_resume(host, model, data, cfg, host.loras)),
+                     ("low-VRAM loading", lambda: check_low_vram(host, model, data, cfg))):
         t0 = time.perf_counter()
         try:
             out[name] = fn()

@@ -200,12 +200,11 @@ def main() -> int:
             server.stop()
 
 
-def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, started: float) -> int:
-    on_cpu = all(d.get("type") == "cpu" for d in server.get("/system_stats").get("devices", []))
+def workflow_overrides(args, ckpt_name: str, tiny: bool, on_cpu: bool) -> tuple[dict, int | None, int | None]:
+    """Widget values to set in the training workflow (by node type), the train steps and the image size."""
     size = args.size or (TINY_SIZE if tiny else None)
     train_steps = args.train_steps or (TINY_TRAIN_STEPS if tiny else None)
     sample_steps = args.sample_steps or (TINY_SAMPLE_STEPS if tiny else None)
-
     train = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}}
     if on_cpu:  # bf16 autocast is slow or missing on many CPUs; gradient checkpointing only saves memory
         train["TrainTriLoRA"] = {"training_dtype": "fp32", "gradient_checkpointing": False}
@@ -216,6 +215,12 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
         train["EmptyLatentImage"] = {"width": size, "height": size}
     if sample_steps:
         train["KSampler"] = {"steps": sample_steps}
+    return train, train_steps, size
+
+
+def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, started: float) -> int:
+    on_cpu = all(d.get("type") == "cpu" for d in server.get("/system_stats").get("devices", []))
+    train, train_steps, size = workflow_overrides(args, ckpt_name, tiny, on_cpu)
 
     say("opening the ComfyUI frontend in headless Chromium to convert the workflows ...")
     with ComfyBrowser(server) as browser:
@@ -272,29 +277,33 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    print_summary(summary, info, args, trained, out, tiny)
+    return 0
+
+
+def print_summary(summary: dict, info: dict, args, trained: Path, out: Path, tiny: bool) -> None:
     loss = (f"{info['first_loss']:.4f} -> {info['final_loss']:.4f}" if info["final_loss"] is not None else "n/a")
     print()
     print("TriLoRA demo finished")
-    print(f"  model         {ckpt_name} ({'CPU' if on_cpu else 'GPU'})")
-    print(f"  training      {info['steps']} steps in {train_seconds:.1f} s, loss {loss}")
+    print(f"  model         {summary['model']} ({summary['device'].upper()})")
+    print(f"  training      {info['steps']} steps in {summary['training_seconds']:.1f} s, loss {loss}")
     print(f"  adapter       {info['layers']} layers, {info['rank_text']}, {info['size_bytes'] / 1e6:.1f} MB")
     print(f"  trained file  {trained}")
     print(f"  loss graph    {out / 'loss_graph.png'}")
     print(f"  previews      {len(summary['training_previews'])} from the training workflow (preview_strength_*.png)")
-    print(f"  generated     {len(generated)} images at strengths {', '.join(map(str, args.strengths))} "
-          f"(generate_strength_*.png) in {gen_seconds:.1f} s; strip: strengths.png")
+    print(f"  generated     {len(summary['generated'])} images at strengths {', '.join(map(str, args.strengths))} "
+          f"(generate_strength_*.png) in {summary['generation_seconds']:.1f} s; strip: strengths.png")
     print("  frame contrast (border - centre luminance; the sample pictures: "
-          f"{style['sample_frame_contrast']:+.3f}):")
-    for strength, value in zip(args.strengths, style["frame_contrast"], strict=True):
+          f"{summary['style']['sample_frame_contrast']:+.3f}):")
+    for strength, value in zip(args.strengths, summary['style']["frame_contrast"], strict=True):
         print(f"    strength {strength:<4} {value:+.3f}")
-    colour = style["content"]
+    colour = summary['style']["content"]
     if colour:
         print(f"  content       the large shape is {colour['colour']!r} in the prompt; at strength 1.0 its "
               f"region is nearest to {colour['nearest']!r} (distance {colour['distance']:.2f})")
     print(f"  total         {summary['total_seconds']:.1f} s; everything is in {out}/ (summary.json, server.log)")
     if tiny and not args.drawing:
         print("  (the tiny test model has random weights: its images are noise. make demo CKPT=... for a real one)")
-    return 0
 
 
 def measure_style(images: list[Path], strengths: list[float], prompt: str, strip: Path) -> dict:

@@ -13,6 +13,7 @@ denoised error divided by the output's coefficient in model_sampling.calculate_d
 code path serves every family."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import sys
@@ -129,6 +130,11 @@ class TriLoRATrainer(RunEndings):
         self.images = [img.to(self.device) for img in self.images]
         self.images = [base.process_latent_in(img) for img in self.images]
         self.batches.start(base, self.processed, self.images, self.device)
+        if getattr(base, "model_lowvram", False) and not self.settings.checkpointing:
+            # ComfyUI offloaded part of the model (low VRAM): each offloaded weight is cast to the
+            # device per forward, and without checkpointing every such copy is kept for the backward.
+            log.warning("TrainTriLoRA: the model is partially loaded (low VRAM), so gradient checkpointing is on")
+            self.settings = dataclasses.replace(self.settings, checkpointing=True)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
             self._loop(model_wrap, extra_args)
