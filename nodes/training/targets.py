@@ -202,6 +202,12 @@ def _checkpoint(module: torch.nn.Module) -> None:
     forward = module.forward
 
     def run(args, kwargs):
+        # Blocks that add their residual into their input in place (ComfyUI's Flux blocks:
+        # ``img += ...``) get a copy: the recomputation in the backward pass must start from the
+        # input as it was, and with the same requires_grad, or its activations (and so the
+        # gradients) differ from the forward's.
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         return forward(*args, **kwargs)
 
     def checkpointed(*args, **kwargs):

@@ -280,3 +280,39 @@ def test_block_weights_move_each_familys_own_blocks(comfy_host, name, described,
         else:
             assert [p[0] for p in model.patches[key]] == [pytest.approx(strength)], key
     assert seen == groups
+
+
+@pytest.mark.parametrize("input_requires_grad", [False, True])
+def test_checkpointed_blocks_that_add_into_their_input_in_place_get_the_forwards_gradients(comfy_host,
+                                                                                          input_requires_grad):
+    # ComfyUI's Flux blocks add their residual into their input (img += ...). Recomputed from the
+    # modified input, a checkpointed block's activations (and gradients) would differ from the
+    # forward's: silently wrong when the input requires grad, an error when it does not (a Flux
+    # model trained with target_layers "attention", whose first block's input needs no grad).
+    targets = pack_module(comfy_host, "nodes.training.targets")
+
+    class Block(torch.nn.Module):
+        def __init__(self, in_place: bool):
+            super().__init__()
+            self.norm, self.proj, self.in_place = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), in_place
+
+        def forward(self, x):
+            y = self.proj(self.norm(x) * x)
+            if self.in_place:
+                x += y
+                return x
+            return x + y
+
+    def grads(in_place: bool, checkpointed: bool):
+        torch.manual_seed(0)
+        block = Block(in_place)
+        if checkpointed:
+            targets._checkpoint(block)
+        x0 = torch.randn(2, 4, 8, requires_grad=input_requires_grad)
+        x = x0 * 1.0 if input_requires_grad else x0.clone()  # a non-leaf, as a block's input is
+        (block(x) ** 2).sum().backward()
+        return [p.grad.clone() for p in block.parameters()] + ([x0.grad.clone()] if input_requires_grad else [])
+
+    expected = grads(in_place=False, checkpointed=False)
+    for got, want in zip(grads(in_place=True, checkpointed=True), expected, strict=True):
+        torch.testing.assert_close(got, want)
