@@ -23,9 +23,9 @@ TARGETS = ("attention", "attention+feedforward", "all linear", "all linear+conv"
 # Defaults (see docs/training-defaults.md for why).
 DEFAULT_RANK = 8
 DEFAULT_ALPHA = 8.0
-DEFAULT_LR = 5e-4
-DEFAULT_S_LR_SCALE = 1.0
-DEFAULT_TARGET = "all linear+conv"
+DEFAULT_LR = 2.5e-4
+DEFAULT_S_LR_SCALE = 0.1
+DEFAULT_TARGET = "attention"
 DEFAULT_CHECKPOINT_PREFIX = "trilora/checkpoints/trilora"
 
 Rule = Callable[[str, object], "str | None"]  # (input name, value) -> what is wrong, or None
@@ -123,14 +123,16 @@ class TrainArgs:
     s_learning_rate_scale: float = setting(
         DEFAULT_S_LR_SCALE, io.Float, "How fast s learns: one step changes each weight entry by about "
         "learning_rate x this x alpha / rank (s's own learning rate is learning_rate x this x sqrt(out x in / "
-        "rank)). 1 learns as fast as ComfyUI's LoRA training or faster; lower it if training is unstable.",
+        "rank)). The default 0.1 keeps the base model's other prompts stable (make bench-method); 1 learns "
+        "several times faster and drifts more; lower it if training is unstable.",
         positive, min=0.001, max=1000.0, step=0.01)
     orthogonality_penalty: float = setting(0.0, io.Float, "Weight of AdaLoRA's penalty ||U^T U - I|| + ||V V^T - "
                                            "I|| (mean over layers). 0 (off) learns fastest; saved files are made "
                                            "orthonormal anyway.", zero_or_more, min=0.0, max=100.0, step=0.01)
     target_layers: str = _choices(DEFAULT_TARGET, TARGETS, "Which layers of the diffusion model get an adapter. "
                                   "attention includes fused layers that carry attention (a Flux single block's "
-                                  "linear1 and linear2). Ignored when resuming.")
+                                  "linear1 and linear2). attention (the default) disturbs the base model least; all linear+conv learns "
+                                  "fastest. Ignored when resuming.")
     existing_lora: str = setting(NONE_FILE, "file", "Continue training this TriLoRA (or LoRA) file from the loras "
                                  "folder: its layers, step count and, for a checkpoint, optimizer state. [None] "
                                  "starts fresh.")

@@ -226,7 +226,8 @@ def adaptable(tiny) -> dict[str, torch.nn.Module]:
 def train(comfy_host, tiny, model, **inputs):
     """TrainTriLoRA on one latent of the family and one caption (the executor's list inputs), fp32."""
     inputs = dict(dict(rank=4, learning_rate=TRAIN_LR, seed=0, alpha=4.0, batch_size=1, training_dtype="fp32",
-                       gradient_checkpointing=True), **inputs)
+                       gradient_checkpointing=True, target_layers="all linear+conv", s_learning_rate_scale=1.0),
+                  **inputs)
     return run(comfy_host, "TrainTriLoRA", model=[model], latents=[tiny.latent(seed=3)],
                positive=[tiny.conditioning()], **{k: [v] for k, v in inputs.items()})
 

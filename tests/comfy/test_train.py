@@ -55,6 +55,11 @@ def data(comfy_host):
                            adapter_module=adapter_module)
 
 
+# Every layer with LoRA-sized steps (docs/training-defaults.md: the fastest fit), for tests that
+# need every layer kind trained or a loss that falls within a few steps.
+FASTEST_FIT = {"target_layers": "all linear+conv", "s_learning_rate_scale": 1.0, "learning_rate": 5e-4}
+
+
 def train(comfy_host, data, **inputs):
     """TrainTriLoRA with the executor's list inputs: 4 images, a caption each, fp32 on the CPU."""
     inputs.setdefault("latents", [data.latent])
@@ -145,7 +150,7 @@ def test_nodes_are_registered_with_comfyui_names_tooltips_and_outputs(comfy_host
     assert (names["rank"][1]["default"], names["alpha"][1]["default"], names["learning_rate"][1]["default"],
             names["s_learning_rate_scale"][1]["default"], names["orthogonality_penalty"][1]["default"],
             names["target_layers"][1]["default"], names["checkpoint_every"][1]["default"]) == (
-        8, 8.0, 5e-4, 1.0, 0.0, "all linear+conv", 0)
+        8, 8.0, 2.5e-4, 0.1, 0.0, "attention", 0)
     assert mappings["ApplyTriLoRA"].INPUT_TYPES()["required"]["strength"][1]["display"] == "slider"
     assert mappings["SaveTriLoRA"].OUTPUT_NODE is True
 
@@ -153,7 +158,7 @@ def test_nodes_are_registered_with_comfyui_names_tooltips_and_outputs(comfy_host
 def test_short_training_lowers_the_loss_and_leaves_the_input_model_as_it_was(comfy_host, data):
     before_state = machinery_state(data.model, load=True)
     before = denoise_loss(data.model, data.latent, data.conds)
-    model_out, trilora, loss_map, steps = train(comfy_host, data, steps=12, gradient_checkpointing=True)
+    model_out, trilora, loss_map, steps = train(comfy_host, data, steps=12, gradient_checkpointing=True, **FASTEST_FIT)
     # Nothing of the training is left on the shared model (checked before anything else loads it).
     assert machinery_state(data.model) == before_state
     after = denoise_loss(model_out, data.latent, data.conds)
@@ -227,7 +232,7 @@ def test_same_seed_gives_the_same_file_bit_for_bit(comfy_host, data):
 
 def test_saved_file_in_memory_adapter_and_trained_model_patch_identical_weights(comfy_host, data):
     core = comfy_host.core
-    model_out, trilora, _, _ = train(comfy_host, data, steps=3, seed=1)
+    model_out, trilora, _, _ = train(comfy_host, data, steps=3, seed=1, **FASTEST_FIT)
     name = run(comfy_host, "SaveTriLoRA", trilora=trilora, filename_prefix="same/run")[0]
     saved = core.read_trilora(comfy_host.loras / name)
     for layer in saved.layers.values():  # canonical: orthonormal U and V, s descending and >= 0
@@ -363,20 +368,22 @@ def test_cancel_stops_within_a_step_and_leaves_nothing_behind(comfy_host, data):
 def test_diverging_training_names_the_step_and_keeps_the_last_good_adapter(comfy_host, data):
     core = comfy_host.core
     before_state = machinery_state(data.model, load=True)
+    fast = {"s_learning_rate_scale": 1.0, "target_layers": "all linear+conv"}  # diverges at step 3
     with pytest.raises(data.train_module.TrainingDivergedError) as err:
-        train(comfy_host, data, steps=4, learning_rate=1.0, checkpoint_prefix="nan/run")
+        train(comfy_host, data, steps=4, learning_rate=1.0, checkpoint_prefix="nan/run", **fast)
     match = re.fullmatch(r"TrainTriLoRA: training diverged at step 3 of 4: the loss is not finite \((nan|inf)\); "
                          r"learning_rate 1 is probably too high\. The last good adapter \(after step 1\) was "
                          r"saved to (.+)\.", str(err.value))
     assert match, str(err.value)
     kept = core.read_trilora(match.group(2))
     assert kept.metadata["trilora_steps"] == "1"
-    _, one_step, _, _ = train(comfy_host, data, steps=1, learning_rate=1.0)
+    _, one_step, _, _ = train(comfy_host, data, steps=1, learning_rate=1.0, **fast)
     for prefix, layer in one_step.layers.items():
         assert torch.equal(layer.s, kept.layers[prefix].s) and torch.equal(layer.u, kept.layers[prefix].u)
     # The user lowers the learning rate and goes on from the kept adapter.
     name = str(Path(match.group(2)).relative_to(comfy_host.loras))
-    _, resumed, loss_map, steps = train(comfy_host, data, steps=2, learning_rate=1e-3, existing_lora=name)
+    _, resumed, loss_map, steps = train(comfy_host, data, steps=2, learning_rate=1e-3, existing_lora=name,
+                                        s_learning_rate_scale=1.0)
     assert steps == 3 and all(math.isfinite(v) for v in loss_map["loss"])
     assert json.loads(resumed.metadata["trilora_training_args"])["resumed_from_step"] == 1
     assert machinery_state(data.model) == before_state
@@ -390,12 +397,13 @@ def test_half_precision_training_dtypes_run(comfy_host, data):
 
 
 def test_training_options_take_effect(comfy_host, data):
-    _, base, _, _ = train(comfy_host, data, steps=2)
+    every_layer = {"target_layers": "all linear+conv"}
+    _, base, _, _ = train(comfy_host, data, steps=2, **every_layer)
     variants = [{"grad_accumulation_steps": 2}, {"optimizer": "SGD"}, {"optimizer": "RMSprop"},
                 {"lr_schedule": "cosine"}, {"loss_function": "Huber"},
-                {"orthogonality_penalty": 0.5}, {"s_learning_rate_scale": 0.1}, {"alpha": 4.0}]
+                {"orthogonality_penalty": 0.5}, {"s_learning_rate_scale": 1.0}, {"alpha": 4.0}]
     for variant in variants:
-        _, trilora, loss_map, steps = train(comfy_host, data, steps=2, **variant)
+        _, trilora, loss_map, steps = train(comfy_host, data, steps=2, **every_layer, **variant)
         assert steps == 2 and len(loss_map["loss"]) == 2, variant  # optimizer steps, not micro-steps
         assert all(torch.isfinite(torch.tensor(loss_map["loss"]))), variant
         assert json.loads(trilora.metadata["trilora_training_args"])[next(iter(variant))] == next(iter(variant.values()))
@@ -417,9 +425,12 @@ def test_layer_choices(comfy_host, data):
     assert counts == {"attention": 32, "attention+feedforward": 40, "all linear": 47, "all linear+conv": 69}
 
 
-def test_defaults_fit_at_least_as_fast_as_comfyui_trainloranode(comfy_host, data):
-    # Both at their defaults (rank 8, learning rate 5e-4, AdamW; TrainLoraNode: alpha 1, also training
-    # every bias and norm) on the same 4 images, captions, seed and steps; fp32 for both (CPU).
+def test_fast_settings_fit_faster_than_comfyui_trainloranode_and_the_defaults_learn(comfy_host, data):
+    # TrainLoraNode at its defaults (rank 8, learning rate 5e-4, AdamW; alpha 1, also training every
+    # bias and norm) against TrainTriLoRA with the settings docs/training-defaults.md gives for the
+    # fastest fit (all linear+conv, s_learning_rate_scale 1, learning rate 5e-4) and at its own
+    # defaults, which trade speed for a stable base model (make bench-method): the same 4 images,
+    # captions, seed and steps; fp32 (CPU).
     from comfy_extras.nodes_train import TrainLoraNode
 
     steps = 10
@@ -437,9 +448,12 @@ def test_defaults_fit_at_least_as_fast_as_comfyui_trainloranode(comfy_host, data
     trained = result[0] if hasattr(result[0], "model") else comfy.sd.load_lora_for_models(
         data.model, None, result[0], 1.0, 0)[0]
     lora_loss = denoise_loss(trained, data.latent, data.conds)
+    fast = train(comfy_host, data, steps=steps, seed=0, gradient_checkpointing=True, **FASTEST_FIT)
+    fast_loss = denoise_loss(fast[0], data.latent, data.conds)
     ours = train(comfy_host, data, steps=steps, seed=0, gradient_checkpointing=True)
     ours_loss = denoise_loss(ours[0], data.latent, data.conds)
     print(f"\nheld-fixed denoising loss after {steps} steps (eps-MSE, x0-MSE): untrained {base}, "
-          f"TrainLoraNode {lora_loss}, TrainTriLoRA {ours_loss}")
+          f"TrainLoraNode {lora_loss}, TrainTriLoRA fast settings {fast_loss}, defaults {ours_loss}")
     assert lora_loss[0] < base[0]  # the yardstick sees LoRA learn too
-    assert ours_loss[0] <= lora_loss[0] and ours_loss[1] <= lora_loss[1]
+    assert fast_loss[0] <= lora_loss[0] and fast_loss[1] <= lora_loss[1]
+    assert ours_loss[0] < base[0] and ours_loss[1] < base[1]

@@ -89,7 +89,8 @@ def train_watched(comfy_host, model, checkpointing: bool, offload_fraction: floa
         with offloaded_by_sampler_preparation(comfy_host, offload_fraction, seen), torch.inference_mode():
             out = comfy_host.nodes.NODE_CLASS_MAPPINGS["TrainTriLoRA"].execute(
                 model=[model], latents=latents, positive=[positive], steps=[2], rank=[3], seed=[0],
-                training_dtype=["fp32"], gradient_checkpointing=[checkpointing])
+                training_dtype=["fp32"], gradient_checkpointing=[checkpointing],
+                target_layers=["all linear+conv"])
     finally:
         train.TriLoRATrainer._step = real_step
     return out.result, watch, seen
@@ -109,9 +110,19 @@ def test_training_partially_loaded_equals_the_full_load(comfy_host, executor_mod
     assert not seen["kept"], f"{sum(seen['kept'].values())} bytes of offloaded weights kept for the backward"
     assert ("partially loaded (low VRAM)" in caplog.text) is not checkpointing
     assert full[3] == part[3] == 2
-    assert full[2]["loss"] == part[2]["loss"]
-    for prefix, layer in full[1].layers.items():
-        other = part[1].layers[prefix]
-        for name in ("u", "s", "vt"):
-            assert torch.equal(getattr(layer, name), getattr(other, name)), (prefix, name)
+    # Bit for bit with checkpointing on both sides; without it on the full side, the partial load's
+    # checkpointing adds a block input's gradients in another order (float rounding only).
+    # (Compared as weight updates then: the canonical SVD factors of near-equal singular values
+    # turn within their subspace by more than the update changes.)
+    if checkpointing:
+        assert full[2]["loss"] == part[2]["loss"]
+        for prefix, layer in full[1].layers.items():
+            other = part[1].layers[prefix]
+            for name in ("u", "s", "vt"):
+                assert torch.equal(getattr(layer, name), getattr(other, name)), (prefix, name)
+    else:
+        torch.testing.assert_close(torch.tensor(full[2]["loss"]), torch.tensor(part[2]["loss"]), rtol=1e-6, atol=0)
+        for prefix, layer in full[1].layers.items():
+            delta, other = layer.delta(), part[1].layers[prefix].delta()
+            assert float((delta - other).abs().max()) <= 1e-4 * float(delta.abs().max()), prefix
     assert not full_watch.found and not part_watch.found, dict(part_watch.found.most_common(5))
