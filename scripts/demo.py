@@ -9,14 +9,14 @@ converter, app.graphToPrompt(), its checkpoint widget pointed at the model. Then
    graph, and previews at several strengths through Apply TriLoRA;
 2. generation: Load TriLoRA with the file just trained, at several strengths.
 
-Everything lands in demo_output/ (see the README's "make demo" section). On the tiny test
-checkpoint (the default) sizes and steps are small, so it runs in minutes on a CPU; its weights are
-random, so the images are noise: the demo shows the machinery, not a style. Give a real SD1.5
-checkpoint with `make demo CKPT=/path/to/model.safetensors` to see one. `--drawing` uses the tiny
-drawing checkpoint instead (harness/drawing.py, built on first use: work in progress, issue 16),
-at 128 px. The generated pictures are put in one strip (strengths.png) and measured: the sample
-style's frame contrast (border against centre) at each strength, and whether the prompt's large
-shape keeps its colour.
+Everything lands in demo_output/ (see the README's "make demo" section). By default it runs on the
+tiny drawing checkpoint (harness/drawing.py: a VAE that keeps flat colours and a UNet pretrained on
+captioned flat shapes without a frame, built once by `make setup`) at 128 px, in a few minutes on
+a CPU: the style's thick black frame appears with the strength. The generated pictures are put in
+one strip (strengths.png) and measured: the frame contrast (border against centre luminance) at
+each strength, against the sample pictures', and whether the prompt's large shape keeps its
+colour. `--random` uses the random tiny test checkpoint instead (plumbing only: its images are
+noise); `make demo CKPT=/path/to/model.safetensors` a real SD1.5 checkpoint.
 """
 from __future__ import annotations
 
@@ -38,8 +38,12 @@ from harness.server import ComfyError, ComfyServer, execution_error  # noqa: E40
 
 TINY = "trilora-tiny-sd15.safetensors"
 TINY_SIZE, TINY_TRAIN_STEPS, TINY_SAMPLE_STEPS = 64, 30, 4
-DRAWING = "trilora-drawing-sd15.safetensors"  # harness/drawing.FILE_NAME (--drawing)
+DRAWING = "trilora-drawing-sd15.safetensors"  # harness/drawing.FILE_NAME
 DRAWING_SIZE, DRAWING_SAMPLE_STEPS = 128, 12
+# A style in a few minutes on a CPU: the fastest-fit settings (docs/training-defaults.md), not the
+# node's defaults, which trade speed for a stable base model.
+DRAWING_TRAIN = {"steps": 200, "learning_rate": 1e-3, "s_learning_rate_scale": 1.0,
+                 "target_layers": "all linear+conv"}
 TRAIN_WORKFLOW = REPO / "workflows" / "trilora_train_style.json"
 GENERATE_WORKFLOW = REPO / "workflows" / "trilora_generate.json"
 MARKER = ".trilora-demo"  # marks a folder the demo made, so a rerun may empty it
@@ -151,18 +155,22 @@ def main() -> int:
     parser.add_argument("--ckpt", type=Path, help="an SD1.5 checkpoint (default: the tiny test checkpoint)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output")
     parser.add_argument("--train-steps", type=int,
-                        help=f"default: {TINY_TRAIN_STEPS} on the tiny model, else the workflow's")
+                        help=f"default: {DRAWING_TRAIN['steps']} on the drawing model, {TINY_TRAIN_STEPS} with --random, "
+                             "else the workflow's")
     parser.add_argument("--sample-steps", type=int,
-                        help=f"default: {TINY_SAMPLE_STEPS} on the tiny model, else the workflow's")
+                        help=f"default: {DRAWING_SAMPLE_STEPS} on the drawing model, {TINY_SAMPLE_STEPS} with --random, "
+                             "else the workflow's")
     parser.add_argument("--size", type=int,
-                        help=f"training and image size; default: {TINY_SIZE} on the tiny model, else 512")
-    parser.add_argument("--drawing", action="store_true",
-                        help=f"the tiny drawing checkpoint (harness/drawing.py; built on first use) at "
-                             f"{DRAWING_SIZE} px, {DRAWING_SAMPLE_STEPS} sampling steps")
+                        help=f"training and image size; default: {DRAWING_SIZE} on the drawing model, {TINY_SIZE} with "
+                             "--random, else 512")
+    parser.add_argument("--random", action="store_true",
+                        help=f"the random tiny test checkpoint instead of the drawing one ({TINY_SIZE} px, "
+                             f"{TINY_TRAIN_STEPS} steps: plumbing only, its images are noise)")
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5],
                         help="strengths for the generation workflow")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per prompt")
     args = parser.parse_args()
+    args.drawing = args.ckpt is None and not args.random
 
     started = time.time()
     comfy = Path(os.environ.get("COMFYUI_DIR") or REPO / ".comfyui").resolve()
@@ -172,7 +180,7 @@ def main() -> int:
     if tiny and not (comfy / "models" / "checkpoints" / TINY).is_file():
         raise SystemExit(f"{TINY} is missing from {comfy}/models/checkpoints: run `make setup`")
     ckpt_name = TINY if tiny else args.ckpt.name
-    if tiny and args.drawing:  # built (once) by the fixture script, in its own process as make setup runs it
+    if args.drawing:  # built once by make setup; the fixture script rebuilds it only if missing or stale
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoint.py"), "--comfyui", str(comfy),
                         "--drawing"], check=True)
         ckpt_name = DRAWING
@@ -203,11 +211,13 @@ def main() -> int:
 def workflow_overrides(args, ckpt_name: str, tiny: bool, on_cpu: bool) -> tuple[dict, int | None, int | None]:
     """Widget values to set in the training workflow (by node type), the train steps and the image size."""
     size = args.size or (TINY_SIZE if tiny else None)
-    train_steps = args.train_steps or (TINY_TRAIN_STEPS if tiny else None)
+    train_steps = args.train_steps or (None if not tiny else DRAWING_TRAIN["steps"] if args.drawing else TINY_TRAIN_STEPS)
     sample_steps = args.sample_steps or (TINY_SAMPLE_STEPS if tiny else None)
     train = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}}
     if on_cpu:  # bf16 autocast is slow or missing on many CPUs; gradient checkpointing only saves memory
         train["TrainTriLoRA"] = {"training_dtype": "fp32", "gradient_checkpointing": False}
+    if tiny and args.drawing:
+        train.setdefault("TrainTriLoRA", {}).update(DRAWING_TRAIN)
     if train_steps:
         train.setdefault("TrainTriLoRA", {})["steps"] = train_steps
     if size:
@@ -303,7 +313,7 @@ def print_summary(summary: dict, info: dict, args, trained: Path, out: Path, tin
               f"region is nearest to {colour['nearest']!r} (distance {colour['distance']:.2f})")
     print(f"  total         {summary['total_seconds']:.1f} s; everything is in {out}/ (summary.json, server.log)")
     if tiny and not args.drawing:
-        print("  (the tiny test model has random weights: its images are noise. make demo CKPT=... for a real one)")
+        print("  (--random: the tiny test model has random weights, its images are noise)")
 
 
 def measure_style(images: list[Path], strengths: list[float], prompt: str, strip: Path) -> dict:

@@ -22,13 +22,13 @@ model ComfyUI detects as its family (FAMILIES below), and the same seed gives th
     python scripts/make_tiny_checkpoint.py --comfyui .comfyui            # SD1.5, into its checkpoints folder
     python scripts/make_tiny_checkpoint.py --comfyui .comfyui --family all
     python scripts/make_tiny_checkpoint.py --output /tmp/tiny.safetensors --force
-    python scripts/make_tiny_checkpoint.py --comfyui .comfyui --drawing  # + the drawing model (minutes, once)
+    python scripts/make_tiny_checkpoint.py --comfyui .comfyui --drawing  # + the drawing model (minutes, once; make setup)
 
 `--drawing` also builds `trilora-drawing-sd15.safetensors`, the SD1.5 fixture with a VAE that keeps
 flat colours and a UNet pretrained from a fixed seed on captioned flat shapes (harness/drawing.py;
-`scripts/demo.py --drawing` trains the sample style on it). Work in progress (issue 16): `make setup`
-does not build it yet. It is rebuilt only when missing or when its build code changed; the random
-fixture's bytes do not depend on it.
+`make demo` trains the sample style on it). `make setup` builds it (about 4 minutes on 2 CPU cores,
+once). It is rebuilt only when missing or when its build code changed; the random fixture's bytes do
+not depend on it.
 """
 from __future__ import annotations
 
