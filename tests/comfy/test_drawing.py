@@ -1,7 +1,7 @@
 """The drawing model's parts (harness/drawing.py; issue 16): its file keeps the SD1.5 fixture's
 layout, so ComfyUI still loads it as SD1.5 with the fixture's CLIP; the small UNet sits in the
 320-channel one exactly; the statistics tell the sample style's frame from the base pictures.
-(The trained file itself is not built by `make setup` yet: training it takes minutes.)"""
+The file `make setup` builds is checked last: SD1.5, and its VAE keeps the sample pictures."""
 from __future__ import annotations
 
 import sys
@@ -69,3 +69,19 @@ def test_statistics_tell_the_sample_style_from_the_base_pictures():
     red_circle = base[0]                                            # the workflows' prompt, less the style
     assert drawing.colour_distance(red_circle, "red")["nearest"] == "red"
     assert drawing.colour_distance(red_circle, "red", box=(0.0, 0.0, 0.1, 0.1))["nearest"] == "cream"
+
+
+def test_built_drawing_model_is_sd15_and_its_vae_keeps_the_sample_pictures(comfy_host):
+    """The file `make setup` built (the demo's): ComfyUI detects SD1.5, and its VAE's encode ->
+    decode keeps the sample pictures' flat colour regions at 128 px (issue 16: PSNR >= 20 dB)."""
+    import comfy.sd
+    import folder_paths
+
+    path = folder_paths.get_full_path_or_raise("checkpoints", drawing.FILE_NAME)
+    assert drawing.is_current(Path(path)), f"{path} is stale: run make setup"
+    model, _, vae = comfy.sd.load_checkpoint_guess_config(path)[:3]
+    assert type(model.model.model_config).__name__ == "SD15"
+    pictures = drawing.sample_style_pictures(128).permute(0, 2, 3, 1)  # ComfyUI's IMAGE: B, H, W, C in [0, 1]
+    decoded = vae.decode(vae.encode(pictures)).float().clamp(0, 1)
+    for i in range(pictures.shape[0]):
+        assert drawing.psnr(decoded[i], pictures[i]) >= 20.0, i
