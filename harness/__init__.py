@@ -5,6 +5,8 @@
 - harness.server: ComfyUI's main.py as a server on 127.0.0.1, and a client for it.
 - harness.browser: the server's own frontend in headless Chromium (UI workflow -> API prompt).
 - harness.bench: what the benchmark scripts share (the measuring host, full-size models, runs).
+- harness.workflows: the specs of the committed workflows (scripts/make_workflows.py builds them).
+- harness.drawing: the demo's drawing model (flat-colour VAE, pretrained UNet) and its statistics.
 
 Development only: ComfyUI never imports it (the pack's __init__.py imports nodes/ alone), and
 nothing in nodes/ or trilora_core/ may. Tests reach it through pytest's pythonpath (the repo

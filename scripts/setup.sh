@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the development host from nothing: .venv/ with torch, a real ComfyUI 0.3.75 in
 # .comfyui/ (or the one COMFYUI_DIR points at), the pack linked into its custom_nodes, and the
-# tiny SD1.5 checkpoint. Each step is skipped when it is already done, so a second run is fast.
+# tiny SD1.5 checkpoint with the demo's drawing model pretrained from it. Each step is skipped
+# when it is already done, so a second run is fast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

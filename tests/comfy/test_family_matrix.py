@@ -378,3 +378,19 @@ def test_training_without_gradient_checkpointing_runs(comfy_host, case):
     tiny = tiny_model(case.family)
     _, trilora, loss_map, steps = train(comfy_host, tiny, tiny.model, steps=1, gradient_checkpointing=False)
     assert steps == 1 and math.isfinite(loss_map["loss"][0]) and trilora.layers
+
+
+@pytest.mark.parametrize("case", params())
+def test_training_at_the_nodes_defaults_adapts_the_attention_layers(comfy_host, case):
+    # Train TriLoRA as a user drops it in: target_layers "attention" and the default step sizes
+    # (only fp32 for the CPU). The attention layers of each family are found, run and learn.
+    tiny = tiny_model(case.family)
+    _, trilora, loss_map, _ = run(comfy_host, "TrainTriLoRA", model=[tiny.model], latents=[tiny.latent(seed=3)],
+                                  positive=[tiny.conditioning()], steps=[2], training_dtype=["fp32"])
+    assert len(loss_map["loss"]) == 2 and all(math.isfinite(v) for v in loss_map["loss"])
+    every = {kohya(name) for name in adaptable(tiny)}
+    assert trilora.layers and set(trilora.layers) < every  # a proper subset: attention only
+    assert all("attn" in p or "attention" in p or p.endswith(("linear1", "linear2")) for p in trilora.layers), \
+        sorted(trilora.layers)
+    idle = {p for p, layer in trilora.layers.items() if not bool(layer.s.abs().max() > 0)}
+    assert idle <= {kohya(m) for m in case.unused}, sorted(idle)
