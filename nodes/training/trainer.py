@@ -59,6 +59,16 @@ except ImportError:  # pragma: no cover - depends on the ComfyUI version
 log = logging.getLogger("comfyui-trilora")
 
 
+def low_vram_settings(base, settings: FamilySettings) -> FamilySettings:
+    """Checkpointing on where ComfyUI offloaded part of the model (low VRAM): each offloaded weight
+    is cast to the device per forward, and without checkpointing every such copy is kept for the
+    backward pass."""
+    if not getattr(base, "model_lowvram", False) or settings.checkpointing:
+        return settings
+    log.warning("TrainTriLoRA: the model is partially loaded (low VRAM), so gradient checkpointing is on")
+    return dataclasses.replace(settings, checkpointing=True)
+
+
 class TriLoRATrainer(RunEndings):
     """One training run; `run` is called by the sampler inside ComfyUI's guider."""
 
@@ -130,11 +140,7 @@ class TriLoRATrainer(RunEndings):
         self.images = [img.to(self.device) for img in self.images]
         self.images = [base.process_latent_in(img) for img in self.images]
         self.batches.start(base, self.processed, self.images, self.device)
-        if getattr(base, "model_lowvram", False) and not self.settings.checkpointing:
-            # ComfyUI offloaded part of the model (low VRAM): each offloaded weight is cast to the
-            # device per forward, and without checkpointing every such copy is kept for the backward.
-            log.warning("TrainTriLoRA: the model is partially loaded (low VRAM), so gradient checkpointing is on")
-            self.settings = dataclasses.replace(self.settings, checkpointing=True)
+        self.settings = low_vram_settings(base, self.settings)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
             self._loop(model_wrap, extra_args)
