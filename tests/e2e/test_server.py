@@ -37,7 +37,10 @@ def test_server_starts_with_the_pack_and_lists_its_nodes(server):
     info = server.get("/object_info")
     assert {"TriLoRALoader", "TriLoRALoaderModelOnly"} <= set(info)
     log = server.log_tail(10**7).splitlines()
-    assert not [line for line in log if "comfyui-trilora" in line and ("Cannot import" in line or "IMPORT FAILED" in line)]
+    # The pack's own entry (ComfyUI names the custom_nodes path), not ComfyUI's extras, whose paths
+    # also hold "comfyui-trilora" when the repository is cloned under that name.
+    pack = "custom_nodes/comfyui-trilora"
+    assert not [line for line in log if pack in line and ("Cannot import" in line or "IMPORT FAILED" in line)]
     slider = info["TriLoRALoader"]["input"]["required"]["strength_model"]
     assert slider[0] == "FLOAT" and slider[1]["display"] == "slider" and slider[1]["default"] == 1.0
 
