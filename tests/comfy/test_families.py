@@ -5,13 +5,14 @@ base-model metadata. What the model sees is read through ComfyUI's own model fun
 from __future__ import annotations
 
 import math
-import sys
 
 import comfy.model_sampling
 import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import tiny_model
+
+from harness.host import pack_module
 
 FLOW = ["flux-dev", "sd3.5", "wan2.1", "qwen-image", "lumina2", "z-image"]
 
@@ -21,10 +22,6 @@ def run(comfy_host, node_id, **inputs):
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         out = cls.execute(**inputs)
     return tuple(out.result) if hasattr(out, "result") else out
-
-
-def pack_module(comfy_host, name):
-    return sys.modules[f"{comfy_host.pack.__name__}.{name}"]
 
 
 def watched(model):

@@ -5,7 +5,6 @@ The failing inputs of issue 13 are here with their right values."""
 from __future__ import annotations
 
 import math
-import sys
 from types import SimpleNamespace
 
 import comfy.lora
@@ -14,6 +13,8 @@ import torch
 from conftest import run_node
 from safetensors.torch import save_file
 from trilora_files import LAYERS, weight, weights_restored
+
+from harness.host import pack_module
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -124,7 +125,7 @@ def test_every_naming_and_dtype_loads_as_lora_loader_patches_it(comfy_host, tiny
 # --------------------------------------------------------------------------- issue 13's inputs on SD1.5
 
 def train_module(comfy_host):
-    return sys.modules[comfy_host.pack.__name__ + ".nodes.training"]
+    return pack_module(comfy_host, "nodes.training")
 
 
 def train_node(comfy_host, model, latents, positive, **inputs):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +18,8 @@ import pytest
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_Basic
 from conftest import TINY
+
+from harness.host import pack_module
 
 CAPTIONS = ["a red square", "a green bar", "a blue circle", "a grey cat"]
 EVAL_PERCENTS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -49,8 +50,8 @@ def data(comfy_host):
         latent = nodes.VAEEncode().encode(vae, make_images(4, seed=0))[0]
         wide = nodes.VAEEncode().encode(vae, make_images(1, seed=1, width=96))[0]
         conds = [nodes.CLIPTextEncode().encode(clip, c)[0] for c in CAPTIONS]
-    train_module = sys.modules[comfy_host.pack.__name__ + ".nodes.training"]
-    adapter_module = sys.modules[comfy_host.pack.__name__ + ".nodes.adapter"]
+    train_module = pack_module(comfy_host, "nodes.training")
+    adapter_module = pack_module(comfy_host, "nodes.adapter")
     return SimpleNamespace(model=model, latent=latent, wide=wide, conds=conds, train_module=train_module,
                            adapter_module=adapter_module)
 

@@ -13,12 +13,13 @@ section 6, "low-VRAM loading")."""
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import pytest
 import torch
 from conftest import TINY
 from test_train_memory import WeightSizedOps
+
+from harness.host import pack_module
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def offloaded_by_sampler_preparation(comfy_host, fraction: float, seen: dict):
 
 
 def train_watched(comfy_host, model, checkpointing: bool, offload_fraction: float):
-    train = sys.modules[comfy_host.pack.__name__ + ".nodes.training"]
+    train = pack_module(comfy_host, "nodes.training")
     shapes = {tuple(m.weight.shape) for m in model.model.diffusion_model.modules()
               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim >= 2
               and m.weight.numel() >= 64 * 64}

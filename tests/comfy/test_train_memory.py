@@ -13,6 +13,8 @@ import torch
 from conftest import TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harness.host import pack_module
+
 
 class WeightSizedOps(TorchDispatchMode):
     """Counts ops that allocate a tensor of one of ``shapes`` (views of their inputs left out)."""
@@ -44,9 +46,8 @@ def executor_model(comfy_host):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_no_weight_sized_tensor_per_step_under_the_executors_inference_mode(comfy_host, executor_model,
                                                                             checkpointing):
-    import sys
 
-    train = sys.modules[comfy_host.pack.__name__ + ".nodes.training"]
+    train = pack_module(comfy_host, "nodes.training")
     shapes = {tuple(m.weight.shape) for m in executor_model.model.diffusion_model.modules()
               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim >= 2
               and m.weight.numel() >= 64 * 64}
