@@ -39,11 +39,11 @@ from harness.server import ComfyError, ComfyServer, execution_error  # noqa: E40
 TINY = "trilora-tiny-sd15.safetensors"
 TINY_SIZE, TINY_TRAIN_STEPS, TINY_SAMPLE_STEPS = 64, 30, 4
 DRAWING = "trilora-drawing-sd15.safetensors"  # harness/drawing.FILE_NAME
-DRAWING_SIZE, DRAWING_SAMPLE_STEPS = 128, 12
+DRAWING_SIZE, DRAWING_TRAIN_STEPS, DRAWING_SAMPLE_STEPS = 128, 200, 12
 # A style in a few minutes on a CPU: every layer, LoRA-sized s steps and twice the fastest-fit
 # learning rate of docs/training-defaults.md, not the node's defaults, which trade speed for a
 # stable base model (100 steps at the defaults left no visible frame on the drawing model).
-DRAWING_TRAIN = {"steps": 200, "learning_rate": 1e-3, "s_learning_rate_scale": 1.0,
+DRAWING_TRAIN = {"learning_rate": 1e-3, "s_learning_rate_scale": 1.0,
                  "target_layers": "all linear+conv"}
 TRAIN_WORKFLOW = REPO / "workflows" / "trilora_train_style.json"
 GENERATE_WORKFLOW = REPO / "workflows" / "trilora_generate.json"
@@ -156,7 +156,7 @@ def main() -> int:
     parser.add_argument("--ckpt", type=Path, help="an SD1.5 checkpoint (default: the tiny test checkpoint)")
     parser.add_argument("--out", type=Path, default=REPO / "demo_output")
     parser.add_argument("--train-steps", type=int,
-                        help=f"default: {DRAWING_TRAIN['steps']} on the drawing model, {TINY_TRAIN_STEPS} with --random, "
+                        help=f"default: {DRAWING_TRAIN_STEPS} on the drawing model, {TINY_TRAIN_STEPS} with --random, "
                              "else the workflow's")
     parser.add_argument("--sample-steps", type=int,
                         help=f"default: {DRAWING_SAMPLE_STEPS} on the drawing model, {TINY_SAMPLE_STEPS} with --random, "
@@ -186,6 +186,7 @@ def main() -> int:
                         "--drawing"], check=True)
         ckpt_name = DRAWING
         args.size, args.sample_steps = args.size or DRAWING_SIZE, args.sample_steps or DRAWING_SAMPLE_STEPS
+        args.train_steps = args.train_steps or DRAWING_TRAIN_STEPS
     out = args.out.resolve()
     prepare_output(out)
 
@@ -212,12 +213,12 @@ def main() -> int:
 def workflow_overrides(args, ckpt_name: str, tiny: bool, on_cpu: bool) -> tuple[dict, int | None, int | None]:
     """Widget values to set in the training workflow (by node type), the train steps and the image size."""
     size = args.size or (TINY_SIZE if tiny else None)
-    train_steps = args.train_steps or (None if not tiny else DRAWING_TRAIN["steps"] if args.drawing else TINY_TRAIN_STEPS)
+    train_steps = args.train_steps or (TINY_TRAIN_STEPS if tiny else None)
     sample_steps = args.sample_steps or (TINY_SAMPLE_STEPS if tiny else None)
     train = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}}
     if on_cpu:  # bf16 autocast is slow or missing on many CPUs; gradient checkpointing only saves memory
         train["TrainTriLoRA"] = {"training_dtype": "fp32", "gradient_checkpointing": False}
-    if tiny and args.drawing:
+    if args.drawing:
         train.setdefault("TrainTriLoRA", {}).update(DRAWING_TRAIN)
     if train_steps:
         train.setdefault("TrainTriLoRA", {})["steps"] = train_steps
