@@ -5,7 +5,7 @@ ComfyUI is imported from harness.COMFY through the command-line trainer's own bo
 ComfyUI one way. On top of it the harness loads ComfyUI's built-in extra nodes (comfy_extras, with
 TrainLoraNode, which the tests and benchmarks compare against), loads the pack from its link in
 the host's custom_nodes/ as a user's ComfyUI finds it, and saves into folders the caller gives, so
-the host's own folders stay clean. Host quirks: DESIGN.md, "The ComfyUI host".
+the host's own folders stay clean. Host quirks: docs/architecture.md, "The development host".
 
     from harness import host
     host.start()                     # before anything imports a ComfyUI module

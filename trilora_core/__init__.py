@@ -1,6 +1,6 @@
 """trilora_core: the TriLoRA method in plain torch + safetensors (never imports ComfyUI).
 
-delta W = (alpha / r) * U @ diag(s) @ Vt for each adapted weight; see DESIGN.md.
+delta W = (alpha / r) * U @ diag(s) @ Vt for each adapted weight; the file format: docs/file-format.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The TriLoRA file format (see DESIGN.md): reading with full validation, atomic writing.
+"""The TriLoRA file format (docs/file-format.md): reading with full validation, atomic writing.
 
 For each adapted weight with module prefix P: ``P.trilora_u`` [out, r], ``P.trilora_s`` [r],
 ``P.trilora_vt`` [r, in] or [r, in, *kernel], optional ``P.alpha`` scalar (absent: alpha = r).
