@@ -20,7 +20,6 @@ from comfy.weight_adapter.base import WeightAdapterBase, WeightAdapterTrainBase
 from ..trilora_core import TRILORA_PARTS, TriLoRALayer, init_layer
 
 SUFFIX_U, SUFFIX_S, SUFFIX_VT = (f".{part}" for part in TRILORA_PARTS)  # the file format's
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def weighted_up(u: torch.Tensor, s: torch.Tensor, scale: float, device, dtype) -> torch.Tensor:

@@ -351,52 +351,73 @@ def section_fullsize(host: Host, cfg: dict) -> dict:
                  analytic_adapter_bytes(host, mp, rank), "build_s": time.perf_counter() - t0, "rows": []}
         say(f"  {family} ({n_params / 1e6:.0f}M parameters, {weight_dtype} weights, {train_dtype} training, "
             f"latent {latent}x{latent}) built in {entry['build_s']:.0f} s")
-        for checkpointing in cfg["fs_checkpointing"] if cfg["fs_pairs"] else []:
-            runs = {"ours": [], "theirs": []}
-            for order in pairs(cfg["fs_pairs"]):
-                for side in order:
-                    runs[side].append(measured_run(host, side, mp, latents, positive, steps, rank, train_dtype,
-                                                   checkpointing))
-                    r = runs[side][-1]
-                    say(f"    checkpointing {'on' if checkpointing else 'off'} {side}: step {r['step_s']:.2f} s "
-                        f"(cpu {r['step_cpu_s']:.2f} s), peak {r['peak_bytes'] / 2**20:.0f} MiB, adapter "
-                        f"{(r['adapter_bytes'] or 0) / 2**20:.1f} MiB")
-            entry["rows"].append({"checkpointing": checkpointing, **compare(runs, {"checkpointing": checkpointing})})
+        run = functools.partial(measured_run, host, mp=mp, steps=steps, dtype=train_dtype)
+        entry["rows"] = _checkpointing_rows(run, cfg, latents, positive, rank)
         if cfg["fs_executor_pairs"]:
-            # Ours as the executor runs it vs on plain weights outside inference mode (same storage).
-            ck = cfg["fs_checkpointing"][0]
-            runs = {"ours": [], "theirs": []}  # "theirs" here: ours outside inference mode
-            for order in pairs(cfg["fs_executor_pairs"]):
-                for side in order:
-                    with plain_weights(host, mp) if side == "theirs" else contextlib.nullcontext():
-                        runs[side].append(measured_run(host, "ours", mp, latents, positive, steps, rank, train_dtype,
-                                                       ck, executor=side == "ours"))
-            entry["executor"] = {"checkpointing": ck, **compare(runs, {"checkpointing": ck})}
-            say(f"    executor / plain step {entry['executor']['step']['cpu']['ratio_median']:.3f} (cpu time), "
-                f"memory {entry['executor']['memory']['ratio_median']:.3f}")
+            entry["executor"] = _executor_row(host, run, cfg, mp, latents, positive, rank)
         if n == 0 and (cfg["fs_scale_ranks"] or cfg["fs_scale_latents"]):
-            ck = cfg["fs_checkpointing"][0]
-            points = [(r, latent) for r in cfg["fs_scale_ranks"]] + [(rank, s) for s in cfg["fs_scale_latents"]]
-            for r, size in points:
-                lat, pos = family_data(host, family, size)
-                runs = {"ours": [], "theirs": []}
-                for order in pairs(cfg["fs_scale_pairs"]):
-                    for side in order if cfg["fs_scale_theirs"] else ("ours",):
-                        runs[side].append(measured_run(host, side, mp, lat, pos, steps, r, train_dtype, ck))
-                if not runs["theirs"]:
-                    runs["theirs"] = [{k: None for k in runs["ours"][0]} for _ in runs["ours"]]
-                row = {"rank": r, "latent": size, "checkpointing": ck, **compare(runs, {"rank": r, "latent": size}),
-                       "analytic_adapter_bytes": analytic_adapter_bytes(host, mp, r)}
-                out["scaling"].append({"family": family, "weights": weight_dtype, **row})
-                ours = row["raw"]["ours"][-1]
-                say(f"    rank {r} latent {size}: ours peak {ours['peak_bytes'] / 2**20:.0f} MiB, step "
-                    f"{ours['step_s']:.2f} s (cpu {ours['step_cpu_s']:.2f} s), adapter "
-                    f"{ours['adapter_bytes'] / 2**20:.0f} MiB")
+            out["scaling"] += _scaling_rows(host, run, cfg, mp, family, weight_dtype, latent, rank)
         out["models"].append(entry)
-        del mp
+        del mp, run
         host.settle()
         malloc_trim()
     return out
+
+
+def _checkpointing_rows(run, cfg: dict, latents, positive, rank: int) -> list[dict]:
+    """TrainTriLoRA against TrainLoraNode with checkpointing on and off."""
+    rows = []
+    for checkpointing in cfg["fs_checkpointing"] if cfg["fs_pairs"] else []:
+        runs = {"ours": [], "theirs": []}
+        for order in pairs(cfg["fs_pairs"]):
+            for side in order:
+                runs[side].append(run(side=side, latents=latents, positive=positive, rank=rank,
+                                      checkpointing=checkpointing))
+                r = runs[side][-1]
+                say(f"    checkpointing {'on' if checkpointing else 'off'} {side}: step {r['step_s']:.2f} s "
+                    f"(cpu {r['step_cpu_s']:.2f} s), peak {r['peak_bytes'] / 2**20:.0f} MiB, adapter "
+                    f"{(r['adapter_bytes'] or 0) / 2**20:.1f} MiB")
+        rows.append({"checkpointing": checkpointing, **compare(runs, {"checkpointing": checkpointing})})
+    return rows
+
+
+def _executor_row(host: Host, run, cfg: dict, mp, latents, positive, rank: int) -> dict:
+    """Ours as the executor runs it against ours on plain weights outside inference mode (same storage)."""
+    ck = cfg["fs_checkpointing"][0]
+    runs = {"ours": [], "theirs": []}  # "theirs" here: ours outside inference mode
+    for order in pairs(cfg["fs_executor_pairs"]):
+        for side in order:
+            with plain_weights(host, mp) if side == "theirs" else contextlib.nullcontext():
+                runs[side].append(run(side="ours", latents=latents, positive=positive, rank=rank,
+                                      checkpointing=ck, executor=side == "ours"))
+    row = {"checkpointing": ck, **compare(runs, {"checkpointing": ck})}
+    say(f"    executor / plain step {row['step']['cpu']['ratio_median']:.3f} (cpu time), "
+        f"memory {row['memory']['ratio_median']:.3f}")
+    return row
+
+
+def _scaling_rows(host: Host, run, cfg: dict, mp, family: str, weight_dtype: str, latent: int,
+                  rank: int) -> list[dict]:
+    """How step time and memory grow with the rank and the latent size."""
+    ck = cfg["fs_checkpointing"][0]
+    points = [(r, latent) for r in cfg["fs_scale_ranks"]] + [(rank, s) for s in cfg["fs_scale_latents"]]
+    rows = []
+    for r, size in points:
+        lat, pos = family_data(host, family, size)
+        runs = {"ours": [], "theirs": []}
+        for order in pairs(cfg["fs_scale_pairs"]):
+            for side in order if cfg["fs_scale_theirs"] else ("ours",):
+                runs[side].append(run(side=side, latents=lat, positive=pos, rank=r, checkpointing=ck))
+        if not runs["theirs"]:
+            runs["theirs"] = [{k: None for k in runs["ours"][0]} for _ in runs["ours"]]
+        row = {"rank": r, "latent": size, "checkpointing": ck, **compare(runs, {"rank": r, "latent": size}),
+               "analytic_adapter_bytes": analytic_adapter_bytes(host, mp, r)}
+        rows.append({"family": family, "weights": weight_dtype, **row})
+        ours = row["raw"]["ours"][-1]
+        say(f"    rank {r} latent {size}: ours peak {ours['peak_bytes'] / 2**20:.0f} MiB, step "
+            f"{ours['step_s']:.2f} s (cpu {ours['step_cpu_s']:.2f} s), adapter "
+            f"{ours['adapter_bytes'] / 2**20:.0f} MiB")
+    return rows
 
 
 @contextlib.contextmanager
@@ -517,7 +538,7 @@ def goal_text(name: str, value) -> str:
     return f"<= {goal}: {verdict}"
 
 
-def summary_rows(results: dict) -> list[dict]:
+def summary_rows(results: dict) -> list[dict]:  # noqa: C901 - one branch per measured section, each a flat list of rows
     """One row per figure. Times are judged on CPU time where the CPU runs were single-threaded
     (process time then counts this process's work only, not the time other processes on a shared
     machine take from it); else, and on CUDA, on wall time. Both ratios are kept."""

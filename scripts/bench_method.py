@@ -24,7 +24,7 @@ of the base model at equal fit, measured on a pretrained tiny model, in the real
    matched held-out fit (ours interpolated along its curve at the held-out loss TrainLoraNode
    has at the last step, against TrainLoraNode's drift there), generalisation-gap growth at
    matched train fit (the same at TrainLoraNode's last train loss), gap growth at the last step,
-   and the goal of issue 19: ours reaches their held-out fit within the steps, its gap growth
+   and the goal: ours reaches their held-out fit within the steps, its gap growth
    at the last step is no larger, its drift at matched held-out fit <= 0.7x theirs, every seed.
 
     .venv/bin/python scripts/bench_method.py           # full run (make bench-method), < 30 min on 2 CPU cores

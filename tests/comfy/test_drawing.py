@@ -1,4 +1,4 @@
-"""The drawing model's parts (harness/drawing.py; issue 16): its file keeps the SD1.5 fixture's
+"""The drawing model's parts (harness/drawing.py): its file keeps the SD1.5 fixture's
 layout, so ComfyUI still loads it as SD1.5 with the fixture's CLIP; the small UNet sits in the
 320-channel one exactly; the statistics tell the sample style's frame from the base pictures.
 The file `make setup` builds is checked last: SD1.5, and its VAE keeps the sample pictures."""
@@ -73,7 +73,7 @@ def test_statistics_tell_the_sample_style_from_the_base_pictures():
 
 def test_built_drawing_model_is_sd15_and_its_vae_keeps_the_sample_pictures(comfy_host):
     """The file `make setup` built (the demo's): ComfyUI detects SD1.5, and its VAE's encode ->
-    decode keeps the sample pictures' flat colour regions at 128 px (issue 16: PSNR >= 20 dB)."""
+    decode keeps the sample pictures' flat colour regions at 128 px (PSNR >= 20 dB)."""
     import comfy.sd
     import folder_paths
 

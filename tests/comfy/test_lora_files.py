@@ -1,7 +1,8 @@
 """LoRA files as users bring them (kohya, diffusers/PEFT, LyCORIS/SimpleTuner, OneTrainer,
 ComfyUI's own trainer; fp32 to fp8), loaded by the pack in the real ComfyUI and compared with what
 ComfyUI's own LoraLoader patches; resumed by TrainTriLoRA; merged; refused with the kind named.
-The failing inputs of issue 13 are here with their right values."""
+Inputs that once failed (a kohya file resumed, old diffusers attention-processor names) are here
+with their right values."""
 from __future__ import annotations
 
 import math
@@ -122,7 +123,7 @@ def test_every_naming_and_dtype_loads_as_lora_loader_patches_it(comfy_host, tiny
     assert_same_weights(computed_weights(model, clip), want)
 
 
-# --------------------------------------------------------------------------- issue 13's inputs on SD1.5
+# --------------------------------------------------------------------------- inputs that once failed, on SD1.5
 
 def train_module(comfy_host):
     return pack_module(comfy_host, "nodes.training")
@@ -160,7 +161,7 @@ def assert_deltas(got: dict, want: dict) -> None:
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6 * float(value.abs().max()), msg=key)
 
 
-KOHYA_RESUME = {  # issue 13, input 1
+KOHYA_RESUME = {  # a kohya file (diffusers-style block names) resumed by TrainTriLoRA
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
         "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
     "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v":
@@ -203,7 +204,7 @@ def test_training_resumes_from_every_naming(comfy_host, tiny, key_maps, conventi
     assert_deltas(resumed_deltas(comfy_host, tiny.model, name), want)
 
 
-PROCESSOR_FILE = {  # issue 13, input 2: old diffusers attention-processor names, rank 4, no alpha
+PROCESSOR_FILE = {  # old diffusers attention-processor names, rank 4, no alpha
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora":
         ("unet", "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"),
     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora":

@@ -255,7 +255,7 @@ def special_value(spec, dtype: torch.dtype) -> float:
     return {"max": info.max, "-max": -info.max, "tiny": info.smallest_normal / 4}.get(spec, spec)
 
 
-def mutate(blob: Blob, pick: Callable, integer: Callable, binary: Callable, ops: list[str]) -> bytes:
+def mutate(blob: Blob, pick: Callable, integer: Callable, binary: Callable, ops: list[str]) -> bytes:  # noqa: C901 - the mutation dispatch table: one branch per mutation kind
     """Applies ``ops`` (names of MUTATIONS) to ``blob`` and returns the file's bytes."""
     raw = None
     for op in ops:

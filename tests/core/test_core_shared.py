@@ -1,4 +1,4 @@
-"""The pieces issue 15 moved into the core, tested on their own (no ComfyUI): block groups of
+"""Core pieces the nodes share, tested on their own (no ComfyUI): block groups of
 every naming, the kohya export, renaming a file's layers under a key map, the optimizer
 side-file, and the small shared facts (rank text, number format, truncation limits)."""
 from __future__ import annotations
