@@ -15,7 +15,7 @@ from .schema import TRILORA, energy_input, info_output, max_rank_input, slider_i
 INFO = "Which layers matched, their ranks, and the file keys that matched nothing in this model."
 
 
-def targets(clip: bool) -> tuple[list, list]:
+def patched_io(clip: bool) -> tuple[list, list]:
     """The model (and CLIP) inputs a loader patches, and its outputs: them patched, and info."""
     inputs = [io.Model.Input(id="model", tooltip="The diffusion model the TriLoRA is applied to.")]
     outputs = [io.Model.Output(display_name="MODEL", tooltip="The diffusion model with the TriLoRA applied.")]
@@ -34,20 +34,23 @@ def truncation_inputs() -> list:
     ]
 
 
-def load_layers(trilora_name: str, max_rank: int = 0, energy: float = 1.0):
-    """(path, layers, full-weight diffs) of a file from the loras folder, layers truncated as asked."""
+def load_onto(model, clip, trilora_name: str, strength_model: float, strength_clip: float, max_rank: int = 0,
+              energy: float = 1.0, key_strength=None):
+    """The loaders' one body: a file from the loras folder, layers truncated as asked, applied to
+    ``model`` (and ``clip`` unless None) through apply_trilora. Returns (model, clip, report)."""
     path = folder_paths.get_full_path_or_raise("loras", trilora_name)
     read = load_cached(path)
     layers = read.layers
     if max_rank or energy < 1.0:
         layers = {p: truncate(layer, **truncation_limits(max_rank, energy)) for p, layer in layers.items()}
-    return path, layers, read.diffs
+    return apply_trilora(model, clip, layers, strength_model, strength_clip, path, key_strength=key_strength,
+                         diffs=read.diffs)
 
 
 class TriLoRALoader(LorasFileNode):
     @classmethod
     def define_schema(cls):
-        inputs, outputs = targets(clip=True)
+        inputs, outputs = patched_io(clip=True)
         return io.Schema(
             node_id="TriLoRALoader",
             display_name="Load TriLoRA",
@@ -67,15 +70,14 @@ class TriLoRALoader(LorasFileNode):
     def execute(cls, model, clip, trilora_name, strength_model, strength_clip, max_rank=0, energy=1.0):
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip, "strengths are 0: nothing applied")
-        path, layers, diffs = load_layers(trilora_name, max_rank, energy)
-        model, clip, report = apply_trilora(model, clip, layers, strength_model, strength_clip, path, diffs=diffs)
+        model, clip, report = load_onto(model, clip, trilora_name, strength_model, strength_clip, max_rank, energy)
         return io.NodeOutput(model, clip, report.summary())
 
 
 class TriLoRALoaderModelOnly(LorasFileNode):
     @classmethod
     def define_schema(cls):
-        inputs, outputs = targets(clip=False)
+        inputs, outputs = patched_io(clip=False)
         return io.Schema(
             node_id="TriLoRALoaderModelOnly",
             display_name="Load TriLoRA (Model Only)",
@@ -94,8 +96,7 @@ class TriLoRALoaderModelOnly(LorasFileNode):
     def execute(cls, model, trilora_name, strength_model, max_rank=0, energy=1.0):
         if strength_model == 0:
             return io.NodeOutput(model, "strength is 0: nothing applied")
-        path, layers, diffs = load_layers(trilora_name, max_rank, energy)
-        model, _, report = apply_trilora(model, None, layers, strength_model, 0.0, path, diffs=diffs)
+        model, _, report = load_onto(model, None, trilora_name, strength_model, 0.0, max_rank, energy)
         return io.NodeOutput(model, report.summary())
 
 
@@ -141,7 +142,7 @@ def model_blocks(model) -> tuple[DepthLayout | None, str]:
 class TriLoRALoaderBlockWeights(LorasFileNode):
     @classmethod
     def define_schema(cls):
-        inputs, outputs = targets(clip=True)
+        inputs, outputs = patched_io(clip=True)
         return io.Schema(
             node_id="TriLoRALoaderBlockWeights",
             display_name="Load TriLoRA (Block Weights)",
@@ -168,10 +169,9 @@ class TriLoRALoaderBlockWeights(LorasFileNode):
                        "text_encoder": text_encoder}
         if strength_model == 0 and strength_clip == 0:
             return io.NodeOutput(model, clip, "strengths are 0: nothing applied")
-        path, layers, diffs = load_layers(trilora_name, max_rank, energy)
         layout, blocks = model_blocks(model)
-        model, clip, report = apply_trilora(model, clip, layers, strength_model, strength_clip, path,
-                                            key_strength=block_strength(multipliers, layout), diffs=diffs)
+        model, clip, report = load_onto(model, clip, trilora_name, strength_model, strength_clip, max_rank, energy,
+                                        key_strength=block_strength(multipliers, layout))
         weights = ", ".join(f"{name} {value:g}" for name, value in multipliers.items())
         return io.NodeOutput(model, clip, f"{report.summary()}; {blocks}; block weights: {weights}")
 

@@ -10,7 +10,7 @@ from ..trilora_core import TriLoRAFile
 from .loras_folder import NONE_FILE, check_names, files_fingerprint
 from .patching import apply_trilora
 from .schema import LOSS_MAP, TRILORA
-from .training import TrainArgs, find_targets, one_value, split_conditioning, split_latents, train
+from .training import TrainArgs, find_targets, single_input, split_conditioning, split_latents, train
 
 
 class TrainTriLoRA(io.ComfyNode):
@@ -49,17 +49,17 @@ class TrainTriLoRA(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, existing_lora=None):
-        return check_names(one_value(existing_lora))
+        return check_names(single_input(existing_lora))
 
     @classmethod
     def fingerprint_inputs(cls, existing_lora=NONE_FILE, **_):
-        return files_fingerprint(one_value(existing_lora))
+        return files_fingerprint(single_input(existing_lora))
 
     @classmethod
     def execute(cls, model, latents, positive, **settings):
         args = TrainArgs.from_inputs(settings)
         args.check()
-        model = one_value(model)
+        model = single_input(model)
         images, sources = split_latents(latents)
         entries, image_conds = split_conditioning(positive, len(images), sources)
         with torch.inference_mode(False), torch.enable_grad():

@@ -19,6 +19,7 @@ from .fileformat import (
     read_trilora,
     write_trilora,
 )
+from .formatting import format_number, rank_range
 from .key_map import (
     kohya_prefixes,
     layers_by_weight,
@@ -47,7 +48,6 @@ from .optimizer import (
 )
 from .safetensors_io import SafetensorsReader, atomic_write_bytes, content_hash, file_content_hash
 from .suffixes import TRILORA_PARTS
-from .text import format_number, rank_range
 from .timesteps import TIMESTEP_SAMPLINGS, sample_noise_levels
 from .training import (
     LOSS_FUNCTIONS,

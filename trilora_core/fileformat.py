@@ -32,6 +32,7 @@ from .checks import (
 )
 from .convert import lora_to_trilora
 from .errors import TriLoRAFileError
+from .formatting import format_number
 from .layer import TriLoRALayer
 from .safetensors_io import SafetensorsReader, atomic_write_bytes, data_hash, serialize
 from .suffixes import (
@@ -45,7 +46,6 @@ from .suffixes import (
     split_lora_key,
     split_trilora_key,
 )
-from .text import format_number
 
 FORMAT_VERSION = "1"
 FORMAT_KEY = "trilora_format"

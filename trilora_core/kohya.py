@@ -13,10 +13,10 @@ from torch import Tensor
 
 from .convert import trilora_to_lora
 from .fileformat import HASH_KEY
+from .formatting import format_number
 from .layer import TriLoRALayer
 from .safetensors_io import atomic_write_bytes, data_hash, serialize
 from .suffixes import ALPHA_PART, LORA_NAMINGS
-from .text import format_number
 
 _KOHYA = LORA_NAMINGS[0]  # .lora_up.weight / .lora_down.weight
 

@@ -103,7 +103,7 @@ def write_layers(location: tuple[str, str], layers: dict[str, TriLoRALayer], met
     return relative_name(path), read_trilora(path)
 
 
-def write_tail(location: tuple[str, str], layers: dict[str, TriLoRALayer], metadata: dict[str, str],
+def save_tool_output(location: tuple[str, str], layers: dict[str, TriLoRALayer], metadata: dict[str, str],
                save_dtype: str, describe: Callable[[str, TriLoRAFile], str]) -> io.NodeOutput:
     """The tools' shared tail: ``write_layers``, then (TRILORA read back, filename, info), where
     ``describe(filename, written)`` gives the info text."""

@@ -41,10 +41,10 @@ from .common import (
     read_source,
     reference_inputs,
     reference_key_map,
+    save_tool_output,
     tool_args,
     tool_schema,
     unknown_text,
-    write_tail,
 )
 
 log = logging.getLogger("comfyui-trilora")
@@ -96,7 +96,7 @@ class TriLoRAConvertLoRA(io.ComfyNode):
         layers, unknown, aliases = renamed(node, source.layers, reference, kohya=False)
         metadata = {**carried_metadata(source.metadata),
                     **tool_args("convert", source=lora_name, renamed=reference is not None)}
-        return write_tail(location, layers, metadata, save_dtype, lambda name, written: (
+        return save_tool_output(location, layers, metadata, save_dtype, lambda name, written: (
             f"converted {lora_name} exactly: {len(layers)} layers, {rank_text(written.layers)}; "
             f"saved as {name}{alias_text(aliases)}{unknown_text(unknown)}"))
 

@@ -14,7 +14,7 @@ from ...trilora_core import SVD_METHODS, TriLoRALayer, extract_layer, kept_energ
 from ..families import base_model_metadata
 from ..loras_folder import prefix_location
 from ..schema import dtype_input, energy_input, filename_output, info_output, prefix_input, trilora_output
-from .common import rank_text, tool_args, tool_schema, write_tail
+from .common import rank_text, save_tool_output, tool_args, tool_schema
 
 
 def _weight_keys(entries: dict) -> list[str]:
@@ -172,4 +172,4 @@ class TriLoRAExtract(io.ComfyNode):
         metadata = {**base_model_metadata(model_base),
                     **tool_args("extract", rank=rank, energy=energy, svd_method=svd_method,
                                 text_encoder=clip_base is not None)}
-        return write_tail(location, job.layers, metadata, save_dtype, job.describe)
+        return save_tool_output(location, job.layers, metadata, save_dtype, job.describe)

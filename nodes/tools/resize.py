@@ -24,7 +24,7 @@ from ..schema import (
     prefix_input,
     trilora_output,
 )
-from .common import alias_text, carried_metadata, rank_text, read_source, tool_args, tool_schema, write_tail
+from .common import alias_text, carried_metadata, rank_text, read_source, save_tool_output, tool_args, tool_schema
 
 MERGE_SLOTS = 4
 
@@ -62,7 +62,7 @@ class TriLoRAResize(OptionalLorasFileNode):
         metadata = {**carried_metadata(source.metadata),
                     **tool_args("resize", source=label, max_rank=max_rank, energy=energy)}
         worst = min(kept, key=kept.get)
-        return write_tail(location, cut, metadata, save_dtype, lambda name, written: (
+        return save_tool_output(location, cut, metadata, save_dtype, lambda name, written: (
             f"resized {label}: {len(cut)} layers, {rank_text(layers)} -> {rank_text(written.layers)}; "
             f"energy kept {sum(kept.values()) / len(kept):.1%} on average (least: {kept[worst]:.1%} in {worst}); "
             f"saved as {name}{alias_text(alias_groups(source.layers))}"))
@@ -139,6 +139,6 @@ class TriLoRAMerge(io.ComfyNode):
                                           energy=energy)}
         parts = ", ".join(f"{w:g} x {label}" for label, w in zip(labels, weights, strict=True))
         aliases = alias_groups({p: None for layers, _ in sources for p in layers})
-        return write_tail(location, merged, metadata, save_dtype, lambda name, written: (
+        return save_tool_output(location, merged, metadata, save_dtype, lambda name, written: (
             f"merged {parts}: {len(merged)} layers, {rank_text(written.layers)}; saved as {name}"
             + alias_text(aliases, "added")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .batches import split_conditioning, split_latents
 from .checkpoints import read_start, resume_start
-from .config import TRAINING_DTYPES, TrainArgs, one_value
+from .config import TRAINING_DTYPES, TrainArgs, single_input
 from .endings import TrainingDivergedError, TrainingOutOfMemoryError, is_out_of_memory
 from .targets import Target, find_targets, trainable_alias
 from .trainer import TriLoRATrainer, train
@@ -19,7 +19,7 @@ __all__ = [
     "TriLoRATrainer",
     "find_targets",
     "is_out_of_memory",
-    "one_value",
+    "single_input",
     "read_start",
     "resume_start",
     "split_conditioning",

@@ -168,7 +168,7 @@ class TrainArgs:
             raise TypeError(f"{NODE}: unexpected inputs {', '.join(extra)}")
         values = {}
         for name, value in inputs.items():
-            value = one_value(value)
+            value = single_input(value)
             convert = _CONVERT.get(known[name].type)
             values[name] = convert(value) if convert else value
         return cls(**values)
@@ -185,6 +185,6 @@ class TrainArgs:
 _CONVERT = {"int": int, "float": float, "bool": bool}
 
 
-def one_value(value):
+def single_input(value):
     """ComfyUI hands an is_input_list node every input as a list; scripts may pass plain values."""
     return value[0] if isinstance(value, list) and value else value
