@@ -6,11 +6,15 @@
 - harness.browser: the server's own frontend in headless Chromium (UI workflow -> API prompt).
 - harness.bench: what the benchmark scripts share (the measuring host, full-size models, runs).
 - harness.workflows: the specs of the committed workflows (scripts/make_workflows.py builds them).
-- harness.drawing: the demo's drawing model (flat-colour VAE, pretrained UNet) and its statistics.
+- harness.fixtures: the models and pictures tests, benchmarks and the demo run on: the tiny random
+  model of every family (tiny), the SDXL/Flux workflow models (workflow_models), the sample style
+  pictures (sample_images) and the demo's drawing model (drawing, drawing_pictures/_vae/_unet).
+- harness.picture_stats: the statistics the demo and its tests read off generated pictures.
 
 Development only: ComfyUI never imports it (the pack's __init__.py imports nodes/ alone), and
 nothing in nodes/ or trilora_core/ may. Tests reach it through pytest's pythonpath (the repo
-root), the scripts in scripts/ by putting the repo root on sys.path.
+root), the scripts in scripts/ by putting the repo root on sys.path (only entry points do that:
+tests/core/test_code_structure.py).
 
 The host is harness.COMFY: $COMFYUI_DIR, else the .comfyui/ that `make setup` builds.
 """

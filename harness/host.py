@@ -26,16 +26,21 @@ from . import COMFY, PACK_LINK
 _state: dict = {}
 
 
-def start(device: str = "cpu") -> None:
-    """Imports ComfyUI from harness.COMFY for ``device`` ("cpu", or "cuda": ComfyUI's own choice of
-    GPU); a second call does nothing. ComfyUI reads its command line when its modules are first
-    imported, so this comes before any `import comfy...`."""
+def start(device: str = "cpu", comfy_dir: Path = COMFY) -> None:
+    """Imports ComfyUI from ``comfy_dir`` (default harness.COMFY) for ``device`` ("cpu", or "cuda":
+    ComfyUI's own choice of GPU); a second call does nothing. ComfyUI reads its command line when
+    its modules are first imported, so this comes before any `import comfy...`."""
     if "device" in _state:
         if _state["device"] != device:
             raise RuntimeError(f"ComfyUI already runs on {_state['device']} in this process, not {device}")
         return
-    train_trilora.import_comfyui(COMFY, cpu=device == "cpu")
+    train_trilora.import_comfyui(comfy_dir, cpu=device == "cpu")
     _state["device"] = device
+
+
+def started_device() -> str | None:
+    """The device `start` imported ComfyUI for, or None before it ran."""
+    return _state.get("device")
 
 
 def _pack():

@@ -4,7 +4,7 @@ of the base model at equal fit, measured on a pretrained tiny model, in the real
 
 1. A base model: SD1.5-shaped (ComfyUI's own SD15 config and BaseModel: eps prediction, its
    noise schedule, CLIP-L-sized context, its LoRA key map) with the one-level UNet of the test
-   fixture (scripts/make_tiny_checkpoint.py) at 64 channels instead of 320, so that 12 runs of
+   fixture (harness/fixtures/tiny.py) at 64 channels instead of 320, so that 12 runs of
    a few hundred steps fit in minutes on a CPU. Pretrained here in latent space from a fixed seed on
    procedural captioned data: six classes of latent pictures (stripes, blobs, checks, ramps ...;
    each with its own colour mix and a fixed random caption embedding shaped like CLIP-L's
@@ -151,7 +151,8 @@ def build_base(host: Host, cfg: dict):
     ``cfg["channels"]`` wide, weights filled as the fixture's are; a ModelPatcher on the CPU."""
     import comfy.model_patcher
     import comfy.supported_models
-    from make_tiny_checkpoint import SEED, UNET_CONFIG, fill
+
+    from harness.fixtures.tiny import SEED, UNET_CONFIG, fill
 
     torch = host.torch
     config = comfy.supported_models.SD15({**UNET_CONFIG, "model_channels": cfg["channels"], "num_res_blocks": [1],

@@ -10,7 +10,7 @@ converter, app.graphToPrompt(), its checkpoint widget pointed at the model. Then
 2. generation: Load TriLoRA with the file just trained, at several strengths.
 
 Everything lands in demo_output/ (see the README's "make demo" section). By default it runs on the
-tiny drawing checkpoint (harness/drawing.py: a VAE that keeps flat colours and a UNet pretrained on
+tiny drawing checkpoint (harness/fixtures/drawing.py: a VAE that keeps flat colours and a UNet pretrained on
 captioned flat shapes without a frame, built once by `make setup`) at 128 px, in a few minutes on
 a CPU: the style's thick black frame appears with the strength. The generated pictures are put in
 one strip (strengths.png) and measured: the frame contrast (border against centre luminance) at
@@ -38,7 +38,7 @@ from harness.server import ComfyError, ComfyServer, execution_error  # noqa: E40
 
 TINY = "trilora-tiny-sd15.safetensors"
 TINY_SIZE, TINY_TRAIN_STEPS, TINY_SAMPLE_STEPS = 64, 30, 4
-DRAWING = "trilora-drawing-sd15.safetensors"  # harness/drawing.FILE_NAME
+DRAWING = "trilora-drawing-sd15.safetensors"  # harness/fixtures/drawing.FILE_NAME
 DRAWING_SIZE, DRAWING_TRAIN_STEPS, DRAWING_SAMPLE_STEPS = 128, 200, 12
 # A style in a few minutes on a CPU: every layer, LoRA-sized s steps and twice the fastest-fit
 # learning rate of docs/training-defaults.md, not the node's defaults, which trade speed for a
@@ -320,13 +320,14 @@ def print_summary(summary: dict, info: dict, args, trained: Path, out: Path, tin
 
 def measure_style(images: list[Path], strengths: list[float], prompt: str, strip: Path) -> dict:
     """The generated pictures in one strip, labelled by strength, and measured: the frame's contrast
-    at each strength (harness.drawing.frame_contrast), the same on the sample pictures, and the
+    at each strength (harness.picture_stats.frame_contrast), the same on the sample pictures, and the
     colour of the prompt's large shape at strength 1.0 if there is one."""
     import re
 
     from PIL import Image, ImageDraw
 
-    from harness import drawing
+    from harness import picture_stats
+    from harness.fixtures import drawing, sample_images
 
     pictures = [Image.open(p).convert("RGB") for p in images]
     side = pictures[0].height
@@ -339,12 +340,12 @@ def measure_style(images: list[Path], strengths: list[float], prompt: str, strip
         draw.text((x + 4, 3), f"strength {strength:g}", fill="black")
     sheet.save(strip)
     samples = drawing.sample_style_pictures(side)
-    result = {"frame_contrast": [round(drawing.frame_contrast(p), 4) for p in pictures],
-              "sample_frame_contrast": round(float(sum(drawing.frame_contrast(s) for s in samples) / len(samples)), 4),
+    result = {"frame_contrast": [round(picture_stats.frame_contrast(p), 4) for p in pictures],
+              "sample_frame_contrast": round(float(sum(picture_stats.frame_contrast(s) for s in samples) / len(samples)), 4),
               "content": None}
     match = re.search(r"\blarge (\w+) ", prompt)
-    if match and 1.0 in strengths and match.group(1) in drawing.style.COLOURS:
-        measured = drawing.colour_distance(pictures[strengths.index(1.0)], match.group(1))
+    if match and 1.0 in strengths and match.group(1) in sample_images.COLOURS:
+        measured = picture_stats.colour_distance(pictures[strengths.index(1.0)], match.group(1))
         result["content"] = {"colour": match.group(1), **measured}
     return result
 

@@ -1,18 +1,18 @@
-"""The drawing model's parts (harness/drawing.py): its file keeps the SD1.5 fixture's
+"""The drawing model's parts (harness/fixtures/drawing.py): its file keeps the SD1.5 fixture's
 layout, so ComfyUI still loads it as SD1.5 with the fixture's CLIP; the small UNet sits in the
 320-channel one exactly; the statistics tell the sample style's frame from the base pictures.
 The file `make setup` builds is checked last: SD1.5, and its VAE keeps the sample pictures."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from harness import picture_stats
+from harness.fixtures import drawing
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from harness import drawing  # noqa: E402
 
 
 def test_assembled_file_loads_as_sd15_with_the_fixtures_clip(comfy_host, tiny, tmp_path):
@@ -45,7 +45,8 @@ def test_small_unet_embeds_exactly(comfy_host):
     are all non-zero (pretrained ones are a case of this)."""
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from make_tiny_checkpoint import UNET_CONFIG
+
+    from harness.fixtures.tiny import UNET_CONFIG
 
     small = drawing.small_unet(seed=1)
     g = torch.Generator().manual_seed(0)
@@ -64,11 +65,11 @@ def test_small_unet_embeds_exactly(comfy_host):
 def test_statistics_tell_the_sample_style_from_the_base_pictures():
     samples = drawing.sample_style_pictures(128)
     base = [drawing.base_picture(c, i) for i, c in enumerate(drawing.caption_pool()[:8])]
-    assert max(drawing.frame_contrast(p) for p in samples) < -0.05  # a dark frame round lighter pictures
-    assert min(drawing.frame_contrast(p) for p in base) > 0.1      # no frame: the border is background
+    assert max(picture_stats.frame_contrast(p) for p in samples) < -0.05  # a dark frame round lighter pictures
+    assert min(picture_stats.frame_contrast(p) for p in base) > 0.1      # no frame: the border is background
     red_circle = base[0]                                            # the workflows' prompt, less the style
-    assert drawing.colour_distance(red_circle, "red")["nearest"] == "red"
-    assert drawing.colour_distance(red_circle, "red", box=(0.0, 0.0, 0.1, 0.1))["nearest"] == "cream"
+    assert picture_stats.colour_distance(red_circle, "red")["nearest"] == "red"
+    assert picture_stats.colour_distance(red_circle, "red", box=(0.0, 0.0, 0.1, 0.1))["nearest"] == "cream"
 
 
 def test_built_drawing_model_is_sd15_and_its_vae_keeps_the_sample_pictures(comfy_host):

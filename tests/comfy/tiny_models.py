@@ -1,7 +1,7 @@
 """The tiny model of each family, as tests need it: `tiny_model("flux-dev")`.
 
 Files are built on first use into the running ComfyUI's model folders (folder_paths) by
-scripts/make_tiny_checkpoint.py, whose FAMILIES table is the one list of families, and loaded
+harness/fixtures/tiny.py, whose FAMILIES table is the one list of families, and loaded
 the way a user loads them: CheckpointLoaderSimple (SD1.5), UNETLoader (every family whose file
 ComfyUI detects as it is), or the family's own ComfyUI model config where 0.3.75's detection
 fixes a width the fixture shrinks (see that script's docstring). Import it after conftest has
@@ -9,14 +9,12 @@ imported ComfyUI."""
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import make_tiny_checkpoint as fixtures  # noqa: E402
+from harness.fixtures import tiny as fixtures
 
 FAMILIES = fixtures.FAMILIES
 Family = fixtures.Family

@@ -2,10 +2,4 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-# The package must import from the repo root even when pytest runs from elsewhere.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
+# The repo root (trilora_core, harness) is on sys.path through pytest's `pythonpath` (pyproject.toml).

@@ -1,6 +1,8 @@
-"""The shape of the pack's code, read from its source (no ComfyUI needed): node modules import
-support modules and the core, never each other; nodes/ uses the core only through its public
-names (trilora_core.__all__); no module or class grows past the size a reader takes in at once."""
+"""The shape of the code, read from its source (no ComfyUI needed): node modules import support
+modules and the core, never each other; nodes/ uses the core only through its public names
+(trilora_core.__all__); no module or class of the pack or the dev harness grows past the size a
+reader takes in at once; only entry points put folders on sys.path (libraries are imported as
+packages: harness.fixtures, never a script)."""
 from __future__ import annotations
 
 import ast
@@ -78,7 +80,10 @@ def test_the_core_imports_nothing_of_the_nodes():
         assert not [m for m, _ in imports(path) if m.startswith("nodes")], path
 
 
-@pytest.mark.parametrize("path", [*FILES, *sorted((REPO / "trilora_core").glob("*.py"))],
+HARNESS = sorted((REPO / "harness").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", [*FILES, *sorted((REPO / "trilora_core").glob("*.py")), *HARNESS],
                          ids=lambda p: module_name(p))
 def test_modules_and_classes_stay_small(path):
     text = path.read_text()
@@ -86,3 +91,31 @@ def test_modules_and_classes_stay_small(path):
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ClassDef):
             assert node.end_lineno - node.lineno + 1 <= MAX_CLASS_LINES, f"{path.name}: class {node.name}"
+
+
+# Entry points: the command-line scripts, the trainer's script, and a test's child process.
+SYS_PATH_ALLOWED = {REPO / "train_trilora.py", REPO / "tests" / "comfy" / "oom_child.py",
+                    *(REPO / "scripts").glob("*.py")}
+
+
+def edits_sys_path(path: Path) -> bool:
+    """Whether the module's code (not a string it passes to a child process) changes sys.path."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        target = node.func.value if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) else None
+        if isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            target = next((t.value for t in targets if isinstance(t, ast.Subscript)), None) or (
+                targets[0] if isinstance(targets[0], ast.Attribute) else None)
+        if (isinstance(target, ast.Attribute) and target.attr == "path" and isinstance(target.value, ast.Name)
+                and target.value.id == "sys"):
+            return True
+    return False
+
+
+def test_only_entry_points_edit_sys_path():
+    sources = [p for p in REPO.rglob("*.py") if not set(p.relative_to(REPO).parts[0:1]) & {".venv", ".comfyui"}
+               and "node_modules" not in p.parts]
+    assert len(sources) > 50
+    editors = sorted(str(p.relative_to(REPO)) for p in sources if p not in SYS_PATH_ALLOWED and edits_sys_path(p))
+    assert not editors, f"{editors} put folders on sys.path: import harness and trilora_core as packages instead"
+    assert edits_sys_path(REPO / "scripts" / "demo.py")  # the check sees an entry point's edit

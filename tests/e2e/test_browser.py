@@ -15,12 +15,10 @@ import pytest
 from conftest import ARTIFACTS, COMFY, REPO, TINY
 from PIL import Image, ImageStat
 
-sys.path.insert(0, str(REPO / "scripts"))
-import make_workflow_fixtures as fixtures  # noqa: E402
-
-from harness.server import ComfyServer, execution_error  # noqa: E402
-from harness.workflows import WORKFLOW_SPECS, workflow_id  # noqa: E402
-from trilora_core import read_trilora  # noqa: E402
+from harness.fixtures import workflow_models as fixtures
+from harness.server import ComfyServer, execution_error
+from harness.workflows import WORKFLOW_SPECS, workflow_id
+from trilora_core import read_trilora
 
 WORKFLOW_DIR = REPO / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
@@ -39,7 +37,7 @@ SMALL = {
 }
 
 
-# The SDXL and Flux workflows run on the random models of scripts/make_workflow_fixtures.py. Flux's
+# The SDXL and Flux workflows run on the random models of harness/fixtures/workflow_models.py. Flux's
 # DualCLIPLoader builds T5-XXL at full size whatever the file holds (4.7B parameters), so the run
 # loads a CLIP-L in its place (CLIPLoader): the fixture's Flux takes CLIP-L's 768-wide output.
 FAMILY_SMALL = {

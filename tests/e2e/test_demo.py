@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from harness import picture_stats
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-from harness import drawing  # noqa: E402
 
 STRENGTHS = (0.0, 0.5, 1.0, 1.5)
 # The sample pictures' frame contrast is -0.07 to -0.25 (mean about -0.16); frameless pictures on
@@ -30,7 +30,7 @@ def test_demo_trains_the_frame_and_keeps_the_content(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strengths"] == list(STRENGTHS)
     pictures = [Image.open(out / f"generate_strength_{s}.png") for s in STRENGTHS]
-    contrast = [drawing.frame_contrast(p) for p in pictures]
+    contrast = [picture_stats.frame_contrast(p) for p in pictures]
     assert contrast == summary["style"]["frame_contrast"] or \
         max(abs(a - b) for a, b in zip(contrast, summary["style"]["frame_contrast"], strict=True)) < 1e-3
     # strength 0 is the base model: no frame, as in its own pictures
@@ -40,7 +40,7 @@ def test_demo_trains_the_frame_and_keeps_the_content(tmp_path):
     # the frame grows with the strength
     assert all(b < a for a, b in zip(contrast, contrast[1:], strict=False)), contrast
     # the content is kept: the prompt's large shape is red, and so is its region at strength 1
-    content = drawing.colour_distance(pictures[2], "red")
+    content = picture_stats.colour_distance(pictures[2], "red")
     assert content["nearest"] == "red", content
     assert summary["style"]["content"]["nearest"] == "red"
     # the strip holds the four pictures side by side, labelled
