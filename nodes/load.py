@@ -5,8 +5,8 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..trilora_core import DepthLayout, TriLoRAFile, block_group, depth_layout, truncate, truncation_limits
-from .families import family_of
+from ..trilora_core import DepthLayout, TriLoRAFile, block_group, truncate, truncation_limits
+from .families import depth_layout_of, family_of
 from .file_cache import load_cached
 from .loras_folder import LorasFileNode
 from .patching import apply_trilora
@@ -132,7 +132,7 @@ def block_strength(multipliers: dict[str, float], layout: DepthLayout | None = N
 
 def model_blocks(model) -> tuple[DepthLayout | None, str]:
     """(the model's DepthLayout or None for a UNet, which blocks the sliders move in words)."""
-    layout = depth_layout(name for name, _ in model.model.named_parameters())
+    layout = depth_layout_of(model)
     family = family_of(model).name
     if layout is None:
         return None, f"{family}: UNet input, middle and output blocks"

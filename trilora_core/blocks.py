@@ -4,7 +4,8 @@ rest of the UNet, or a text encoder. Works on file prefixes in any naming ComfyU
 diffusers `unet.down_blocks....`, `lora_te_...`, `text_encoders....`) and on model weight keys.
 
 Transformer (DiT) models have no input/middle/output blocks but a stack of blocks; a DepthLayout
-read off the model's weight keys puts the early, middle and late thirds of the stack in the
+read off the model's weight keys, given the model family's block lists in forward order (the
+family table, nodes/families.py), puts the early, middle and late thirds of the stack in the
 input, middle and output groups. For Flux (19 double-stream then 38 single-stream blocks) that
 is the double blocks, the first and the second half of the single blocks, where LoRA block
 weight tools split Flux too; SD3's joint blocks, Wan's blocks, Qwen-Image's transformer blocks
@@ -13,6 +14,7 @@ Embedders and the final layer stay outside the three groups, as the UNet's time 
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,12 +63,6 @@ def block_group(name: str, layout: DepthLayout | None = None) -> str:
     return UNET_OTHER if unet else OTHER
 
 
-# Block lists of transformer models in forward order (double-stream before single-stream), and
-# lists that run before the stack (Lumina 2's refiners).
-_STACK = ("double_blocks", "double_stream_blocks", "double_layers", "joint_blocks", "transformer_blocks", "blocks",
-          "layers", "single_blocks", "single_stream_blocks", "single_layers")
-_EARLY = ("noise_refiner", "context_refiner")
-_BLOCK_RE = re.compile(rf"^({'|'.join(_STACK + _EARLY)})_(\d+)_")
 _SLIDERS = {INPUT: "input_blocks", MIDDLE: "middle_block", OUTPUT: "output_blocks"}
 
 
@@ -80,11 +76,11 @@ class DepthLayout:
     def group(self, flat: str) -> str | None:
         """INPUT, MIDDLE or OUTPUT for a block's weight (underscored name under the diffusion
         model, e.g. ``single_blocks_3_linear1_``); None outside the blocks."""
-        match = _BLOCK_RE.match(flat)
+        match = _block_re(tuple(name for name, _ in self.lists) + self.early).match(flat)
         if match is None:
             return None
         name, index = match.group(1), int(match.group(2))
-        if name in _EARLY:
+        if name in self.early:
             return INPUT
         offset = 0
         for list_name, length in self.lists:
@@ -111,18 +107,28 @@ class DepthLayout:
         return ", ".join(f"{_SLIDERS[g]} = {' + '.join(s) or 'none'}" for g, s in spans.items())
 
 
-def depth_layout(weight_keys: Iterable[str]) -> DepthLayout | None:
-    """The DepthLayout of a transformer model from its weight keys (``diffusion_model.blocks.0....``);
-    None for a UNet or a model without block lists."""
+@functools.cache
+def _block_re(names: tuple[str, ...]) -> re.Pattern:
+    # Longest names first: "single_blocks" must not match as "blocks".
+    alternatives = "|".join(sorted(names, key=len, reverse=True))
+    return re.compile(rf"^({alternatives})_(\d+)_")
+
+
+def depth_layout(weight_keys: Iterable[str], stack: tuple[str, ...], early: tuple[str, ...] = ()) -> DepthLayout | None:
+    """The DepthLayout of a transformer model from its weight keys (``diffusion_model.blocks.0....``),
+    ``stack`` its block lists in forward order (double-stream before single-stream) and ``early``
+    the lists that run before them (Lumina 2's refiners); None for a UNet or a model without any
+    of those lists."""
     lengths: dict[str, int] = {}
+    pattern = _block_re(tuple(stack) + tuple(early))
     for key in weight_keys:
         rest = key.removeprefix("diffusion_model.")
         if rest == key or rest.startswith(("input_blocks.", "middle_block.", "output_blocks.")):
             continue
-        match = _BLOCK_RE.match(rest.replace(".", "_"))
+        match = pattern.match(rest.replace(".", "_"))
         if match is not None:
             lengths[match.group(1)] = max(lengths.get(match.group(1), 0), int(match.group(2)) + 1)
-    lists = tuple((name, lengths[name]) for name in _STACK if name in lengths)
+    lists = tuple((name, lengths[name]) for name in stack if name in lengths)
     if not lists:
         return None
-    return DepthLayout(lists, tuple(name for name in _EARLY if name in lengths))
+    return DepthLayout(lists, tuple(name for name in early if name in lengths))

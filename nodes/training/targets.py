@@ -12,12 +12,9 @@ import comfy.lora
 import torch
 
 from ...trilora_core import prefixes_by_weight
-from ..families import family_of
+from ..families import ATTENTION_NAMES, FEEDFORWARD_NAMES, family_of
 
 ANY_LAYER = "any"  # a resumed file may adapt any weight ComfyUI's key map knows
-_ATTN_RE = re.compile(r"(^|[._])(attn\w*|attention\w*|self_attn|cross_attn|to_q|to_k|to_v|to_out|to_qkv|qkv|"
-                      r"q_proj|k_proj|v_proj|o_proj|out_proj|query|key|value)([._]|$)")
-_FF_RE = re.compile(r"(^|[._])(ff\w*|mlp\w*|feed_forward|feedforward|fc1|fc2|w1|w2|w3|gate_proj|up_proj|down_proj)([._]|$)")
 _CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
@@ -39,9 +36,9 @@ def _layer_kind_ok(name: str, module: torch.nn.Module, target: str, fused_attent
         return False
     if target == "all linear":
         return True
-    if _ATTN_RE.search(name) or (fused_attention is not None and fused_attention.search(name)):
+    if ATTENTION_NAMES.search(name) or (fused_attention is not None and fused_attention.search(name)):
         return True
-    return target == "attention+feedforward" and bool(_FF_RE.search(name))
+    return target == "attention+feedforward" and bool(FEEDFORWARD_NAMES.search(name))
 
 
 def find_targets(model_patcher, target: str) -> list[Target]:

@@ -10,7 +10,7 @@ import comfy.model_sampling
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import tiny_model
+from tiny_models import FAMILIES, tiny_model
 
 from harness.host import pack_module
 
@@ -184,8 +184,7 @@ def test_latents_of_another_model_are_refused_by_name(comfy_host, name, shape, m
 
 
 def block_lists(comfy_host, model):
-    blocks = pack_module(comfy_host, "trilora_core.blocks")
-    return blocks.depth_layout(n for n, _ in model.model.named_parameters()).lists
+    return pack_module(comfy_host, "nodes.families").depth_layout_of(model).lists
 
 
 @pytest.mark.parametrize("name", ["flux-dev", "sd3.5", "wan2.1", "qwen-image", "lumina2", "z-image"])
@@ -235,6 +234,25 @@ def test_a_wan_trained_file_says_it_is_wan(comfy_host):
     assert meta["ss_timestep_sampling"] == "logit_normal" and meta["ss_discrete_flow_shift"] == "8"
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_fixture_is_a_family_of_the_table_with_its_block_lists(comfy_host, name):
+    """The one family table (nodes/families.py) knows every family the suite builds a model of, and
+    names the block lists each transformer has (so its block-weight sliders move its own blocks)."""
+    families = pack_module(comfy_host, "nodes.families")
+    model = tiny_model(name).model
+    family = families.family_of(model)
+    assert family in families.FAMILIES.values(), f"{name}: no entry in nodes/families.py FAMILIES"
+    keys = [n for n, _ in model.model.named_parameters()]
+    is_unet = any(k.startswith("diffusion_model.input_blocks.") for k in keys)
+    assert bool(family.block_lists) != is_unet, family
+    if family.block_lists:
+        layout = families.depth_layout_of(model)
+        present = {k.split(".")[1] for k in keys if k.startswith("diffusion_model.") and k.split(".")[2:3] != []
+                   and k.split(".")[2].isdigit()}
+        assert {n for n, _ in layout.lists} | set(layout.early) == present & set(family.block_lists + family.early_blocks)
+        assert set(family.block_lists) <= present
+
+
 # --------------------------------------------------------------------------- block weights
 
 
@@ -264,7 +282,7 @@ def test_block_weights_move_each_familys_own_blocks(comfy_host, name, described,
                          trilora_name=f"blocks_{name}.safetensors", strength_model=0.8, strength_clip=0.0,
                          text_encoder=1.0, **multipliers)
     assert f"; {described}; block weights:" in info
-    layout = blocks.depth_layout(n for n, _ in tiny.model.model.named_parameters())
+    layout = pack_module(comfy_host, "nodes.families").depth_layout_of(tiny.model)
     by_group = {"UNet input blocks": 0.5, "UNet middle block": 0.0, "UNet output blocks": -1.0}
     seen = set()
     for t in targets:

@@ -13,6 +13,7 @@ from trilora_core import (
     TriLoRALayer,
     block_group,
     delta_energy,
+    depth_layout,
     format_number,
     generator,
     init_layer,
@@ -58,6 +59,23 @@ from trilora_core import (
 ])
 def test_layers_are_grouped_by_model_part_in_every_naming(name, group):
     assert block_group(name) == group
+
+
+def test_depth_layout_splits_the_given_block_lists_in_thirds_in_forward_order():
+    keys = [f"diffusion_model.double_blocks.{i}.img_attn.qkv.weight" for i in range(19)]
+    keys += [f"diffusion_model.single_blocks.{i}.linear1.weight" for i in range(38)]
+    keys += ["diffusion_model.final_layer.linear.weight", "first_stage_model.decoder.weight"]
+    layout = depth_layout(reversed(keys), ("double_blocks", "single_blocks"))
+    assert layout.lists == (("double_blocks", 19), ("single_blocks", 38))
+    assert layout.describe() == ("input_blocks = double_blocks 0-18, middle_block = single_blocks 0-18, "
+                                 "output_blocks = single_blocks 19-37")
+    assert block_group("diffusion_model.single_blocks.19.linear1.weight", layout) == "UNet output blocks"
+    assert block_group("diffusion_model.final_layer.linear.weight", layout) == "UNet other"
+    # Lists the family does not name are not blocks; a UNet has none.
+    assert depth_layout(keys, ("blocks",)) is None
+    early = depth_layout(["diffusion_model.noise_refiner.0.w", "diffusion_model.layers.0.w",
+                          "diffusion_model.layers.1.w", "diffusion_model.layers.2.w"], ("layers",), ("noise_refiner",))
+    assert early.early == ("noise_refiner",) and early.group("noise_refiner_0_") == "UNet input blocks"
 
 
 def test_rank_text_and_numbers_read_the_same_everywhere():
