@@ -1,7 +1,7 @@
 """The command-line trainer (train_trilora.py at the pack's root starts ComfyUI and calls `main`):
 a folder of images and captions, encoded as the graph does it, trained by TrainTriLoRA's own
 trainer, saved as Save TriLoRA saves; one process, or one per device under torchrun
-(distributed.py).
+(training/distributed.py).
 
 Every option but three is an input of a node, read from that node's definition (name, type,
 default, range, choices; its tooltip is the help): Load Training Images (TriLoRA) for the data,
@@ -27,7 +27,6 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (ComfyUI's root is on sys.path
 
 from ..trilora_core import TriLoRAFile
 from .dataset import TriLoRASampleImages, image_files, resolve_folder
-from .distributed import STOP, DataParallelTrainer, RankFailedError, RanksLostError, StopRequested, world
 from .loras_folder import NONE_FILE, prefix_location
 from .save import SaveTriLoRA
 from .train import TrainTriLoRA
@@ -39,6 +38,7 @@ from .training import (
     split_latents,
     train,
 )
+from .training.distributed import STOP, DataParallelTrainer, RankFailedError, RanksLostError, StopRequested, world
 
 try:
     import tomllib

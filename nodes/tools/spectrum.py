@@ -1,13 +1,13 @@
 """TriLoRASpectrum: each layer's singular values and cumulative energy as a picture, and how many
-directions each part of the model uses (drawn by nodes/spectrum_plot.py)."""
+directions each part of the model uses (drawn by spectrum_plot.py)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ...trilora_core import alias_groups, fold_aliases
-from .. import spectrum_plot
 from ..loras_folder import OptionalLorasFileNode, file_choice
 from ..schema import optional_trilora_input
+from . import spectrum_plot
 from .common import alias_text, read_source, tool_schema
 
 

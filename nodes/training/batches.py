@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..family_training import conds_for_shape
+from .family import conds_for_shape
 
 
 def _is_conditioning(value) -> bool:

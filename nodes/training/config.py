@@ -13,8 +13,8 @@ import torch
 from comfy_api.latest import io
 
 from ...trilora_core import LOSS_FUNCTIONS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
-from ..family_training import AUTO, DEFAULT_GUIDANCE
 from ..loras_folder import NONE_FILE, file_choice, prefix_location
+from .family import AUTO, DEFAULT_GUIDANCE
 
 NODE = "TrainTriLoRA"
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -142,7 +142,7 @@ class TrainArgs:
     checkpoint_prefix: str = setting(DEFAULT_CHECKPOINT_PREFIX, io.String, "File name for checkpoints inside the "
                                      "loras folder; a counter and the step are added, nothing is replaced.",
                                      in_loras_folder)
-    # The family settings (nodes/family_training.py), after all older inputs.
+    # The family settings (family.py), after all older inputs.
     timestep_sampling: str = _choices(
         AUTO, (AUTO, *TIMESTEP_SAMPLINGS), "Which noise levels training sees. auto: logit_normal for flow models "
         "(Flux, SD3.5, Wan, Qwen-Image, Z-Image, Lumina 2: kohya's 'shift' sampling, mostly mid noise), uniform "

@@ -32,7 +32,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 class RunEndings:
-    """The endings of TriLoRATrainer; data-parallel training (nodes/distributed.py) extends them."""
+    """The endings of TriLoRATrainer; data-parallel training (distributed.py) extends them."""
 
     def _diverged(self, step: int, what: str):
         lr = self.args.learning_rate

@@ -39,14 +39,14 @@ from ...trilora_core import (
     sample_indices,
     sample_noise_levels,
 )
-from .. import family_training as family
 from ..adapter import TriLoRATrainDiff
 from ..families import base_model_metadata
-from ..family_training import FamilySettings
+from . import family
 from .batches import ForwardBatches, clone_tree
 from .checkpoints import StartState, fresh, read_start, resume_start, run_metadata, write_checkpoint
 from .config import NODE, TRAINING_DTYPES, TrainArgs
 from .endings import RunEndings, is_out_of_memory
+from .family import FamilySettings
 from .targets import attach, find_targets
 
 try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
@@ -207,7 +207,7 @@ class TriLoRATrainer(RunEndings):
 
     def _all_reduce(self, loss: float) -> float:
         """Called after a step's backward passes, before the update: data-parallel training
-        (nodes/distributed.py) sums the gradients and losses of all ranks here. Alone: as is."""
+        (distributed.py) sums the gradients and losses of all ranks here. Alone: as is."""
         return loss
 
     def _warn_unused(self) -> None:

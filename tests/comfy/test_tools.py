@@ -431,7 +431,7 @@ def test_spectrum_plots_each_group_and_sums_up_effective_ranks(comfy_host, tiny)
     def has(color):
         return bool((np.abs(pixels - np.array(color)).sum(axis=-1) == 0).any())
 
-    from_pack = __import__(comfy_host.pack.__name__ + ".nodes.spectrum_plot", fromlist=["COLORS"]).COLORS
+    from_pack = __import__(comfy_host.pack.__name__ + ".nodes.tools.spectrum_plot", fromlist=["COLORS"]).COLORS
     assert has(from_pack["UNet input blocks"]) and has(from_pack["Text encoder"])
     assert not has(from_pack["UNet middle block"]) and not has(from_pack["UNet output blocks"])
 

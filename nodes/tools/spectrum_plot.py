@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..trilora_core import GROUPS, TriLoRALayer, block_group, energy_rank, rank_range, spectrum
+from ...trilora_core import GROUPS, TriLoRALayer, block_group, energy_rank, rank_range, spectrum
 
 WIDTH, HEIGHT = 1024, 768
 BACKGROUND = (255, 255, 255)

@@ -35,7 +35,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 
-from .families import family_of
+from ..families import family_of
 
 log = logging.getLogger("comfyui-trilora")
 

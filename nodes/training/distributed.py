@@ -22,12 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .training import (
-    TrainingDivergedError,
-    TrainingOutOfMemoryError,
-    TriLoRATrainer,
-    is_out_of_memory,
-)
+from .endings import TrainingDivergedError, TrainingOutOfMemoryError, is_out_of_memory
+from .trainer import TriLoRATrainer
 
 OK, DIVERGED, OUT_OF_MEMORY, FAILED = range(4)
 
