@@ -14,7 +14,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from harness.host import pack_module
 
-FLOW = ["flux-dev", "sd3.5", "wan2.1", "qwen-image", "lumina2", "z-image"]
+FLOW = ["flux-dev", "sd3.5", "wan2.1", "qwen-image", "lumina2", "z-image", "auraflow"]
 
 
 def run(comfy_host, node_id, **inputs):
@@ -187,7 +187,7 @@ def block_lists(comfy_host, model):
     return pack_module(comfy_host, "nodes.families").depth_layout_of(model).lists
 
 
-@pytest.mark.parametrize("name", ["flux-dev", "sd3.5", "wan2.1", "qwen-image", "lumina2", "z-image"])
+@pytest.mark.parametrize("name", FLOW)
 def test_the_attention_preset_adapts_attention_in_every_block(comfy_host, name):
     train_module = pack_module(comfy_host, "nodes.training")
     tiny = tiny_model(name)
@@ -219,6 +219,7 @@ def test_a_flux_single_blocks_fused_linears_count_as_attention(comfy_host):
     ("qwen-image", "qwen_image", "Qwen-Image"),
     ("lumina2", "lumina2", "lumina-2"),
     ("z-image", "z_image", "z-image"),
+    ("auraflow", "auraflow", "auraflow"),
 ])
 def test_every_family_gets_its_base_model_metadata(comfy_host, name, version, arch):
     families = pack_module(comfy_host, "nodes.families")
@@ -262,6 +263,8 @@ def test_every_fixture_is_a_family_of_the_table_with_its_block_lists(comfy_host,
     ("sd3.5", "SD3: input_blocks = joint_blocks 0, middle_block = joint_blocks 1, output_blocks = none",
      {"UNet input blocks", "UNet middle block", "UNet other"}),
     ("wan2.1", "Wan 2.1: input_blocks = blocks 0, middle_block = blocks 1, output_blocks = none",
+     {"UNet input blocks", "UNet middle block", "UNet other"}),
+    ("auraflow", "AuraFlow: input_blocks = double_layers 0, middle_block = single_layers 0, output_blocks = none",
      {"UNet input blocks", "UNet middle block", "UNet other"}),
     # The tiny SDXL (KOALA-700M's layout) has no middle block.
     ("sdxl", "SDXL: UNet input, middle and output blocks", {"UNet input blocks", "UNet output blocks", "UNet other"}),

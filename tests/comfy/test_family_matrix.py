@@ -77,6 +77,10 @@ CASES = [
                ("diffusion_model.layers.0.attention.to_k", "diffusion_model.noise_refiner.1.feed_forward.w3"),
                base_model)
       for name, base_model in (("lumina2", ("lumina2", "lumina-2")), ("z-image", ("z_image", "z-image")))),
+    Case("auraflow", ("double_layers.0.attn.w2q", "single_layers.0.mlp.c_fc1", "cond_seq_linear"),
+         ("transformer.joint_transformer_blocks.0.attn.to_q", "transformer.joint_transformer_blocks.0.ff_context.linear_1",
+          "transformer.single_transformer_blocks.0.attn.to_out.0"),
+         ("auraflow", "auraflow")),
 ]
 assert sorted(c.family for c in CASES) == sorted(FAMILIES), "every fixture family has a case"
 

@@ -106,6 +106,7 @@ EXPECTED_CONVENTIONS = {
     "wan2.1": {"lora_unet_", "diffusion_model."},
     "qwen-image": {"lora_unet_", "lycoris_", "transformer.", "diffusion_model.", ""},
     "lumina2": {"lora_unet_", "lycoris_", "diffusion_model."},
+    "auraflow": {"lora_unet_", "transformer.", "diffusion_model."},
 }
 
 
