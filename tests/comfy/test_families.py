@@ -14,7 +14,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from harness.host import pack_module
 
-FLOW = ["flux-dev", "sd3.5", "wan2.1", "qwen-image", "lumina2", "z-image", "auraflow"]
+FLOW = [name for name, family in FAMILIES.items() if family.objective == "flow"]
 
 
 def run(comfy_host, node_id, **inputs):
