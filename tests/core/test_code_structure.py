@@ -119,3 +119,16 @@ def test_only_entry_points_edit_sys_path():
     editors = sorted(str(p.relative_to(REPO)) for p in sources if p not in SYS_PATH_ALLOWED and edits_sys_path(p))
     assert not editors, f"{editors} put folders on sys.path: import harness and trilora_core as packages instead"
     assert edits_sys_path(REPO / "scripts" / "demo.py")  # the check sees an entry point's edit
+
+
+def test_no_link_or_dev_folder_is_tracked():
+    """A clone must build its own .venv/.comfyui (make setup): a tracked link there (a worktree's
+    .venv pointing at another checkout) breaks every fresh clone."""
+    import subprocess
+
+    staged = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert staged, "not a git checkout"
+    links = [line.split("\t", 1)[1] for line in staged.splitlines() if line.startswith("120000 ")]
+    assert not links, f"tracked symbolic links: {links}"
+    tracked = {line.split("\t", 1)[1].split("/")[0] for line in staged.splitlines()}
+    assert not tracked & {".venv", ".comfyui"}, tracked & {".venv", ".comfyui"}
