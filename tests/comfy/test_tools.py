@@ -547,7 +547,8 @@ def test_files_are_never_overwritten(comfy_host, tiny):
     ("/tmp/abs", "TriLoRAResize: filename_prefix '/tmp/abs' is an absolute path; give a name relative to the "
                  "loras folder, such as 'trilora/my_style'"),
     ("bad|name?", "TriLoRAResize: filename_prefix 'bad|name?' has characters that are not allowed in file names: "
-                  "'?', '|'; use letters, digits, space, '_', '-', '.' and '/' for subfolders"),
+                  "'?', '|'; anything but < > : \" \\ | ? * and control characters is, and '/' "
+                  "separates subfolders"),
 ])
 def test_unsafe_prefixes_are_refused_before_anything_is_written(comfy_host, tiny, prefix, message):
     write_trilora_file(comfy_host, tiny, "prefix_src.safetensors", rank=2)

@@ -479,3 +479,12 @@ def test_a_resumed_run_records_the_rank_alpha_and_layers_its_file_holds(comfy_ho
                           checkpoint_prefix="held/again")
     record = json.loads(bare.metadata["trilora_training_args"])
     assert (record["rank"], record["alpha"], record["target_layers"]) == (2, 3.0, "existing_lora")
+
+
+def test_checkpoints_take_the_names_save_trilora_takes(comfy_host, data):
+    """The trainer's checkpoint_prefix follows the one rule of every node that writes a file."""
+    train(comfy_host, data, steps=1, checkpoint_every=1, checkpoint_prefix="[wip] char's style (v2)/detail+light")
+    assert len(list((comfy_host.loras / "[wip] char's style (v2)").glob("detail+light_00001_step000001.*"))) == 2
+    with pytest.raises(ValueError) as err:
+        train(comfy_host, data, steps=1, checkpoint_prefix="NUL/run")
+    assert str(err.value).startswith("TrainTriLoRA: checkpoint_prefix 'NUL/run': 'NUL' is a reserved device name")
