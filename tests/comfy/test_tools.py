@@ -29,7 +29,7 @@ PACK_NAMES = {
 }
 TOOL_IDS = {
     "TriLoRAConvertLoRA": "Convert LoRA to TriLoRA",
-    "TriLoRAExportLoRA": "Export TriLoRA as LoRA (kohya)",
+    "TriLoRAExportLoRA": "Export TriLoRA as LoRA",
     "TriLoRAExtract": "Extract TriLoRA from Checkpoints",
     "TriLoRAResize": "Resize TriLoRA (Rank / Energy)",
     "TriLoRAMerge": "Merge TriLoRAs",
