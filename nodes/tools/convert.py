@@ -167,7 +167,7 @@ class TriLoRAExportLoRA(OptionalLorasFileNode):
                 io.Combo.Input(
                     id="format", options=list(EXPORT_FORMATS), default=KOHYA_FORMAT, optional=True,
                     tooltip="kohya: lora_unet_/lora_te_ names with lora_up/lora_down/alpha (kohya sd-scripts, "
-                            "ComfyUI, A1111/Forge). diffusers / PEFT: unet./transformer./text_encoder. module "
+                            "ComfyUI). diffusers / PEFT: unet./transformer./text_encoder. module "
                             "names with lora_A/lora_B and no alpha (scale 1), as diffusers' load_lora_weights "
                             "and PEFT read them and ai-toolkit and SimpleTuner write them. ComfyUI: "
                             "diffusion_model./text_encoders. names, as ComfyUI's Train LoRA writes them. The "
