@@ -3,7 +3,8 @@ them: a diffusers StableDiffusionPipeline built from the tiny SD1.5 checkpoint's
 (UNet2DConditionModel and transformers' CLIPTextModel, through ComfyUI's diffusers <-> ldm key map
 comfy.utils.unet_to_diffusers) loads the exported file with load_lora_weights (PEFT underneath) and
 fuses it; every weight must equal the one ComfyUI patches from the same file at the same strength,
-and the one it patches from the TriLoRA itself."""
+and the one it patches from the TriLoRA itself. The same for the tiny Flux in diffusers'
+FluxTransformer2DModel (FluxPipeline's own loader), whose fused weights diffusers splits."""
 from __future__ import annotations
 
 import comfy.lora
@@ -171,3 +172,66 @@ def test_names_from_the_model_need_the_model(comfy_host, tiny, adapted):
         assert str(err.value).startswith(f"TriLoRAExportLoRA: 12 layers have no {fmt} name in the connected model "
                                          "(first: lora_te_text_model_encoder_layers_0_")
     assert not list(comfy_host.loras.rglob("none_*"))
+
+
+def test_a_flux_export_loads_in_diffusers_flux_transformer_with_comfyuis_weights(comfy_host):
+    """Flux: diffusers splits ComfyUI's fused qkv (and single blocks' linear1) into to_q / to_k /
+    to_v (/ proj_mlp): the export writes one LoRA per part, and FluxPipeline's own loader puts
+    them back on a FluxTransformer2DModel with the tiny Flux's weights."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from tiny_models import tiny_model
+
+    core = comfy_host.core
+    flux = tiny_model("flux-dev").model
+    config = flux.model.model_config.unet_config
+    key_map = comfy.lora.model_lora_keys_unet(flux.model, {})
+    names = core.diffusers_prefixes(key_map)
+    ldm = flux.model.state_dict()
+    g = torch.Generator().manual_seed(28)
+    pack_names = core.prefixes_by_weight(key_map)
+    adapted = {}
+    for key in sorted(names):  # every matrix diffusers names: attention, feed-forward, embedders, modulation
+        w = ldm.get(key)
+        if w is None or w.ndim < 2:  # the map also names weights of Flux variants (control inputs) and norms
+            continue
+        adapted[key] = core.TriLoRALayer(torch.randn(w.shape[0], 2, generator=g) * 0.05, torch.rand(2, generator=g) + 0.5,
+                                         torch.randn(2, *w.shape[1:], generator=g) * 0.05, 1.0)
+    assert any(len(parts) == 4 for parts in names.values())  # single blocks' linear1: q, k, v and the MLP
+    core.write_trilora(comfy_host.loras / "flux_src.safetensors", {pack_names[k]: v for k, v in adapted.items()}, {})
+    name, _ = run_node(comfy_host, "TriLoRAExportLoRA", trilora_name="flux_src.safetensors", filename_prefix="flux/peft",
+                       save_dtype="fp32", model=flux, format="diffusers / PEFT")
+
+    to_ldm = comfy.utils.flux_to_diffusers(config, output_prefix="diffusion_model.")
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=config["in_channels"] * 4, num_layers=config["depth"],
+        num_single_layers=config["depth_single_blocks"], attention_head_dim=config["hidden_size"] // config["num_heads"],
+        num_attention_heads=config["num_heads"], joint_attention_dim=config["context_in_dim"],
+        pooled_projection_dim=config["vec_in_dim"], guidance_embeds=True, axes_dims_rope=tuple(config["axes_dim"]))
+
+    def diffusers_weight(source: dict, target) -> torch.Tensor:
+        if isinstance(target, str):
+            return source[target]
+        weight = source[target[0]]
+        if target[1] is not None:
+            weight = weight.narrow(*target[1])
+        return target[2](weight) if len(target) > 2 else weight
+
+    state = {k: diffusers_weight(ldm, t).float() for k, t in to_ldm.items() if k in transformer.state_dict()}
+    assert set(state) == set(transformer.state_dict())
+    transformer.load_state_dict(state, strict=True)
+    lora, alphas = FluxPipeline.lora_state_dict(str(comfy_host.loras / name), return_alphas=True)
+    FluxPipeline.load_lora_into_transformer(lora, network_alphas=alphas, transformer=transformer)
+    assert sum(hasattr(m, "lora_A") for m in transformer.modules()) == sum(k.endswith(".lora_A.weight") for k in lora)
+    transformer.fuse_lora(lora_scale=STRENGTH)
+    fused = {k.replace(".base_layer", ""): v for k, v in transformer.state_dict().items() if "lora_" not in k}
+
+    patched = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(flux, "flux_src.safetensors", STRENGTH)[0]
+    mm.load_models_gpu([patched])
+    want = {k: v.detach().float().clone() for k, v in patched.model.state_dict().items()}
+    mm.unload_all_models()
+    for key, target in to_ldm.items():  # every diffusers weight against ComfyUI's rows of it
+        if key in fused:
+            torch.testing.assert_close(fused[key], diffusers_weight(want, target), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, key=key: f"{key}: {m}")
+    for key in adapted:
+        assert not torch.equal(want[key], ldm[key].float()), key
