@@ -105,10 +105,14 @@ def fused_weights(pipe, unet_config: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def export(comfy_host, fmt: str, prefix: str, model=None, clip=None, source: str = "diffusers_src.safetensors"):
+    """(file name, info) of Export TriLoRA as LoRA in ``fmt``, fp32."""
+    return run_node(comfy_host, "TriLoRAExportLoRA", trilora_name=source, filename_prefix=prefix, save_dtype="fp32",
+                    model=model, clip=clip, format=fmt)
+
+
 def test_diffusers_load_lora_weights_gives_comfyuis_weights(comfy_host, tiny, adapted):
-    name, info = run_node(comfy_host, "TriLoRAExportLoRA", trilora_name="diffusers_src.safetensors",
-                          filename_prefix="diffusers/peft", save_dtype="fp32", model=tiny.model, clip=tiny.clip,
-                          format="diffusers / PEFT")
+    name, info = export(comfy_host, "diffusers / PEFT", "diffusers/peft", tiny.model, tiny.clip)
     assert info.startswith("exported diffusers_src.safetensors as a diffusers / PEFT LoRA: ")
     with safe_open(str(comfy_host.loras / name), framework="pt") as f:
         keys = sorted(f.keys())
@@ -145,9 +149,7 @@ def test_diffusers_load_lora_weights_gives_comfyuis_weights(comfy_host, tiny, ad
 
 
 def test_comfyui_names_are_comfyuis_own_and_patch_the_same_weights(comfy_host, tiny, adapted):
-    name, info = run_node(comfy_host, "TriLoRAExportLoRA", trilora_name="diffusers_src.safetensors",
-                          filename_prefix="diffusers/comfy", save_dtype="fp32", model=tiny.model, clip=tiny.clip,
-                          format="ComfyUI")
+    name, info = export(comfy_host, "ComfyUI", "diffusers/comfy", tiny.model, tiny.clip)
     assert info.startswith("exported diffusers_src.safetensors as a ComfyUI LoRA: ")
     with safe_open(str(comfy_host.loras / name), framework="pt") as f:
         prefixes = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in f.keys()}
@@ -162,13 +164,11 @@ def test_comfyui_names_are_comfyuis_own_and_patch_the_same_weights(comfy_host, t
 def test_names_from_the_model_need_the_model(comfy_host, tiny, adapted):
     for fmt in ("diffusers / PEFT", "ComfyUI"):
         with pytest.raises(ValueError) as err:
-            run_node(comfy_host, "TriLoRAExportLoRA", trilora_name="diffusers_src.safetensors",
-                     filename_prefix="diffusers/none", save_dtype="fp32", format=fmt)
+            export(comfy_host, fmt, "diffusers/none")
         assert str(err.value) == (f"TriLoRAExportLoRA: format {fmt!r} takes its layer names from the model: connect "
                                   "the model (and the clip, for text-encoder layers) the adapter was made for")
         with pytest.raises(ValueError) as err:  # text-encoder layers, no clip connected
-            run_node(comfy_host, "TriLoRAExportLoRA", trilora_name="diffusers_src.safetensors",
-                     filename_prefix="diffusers/none", save_dtype="fp32", model=tiny.model, format=fmt)
+            export(comfy_host, fmt, "diffusers/none", tiny.model)
         assert str(err.value).startswith(f"TriLoRAExportLoRA: 12 layers have no {fmt} name in the connected model "
                                          "(first: lora_te_text_model_encoder_layers_0_")
     assert not list(comfy_host.loras.rglob("none_*"))
@@ -198,8 +198,7 @@ def test_a_flux_export_loads_in_diffusers_flux_transformer_with_comfyuis_weights
                                          torch.randn(2, *w.shape[1:], generator=g) * 0.05, 1.0)
     assert any(len(parts) == 4 for parts in names.values())  # single blocks' linear1: q, k, v and the MLP
     core.write_trilora(comfy_host.loras / "flux_src.safetensors", {pack_names[k]: v for k, v in adapted.items()}, {})
-    name, _ = run_node(comfy_host, "TriLoRAExportLoRA", trilora_name="flux_src.safetensors", filename_prefix="flux/peft",
-                       save_dtype="fp32", model=flux, format="diffusers / PEFT")
+    name, _ = export(comfy_host, "diffusers / PEFT", "flux/peft", flux, source="flux_src.safetensors")
 
     to_ldm = comfy.utils.flux_to_diffusers(config, output_prefix="diffusion_model.")
     transformer = FluxTransformer2DModel(
