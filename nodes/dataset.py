@@ -11,6 +11,8 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageOps
 
+from .file_cache import file_signature
+
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "workflows" / "sample_style"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -59,6 +61,11 @@ def read_caption(path: Path) -> str:
     return caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
 
 
+def caption_signature(path: Path) -> tuple | None:
+    caption = path.with_suffix(".txt")
+    return file_signature(str(caption)) if caption.is_file() else None
+
+
 class TriLoRASampleImages(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -90,13 +97,15 @@ class TriLoRASampleImages(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder, size):
-        """Re-run when the folder's files change, not only when the inputs do."""
+        """Re-run when an image or caption is added, removed or changed, not only when the inputs
+        do: each file's file_signature, the loaders' change check, so a caption rewritten in place
+        with its old size and modification time (cp -p, rsync -t) is seen by its ctime."""
         try:
-            path = resolve_folder(folder)
-            return str(size) + "|" + "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}"
-                                               for p in sorted(path.iterdir()))
+            files = image_files(resolve_folder(folder))
+            signatures = [(file_signature(str(f)), caption_signature(f)) for f in files]
         except (OSError, ValueError):
             return f"{folder}|{size}"
+        return f"{size}|{signatures}"
 
     @classmethod
     def execute(cls, folder, size):

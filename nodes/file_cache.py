@@ -18,8 +18,10 @@ _lock = threading.Lock()
 
 
 def file_signature(path: str) -> tuple:
-    """(real path, ...): a replaced file changes it even with the old size and modification time
-    (a copy that keeps timestamps): a replacement is a new inode, and its ctime cannot be set."""
+    """(real path, mtime, size, inode, ctime): the change check of every file input (the loaders'
+    files, Load Training Images' images and captions). A file replaced or rewritten in place with
+    its old size and modification time (cp -p, rsync -t) still changes it: a replacement is a new
+    inode, and ctime moves on every write and cannot be set back."""
     stat = os.stat(path)
     return (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns)
 

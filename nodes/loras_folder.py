@@ -76,14 +76,38 @@ class OptionalLorasFileNode(LorasFileNode):
 # --------------------------------------------------------------------------- new files
 
 EXTENSION = ".safetensors"
-# Letters (any script), digits, space, '_', '-', '.'; '/' separates subfolders.
-_PART_RE = re.compile(r"[\w\-. ]+")
+# What a file name may not hold on any system ComfyUI runs on (Windows is the strictest): its
+# forbidden characters and control characters, and its reserved device names. Anything else
+# ('my style (v2)', "char's style", 'detail+light', '[wip] style', any script) is a legal name,
+# as ComfyUI's own Save LoRA writes it; '/' separates subfolders.
+_FORBIDDEN = set('<>:"\\|?*') | {chr(c) for c in range(32)} | {chr(127)}
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}
 _MAX_TRIES = 1000
+
+
+def _check_part(part: str, where: str, folder: bool) -> None:
+    """One path component. A file's base name always gets '_<counter>_...' after it, so only a
+    folder name can end in '.' or be a reserved name (Windows drops the one and refuses the other)."""
+    if not part:
+        raise ValueError(f"{where} has an empty folder name ('//' or a trailing '/')")
+    bad = sorted(c for c in set(part) if c in _FORBIDDEN)
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        raise ValueError(f"{where} has characters that are not allowed in file names: {shown}; "
+                         "anything but < > : \" \\ | ? * and control characters is, and '/' separates subfolders")
+    if part.startswith(".") or part != part.strip():
+        raise ValueError(f"{where}: a file or folder name may not start with '.' or start or end with a space")
+    if folder and part.endswith("."):
+        raise ValueError(f"{where}: a folder name may not end with '.'")
+    if folder and part.split(".")[0].upper() in _RESERVED:
+        raise ValueError(f"{where}: {part!r} is a reserved device name on Windows (CON, PRN, AUX, NUL, "
+                         "COM1-9, LPT1-9); choose another name")
 
 
 def check_prefix(prefix: str, node: str, input_name: str = "filename_prefix") -> list[str]:
     """The prefix's path components; raises ValueError naming ``input_name`` when the prefix is
-    empty, absolute, climbs out of the folder ('..'), or has characters file names should not."""
+    empty, absolute, climbs out of the folder ('..'), or names what a file system refuses (see
+    _FORBIDDEN, _RESERVED). Every node that writes into the loras folder checks its prefix here."""
     where = f"{node}: {input_name} {prefix!r}"
     if not isinstance(prefix, str) or not prefix.strip():
         raise ValueError(f"{where} is empty; give a file name such as 'trilora/my_style'")
@@ -94,17 +118,8 @@ def check_prefix(prefix: str, node: str, input_name: str = "filename_prefix") ->
     if any(part in ("..", ".") for part in parts):
         raise ValueError(f"{where} leaves the loras folder ('..' or '.' is not allowed); "
                          "use a name such as 'trilora/my_style'")
-    for part in parts:
-        if not part:
-            raise ValueError(f"{where} has an empty folder name ('//' or a trailing '/')")
-        bad = sorted({c for c in part if not _PART_RE.fullmatch(c)})
-        if bad:
-            shown = ", ".join(repr(c) for c in bad)
-            raise ValueError(f"{where} has characters that are not allowed in file names: {shown}; "
-                             "use letters, digits, space, '_', '-', '.' and '/' for subfolders")
-        if part.startswith(".") or part != part.strip():
-            raise ValueError(f"{where}: a file or folder name may not start with '.' or start or end "
-                             "with a space")
+    for i, part in enumerate(parts):
+        _check_part(part, where, folder=i < len(parts) - 1)
     return parts
 
 

@@ -21,17 +21,20 @@ from .fileformat import (
 )
 from .formatting import format_number, rank_range
 from .key_map import (
+    comfyui_prefixes,
+    diffusers_prefixes,
     kohya_prefixes,
     layers_by_weight,
     lookup,
     prefix_for_weight,
     prefixes_by_weight,
     rename_layers,
+    split_rows,
     sum_layers,
     target_of,
     weight_for_prefix,
 )
-from .kohya import lora_file_bytes, lora_metadata, lora_tensors, write_lora
+from .kohya import KOHYA, PEFT, lora_file_bytes, lora_metadata, lora_tensors, unit_scale, write_lora
 from .layer import TriLoRALayer
 from .merge import alias_groups, fold_aliases, merge_files, merge_layers
 from .optimizer import (
@@ -96,6 +99,12 @@ __all__ = [
     "is_canonical",
     "kept_energy",
     "kohya_prefixes",
+    "comfyui_prefixes",
+    "diffusers_prefixes",
+    "split_rows",
+    "KOHYA",
+    "PEFT",
+    "unit_scale",
     "layers_by_weight",
     "load_optimizer_state",
     "lookup",

@@ -284,3 +284,71 @@ def rename_layers(layers: Mapping[str, TriLoRALayer], key_map: KeyMap | None,
                              "that name; connect the model the adapter was made for")
         out[prefix] = layers[prefix]
     return dict(sorted(out.items())), resolved.unknown, list(resolved.aliases().values())
+
+
+# --------------------------------------------------------------------------- other trainers' namings
+#
+# Writing a model's layers under the names another loader reads: ComfyUI's own generic names
+# (``diffusion_model.X`` / ``text_encoders.X``, as its Train LoRA writes them) and the module names
+# of diffusers' ``load_lora_weights`` and PEFT (``unet.`` / ``transformer.`` / ``text_encoder.``,
+# as ai-toolkit and SimpleTuner write them). Both come from ComfyUI's key map of the model.
+
+DIFFUSERS_ROOTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")
+
+
+def comfyui_prefixes(key_map: KeyMap) -> dict[str, str]:
+    """{weight key: ComfyUI's generic name}: the weight key without ``.weight`` (the diffusion
+    model's ``diffusion_model.X``), ``text_encoders.X`` for a text encoder's; weights the map
+    knows under neither are left out."""
+    out = {}
+    for weight in prefixes_by_weight(key_map):
+        stripped = _strip_weight(weight)
+        for generic in (stripped, _TEXT_ENCODER_GENERIC_PREFIX + stripped):
+            if _target(key_map.get(generic)) == (weight, True):
+                out[weight] = generic
+                break
+    return out
+
+
+def _peft_name(alias: str) -> str:
+    """ComfyUI's map spells diffusers UNet attention layers as the old attention processors did
+    (``attn1.processor.to_out``); PEFT names the modules (``attn1.to_out.0``)."""
+    name = alias.replace(".processor.to_", ".to_")
+    return name + ".0" if name.endswith(".to_out") else name
+
+
+def diffusers_prefixes(key_map: KeyMap) -> dict[str, list[tuple[str, tuple[int, int, int] | None]]]:
+    """{weight key: [(diffusers/PEFT module name, row slice or None)]}: one whole-weight name where
+    the map has one, else the names of the row slices diffusers splits the weight into (Flux's
+    fused qkv as to_q / to_k / to_v), in row order. Names that reach a weight through a function
+    (ComfyUI's swap_scale_shift) or a column slice are left out."""
+    found: dict[str, dict[str, tuple | None]] = {}
+    for alias, value in key_map.items():
+        target = target_of(value) if alias.startswith(DIFFUSERS_ROOTS) else None
+        if target is None or target.function is not None or (target.offset and target.offset[0] != 0):
+            continue
+        found.setdefault(target.weight, {})[_peft_name(alias)] = target.offset
+    out = {}
+    for weight, names in sorted(found.items()):
+        whole = sorted(n for n, offset in names.items() if offset is None)
+        out[weight] = [(whole[0], None)] if whole else sorted(names.items(), key=lambda item: item[1][1])
+    return out
+
+
+def split_rows(layer: TriLoRALayer, parts: Sequence[tuple[str, tuple[int, int, int] | None]],
+               weight: str) -> dict[str, TriLoRALayer]:
+    """{name: layer} writing ``layer`` under ``parts`` (``diffusers_prefixes``): whole, or one
+    layer per row slice with those rows of U (the slices' deltas stack to the layer's, exactly).
+    Raises ValueError when the slices do not tile the weight's rows."""
+    if len(parts) == 1 and parts[0][1] is None:
+        return {parts[0][0]: layer}
+    rows = 0
+    for _, (_, start, length) in parts:
+        if start != rows:
+            break
+        rows += length
+    if rows != layer.out_features:
+        raise ValueError(f"the diffusers names of {weight} ({', '.join(n for n, _ in parts)}) do not cover its "
+                         f"{layer.out_features} rows")
+    return {name: TriLoRALayer(layer.u[start:start + length].contiguous(), layer.s, layer.vt, layer.alpha)
+            for name, (_, start, length) in parts}

@@ -1,6 +1,8 @@
-"""Writing a TriLoRA as a kohya LoRA/LoCon file (``lora_up`` / ``lora_down`` / ``alpha``,
-``networks.lora`` metadata) with exactly the same weight change, for ComfyUI's stock LoRA loader,
-kohya's sd-scripts and other tools: the export beside ``write_trilora``."""
+"""Writing a TriLoRA as a LoRA/LoCon file with exactly the same weight change: kohya's
+(``lora_up`` / ``lora_down`` / ``alpha``, ``networks.lora`` metadata) for ComfyUI's stock LoRA
+loader, kohya's sd-scripts and other tools, or PEFT's factor names (``lora_B`` / ``lora_A``, no
+alpha: scale 1, the convention diffusers and PEFT read) under diffusers module names: the export
+beside ``write_trilora``. Which names the layers get is key_map's business."""
 
 from __future__ import annotations
 
@@ -16,23 +18,35 @@ from .fileformat import HASH_KEY
 from .formatting import format_number
 from .layer import TriLoRALayer
 from .safetensors_io import atomic_write_bytes, data_hash, serialize
-from .suffixes import ALPHA_PART, LORA_NAMINGS
+from .suffixes import ALPHA_PART, LORA_NAMINGS, LoraNaming
 
-_KOHYA = LORA_NAMINGS[0]  # .lora_up.weight / .lora_down.weight
+KOHYA = LORA_NAMINGS[0]  # .lora_up.weight / .lora_down.weight, with .alpha
+PEFT = LORA_NAMINGS[1]  # .lora_B.weight / .lora_A.weight, no alpha (scale 1)
 
 
-def lora_tensors(layers: Mapping[str, TriLoRALayer], dtype: torch.dtype) -> dict[str, Tensor]:
-    """kohya LoRA/LoCon tensors with the same delta W: sqrt(s) folded into each side (``dtype``),
-    alpha as a float32 scalar. Raises ValueError naming the first tensor ``dtype`` cannot hold."""
+def unit_scale(layer: TriLoRALayer) -> TriLoRALayer:
+    """The same delta with alpha = rank (scale 1), as a file without alpha keys means it."""
+    s = layer.s.detach().to(torch.float64) * (layer.alpha / layer.rank)
+    return TriLoRALayer(layer.u, s.to(layer.s.dtype), layer.vt, float(layer.rank))
+
+
+def lora_tensors(layers: Mapping[str, TriLoRALayer], dtype: torch.dtype,
+                 naming: LoraNaming = KOHYA) -> dict[str, Tensor]:
+    """LoRA/LoCon tensors with the same delta W: sqrt(s) folded into each side (``dtype``) under
+    ``naming``'s factor names; with KOHYA alpha as a float32 scalar, with PEFT none (alpha folded
+    into the factors). Raises ValueError naming the first tensor ``dtype`` cannot hold."""
     tensors = {}
     for prefix, layer in sorted(layers.items()):
+        if naming is PEFT:
+            layer = unit_scale(layer.to(dtype=torch.float32, device="cpu"))
         up, down, alpha = trilora_to_lora(layer.to(dtype=torch.float32, device="cpu"), fold="split")
-        for key, tensor in ((f"{prefix}{_KOHYA.up}", up), (f"{prefix}{_KOHYA.down}", down)):
+        for key, tensor in ((f"{prefix}{naming.up}", up), (f"{prefix}{naming.down}", down)):
             tensor = tensor.to(dtype).contiguous()
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{key} does not fit in {str(dtype).removeprefix('torch.')}; save it as fp32")
             tensors[key] = tensor
-        tensors[f"{prefix}.{ALPHA_PART}"] = torch.tensor(float(alpha), dtype=torch.float32)
+        if naming is not PEFT:
+            tensors[f"{prefix}.{ALPHA_PART}"] = torch.tensor(float(alpha), dtype=torch.float32)
     return tensors
 
 
@@ -66,11 +80,11 @@ def lora_metadata(layers: Mapping[str, TriLoRALayer], carried: Mapping[str, str]
 
 
 def lora_file_bytes(layers: Mapping[str, TriLoRALayer], metadata: Mapping[str, str],
-                    dtype: torch.dtype = torch.float32) -> bytes:
-    """The safetensors bytes of a kohya LoRA file: ``lora_tensors`` in ``dtype``, ``metadata`` as
-    given (e.g. from ``lora_metadata``) plus kohya's sshs_model_hash of the tensor data. Raises
-    ValueError as ``lora_tensors`` does, before anything is written."""
-    tensors = lora_tensors(layers, dtype)
+                    dtype: torch.dtype = torch.float32, naming: LoraNaming = KOHYA) -> bytes:
+    """The safetensors bytes of a LoRA file: ``lora_tensors`` in ``dtype`` and ``naming``,
+    ``metadata`` as given (e.g. from ``lora_metadata``) plus kohya's sshs_model_hash of the tensor
+    data. Raises ValueError as ``lora_tensors`` does, before anything is written."""
+    tensors = lora_tensors(layers, dtype, naming)
     meta = dict(metadata)
     meta[HASH_KEY] = data_hash(serialize(tensors, meta))
     return serialize(tensors, meta)

@@ -115,6 +115,13 @@ def rank_text(layers: dict[str, TriLoRALayer]) -> str:
     return f"rank {rank_range(layer.rank for layer in layers.values())}"
 
 
+def share_text(shares: dict[str, float]) -> str:
+    """'X% on average (least: Y% in P)' over layers whose share is defined: a caller leaves out
+    layers with nothing to share (an all-zero delta keeps 0 of 0, which is no 100%)."""
+    worst = min(shares, key=shares.get)
+    return f"{sum(shares.values()) / len(shares):.1%} on average (least: {shares[worst]:.1%} in {worst})"
+
+
 def alias_text(groups: list[list[str]], what: str = "saved as their sum") -> str:
     return "".join(f"; {' and '.join(g)} adapt one weight: {what}" for g in groups)
 

@@ -24,7 +24,16 @@ from ..schema import (
     prefix_input,
     trilora_output,
 )
-from .common import alias_text, carried_metadata, rank_text, read_source, save_tool_output, tool_args, tool_schema
+from .common import (
+    alias_text,
+    carried_metadata,
+    rank_text,
+    read_source,
+    save_tool_output,
+    share_text,
+    tool_args,
+    tool_schema,
+)
 
 MERGE_SLOTS = 4
 
@@ -58,13 +67,17 @@ class TriLoRAResize(OptionalLorasFileNode):
         label, source = read_source(node, trilora_name, trilora)
         layers = fold_aliases(source.layers)  # one weight, one cut: the optimal one for its whole delta
         cut = {p: truncate(layer, **truncation_limits(max_rank, energy)) for p, layer in layers.items()}
-        kept = {p: delta_energy(cut[p]) / e if (e := delta_energy(layer)) > 0 else 1.0 for p, layer in layers.items()}
+        energies = {p: delta_energy(layer) for p, layer in layers.items()}
+        kept = {p: delta_energy(cut[p]) / e for p, e in energies.items() if e > 0}
+        zero = len(energies) - len(kept)
+        energy_text = f"energy kept {share_text(kept)}" if kept else "no layer holds any energy"
+        if kept and zero:
+            energy_text += f", over the {len(kept)} layers that hold any; {zero} all-zero layers"
         metadata = {**carried_metadata(source.metadata),
                     **tool_args("resize", source=label, max_rank=max_rank, energy=energy)}
-        worst = min(kept, key=kept.get)
         return save_tool_output(location, cut, metadata, save_dtype, lambda name, written: (
             f"resized {label}: {len(cut)} layers, {rank_text(layers)} -> {rank_text(written.layers)}; "
-            f"energy kept {sum(kept.values()) / len(kept):.1%} on average (least: {kept[worst]:.1%} in {worst}); "
+            f"{energy_text}; "
             f"saved as {name}{alias_text(alias_groups(source.layers))}"))
 
 

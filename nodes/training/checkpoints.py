@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import comfy.lora
 import folder_paths
@@ -44,6 +44,7 @@ class StartState:
     loss_history: list | None = None
     optimizer_tensors: dict | None = None
     source: str | None = None
+    held: dict = field(default_factory=dict)  # a resumed file's rank, alpha and targets, for the record
 
 
 def fresh(args: TrainArgs) -> bool:
@@ -68,7 +69,8 @@ def read_start(args: TrainArgs, targets: list[Target]) -> StartState:
         history = json.loads(meta.get(LOSS_KEY, "[]"))
     except ValueError:
         history = []
-    state = StartState(dict(adapter.layers), step, history if isinstance(history, list) else [], source=path)
+    state = StartState(dict(adapter.layers), step, history if isinstance(history, list) else [], source=path,
+                       held=held_arguments(adapter))
     try:
         found = read_optimizer_file(path, state.layers)
         if found is not None:
@@ -78,6 +80,20 @@ def read_start(args: TrainArgs, targets: list[Target]) -> StartState:
     except Exception as err:  # a broken side-file only costs the optimizer state
         log.warning("TriLoRA: optimizer state %s not used: %s", optimizer_file_path(path), err)
     return state
+
+
+def held_arguments(adapter: TriLoRAFile) -> dict:
+    """What a resumed file fixes whatever the inputs say: its rank and alpha (the largest rank and
+    that layer's alpha, as ss_network_dim / ss_network_alpha) and which layers it adapts (the
+    target_layers of its own record, or "existing_lora" for a file without one)."""
+    layers = adapter.layers
+    rank = max(layer.rank for layer in layers.values())
+    alpha = next(layers[p].alpha for p in sorted(layers) if layers[p].rank == rank)
+    try:
+        targets = json.loads(adapter.metadata.get(TRAINING_ARGS_KEY, "{}")).get("target_layers")
+    except (ValueError, AttributeError):
+        targets = None
+    return {"rank": rank, "alpha": alpha, "target_layers": targets if isinstance(targets, str) else "existing_lora"}
 
 
 def resume_start(args: TrainArgs, model_patcher) -> tuple[list[Target], StartState]:
@@ -109,7 +125,7 @@ def run_metadata(args: TrainArgs, start: StartState, losses: list[float], num_im
     """The file's metadata after ``steps_done`` steps: the arguments (JSON), step count, loss
     history, kohya's ss_* training fields, and the base model's metadata."""
     history = list(start.loss_history or []) + [float(f"{v:.6g}") for v in losses[: steps_done - start.step]]
-    record = asdict(args)
+    record = {**asdict(args), **start.held}
     record.update(num_images=num_images, resumed_from_step=start.step, total_steps=steps_done)
     meta = {
         TRAINING_ARGS_KEY: json.dumps(record, sort_keys=True),

@@ -3,8 +3,10 @@ ComfyUI's lists of IMAGE and STRING, square and of one size, ready for VAE Encod
 Encode in the training workflow."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -86,6 +88,33 @@ def test_fingerprint_changes_when_the_folder_changes(comfy_host, tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "two.png")
     assert cls.fingerprint_inputs(folder=str(tmp_path), size=64) != first
     assert cls.fingerprint_inputs(folder=str(tmp_path), size=128) != cls.fingerprint_inputs(folder=str(tmp_path), size=64)
+
+
+def test_a_caption_rewritten_in_place_with_its_old_size_and_time_is_seen(comfy_host, tmp_path):
+    """cp -p / rsync -t keep size and mtime: the fingerprint (the loaders' change check) still
+    changes, so the executor re-reads the folder instead of serving the old captions."""
+    cls = comfy_host.nodes.NODE_CLASS_MAPPINGS["TriLoRASampleImages"]
+    Image.new("RGB", (64, 64)).save(tmp_path / "one.png")
+    caption = tmp_path / "one.txt"
+    caption.write_text("a red square", encoding="utf-8")
+    first = cls.fingerprint_inputs(folder=str(tmp_path), size=64)
+    time.sleep(0.05)  # the user edits later; the file system's clock ticks in milliseconds
+    stat = caption.stat()
+    with open(caption, "r+", encoding="utf-8") as f:  # in place: the same inode
+        f.write("a blue circle"[: len("a red square")])
+    os.utime(caption, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = caption.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    assert cls.fingerprint_inputs(folder=str(tmp_path), size=64) != first
+    assert run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=64)[1] == ["a blue circl"]
+
+    # A caption added beside an image, or removed, changes it too.
+    Image.new("RGB", (64, 64)).save(tmp_path / "two.png")
+    second = cls.fingerprint_inputs(folder=str(tmp_path), size=64)
+    (tmp_path / "two.txt").write_text("x", encoding="utf-8")
+    assert cls.fingerprint_inputs(folder=str(tmp_path), size=64) != second
+    (tmp_path / "two.txt").unlink()
+    assert cls.fingerprint_inputs(folder=str(tmp_path), size=64) == second
 
 
 def test_sample_images_encode_with_the_tiny_vae(comfy_host, tiny):

@@ -73,6 +73,21 @@ def test_never_overwrites(comfy_host):
     assert not [p for p in (comfy_host.loras / "race").iterdir() if not p.name.endswith(".safetensors")]
 
 
+ALLOWED = "anything but < > : \" \\ | ? * and control characters is, and '/' separates subfolders"
+# Names ComfyUI's own Save LoRA writes, and file systems take.
+LEGAL = ["my style (v2)", "char's style", "detail+light", "[wip] style", "styles (2024)/50% & more, #1 {a}", "стиль/風格"]
+
+
+@pytest.mark.parametrize("prefix", LEGAL)
+def test_saves_every_name_a_file_system_and_comfyui_accept(comfy_host, prefix):
+    name = run(comfy_host, "SaveTriLoRA", trilora=adapter(comfy_host), filename_prefix=prefix)[0]
+    assert name == f"{prefix}_00001_.safetensors"
+    assert name in comfy_host.folder_paths.get_filename_list("loras")
+    loader = comfy_host.nodes.NODE_CLASS_MAPPINGS["TriLoRALoader"]
+    assert loader.validate_inputs(trilora_name=name) is True  # the graph with this name queues
+    assert PREFIX in comfy_host.core.read_trilora(comfy_host.loras / name).layers
+
+
 @pytest.mark.parametrize(("prefix", "message"), [
     ("../x", "SaveTriLoRA: filename_prefix '../x' leaves the loras folder ('..' or '.' is not allowed); "
              "use a name such as 'trilora/my_style'"),
@@ -82,10 +97,21 @@ def test_never_overwrites(comfy_host):
                "folder, such as 'trilora/my_style'"),
     ("C:/x", "SaveTriLoRA: filename_prefix 'C:/x' is an absolute path; give a name relative to the loras "
              "folder, such as 'trilora/my_style'"),
-    ("a*b?", "SaveTriLoRA: filename_prefix 'a*b?' has characters that are not allowed in file names: '*', '?'; "
-             "use letters, digits, space, '_', '-', '.' and '/' for subfolders"),
-    ("a\\b", "SaveTriLoRA: filename_prefix 'a\\\\b' has characters that are not allowed in file names: '\\\\'; "
-             "use letters, digits, space, '_', '-', '.' and '/' for subfolders"),
+    ("a*b?", f"SaveTriLoRA: filename_prefix 'a*b?' has characters that are not allowed in file names: '*', '?'; "
+             f"{ALLOWED}"),
+    ("a\\b", f"SaveTriLoRA: filename_prefix 'a\\\\b' has characters that are not allowed in file names: '\\\\'; "
+             f"{ALLOWED}"),
+    ('x<y>:"z|', f"SaveTriLoRA: filename_prefix 'x<y>:\"z|' has characters that are not allowed in file names: "
+                 f"'\"', ':', '<', '>', '|'; {ALLOWED}"),
+    ("tab\there", f"SaveTriLoRA: filename_prefix 'tab\\there' has characters that are not allowed in file names: "
+                  f"'\\t'; {ALLOWED}"),
+    ("CON/x", "SaveTriLoRA: filename_prefix 'CON/x': 'CON' is a reserved device name on Windows (CON, PRN, AUX, NUL, "
+              "COM1-9, LPT1-9); choose another name"),
+    ("sub/lpt1.d/x", "SaveTriLoRA: filename_prefix 'sub/lpt1.d/x': 'lpt1.d' is a reserved device name on Windows (CON, "
+                     "PRN, AUX, NUL, COM1-9, LPT1-9); choose another name"),
+    ("wip./x", "SaveTriLoRA: filename_prefix 'wip./x': a folder name may not end with '.'"),
+    (".hidden", "SaveTriLoRA: filename_prefix '.hidden': a file or folder name may not start with '.' or start or "
+                "end with a space"),
     ("", "SaveTriLoRA: filename_prefix '' is empty; give a file name such as 'trilora/my_style'"),
     ("x/", "SaveTriLoRA: filename_prefix 'x/' has an empty folder name ('//' or a trailing '/')"),
 ])

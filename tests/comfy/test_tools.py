@@ -29,7 +29,7 @@ PACK_NAMES = {
 }
 TOOL_IDS = {
     "TriLoRAConvertLoRA": "Convert LoRA to TriLoRA",
-    "TriLoRAExportLoRA": "Export TriLoRA as LoRA (kohya)",
+    "TriLoRAExportLoRA": "Export TriLoRA as LoRA",
     "TriLoRAExtract": "Extract TriLoRA from Checkpoints",
     "TriLoRAResize": "Resize TriLoRA (Rank / Energy)",
     "TriLoRAMerge": "Merge TriLoRAs",
@@ -353,6 +353,34 @@ def test_resize_cuts_optimally_and_keeps_the_metadata(comfy_host, tiny):
     assert all(layer.rank == 1 for layer in by_energy.layers.values())  # s1 >= s2 holds >= half
 
 
+def test_resize_averages_the_energy_kept_over_layers_that_hold_any(comfy_host, tiny):
+    """An all-zero layer (s = 0, as a fresh adapter starts) keeps 0 of 0: it is counted apart,
+    not as 100% kept, so the average says what the cut did to the layers it cut."""
+    core = comfy_host.core
+    layers = random_layers(core, tiny, rank=4, seed=11)
+    zero = sorted(layers)[:2]
+    for prefix in zero:
+        layers[prefix] = core.TriLoRALayer(layers[prefix].u, torch.zeros(4), layers[prefix].vt, 2.0)
+    core.write_trilora(comfy_host.loras / "resize_zero.safetensors", layers, {})
+    _, _, info = run_node(comfy_host, "TriLoRAResize", trilora_name="resize_zero.safetensors",
+                          filename_prefix="resize/zero", max_rank=1, energy=1.0, save_dtype="fp32")
+    shares = {}
+    for prefix in sorted(set(layers) - set(zero)):
+        s = core.spectrum(layers[prefix]).double()
+        shares[prefix] = float(s[0] ** 2 / (s ** 2).sum())
+    worst = min(shares, key=shares.get)
+    assert max(shares.values()) < 0.99  # the cut drops energy in every non-zero layer
+    assert (f"energy kept {sum(shares.values()) / 3:.1%} on average (least: {shares[worst]:.1%} in {worst}), "
+            "over the 3 layers that hold any; 2 all-zero layers; ") in info
+
+    for prefix in set(layers) - set(zero):
+        layers[prefix] = core.TriLoRALayer(layers[prefix].u, torch.zeros(4), layers[prefix].vt, 2.0)
+    core.write_trilora(comfy_host.loras / "resize_allzero.safetensors", layers, {})
+    _, _, info = run_node(comfy_host, "TriLoRAResize", trilora_name="resize_allzero.safetensors",
+                          filename_prefix="resize/allzero", max_rank=1, energy=1.0, save_dtype="fp32")
+    assert "rank 4 -> rank 1; no layer holds any energy; saved as " in info
+
+
 def test_merge_is_exact_when_the_rank_allows_and_optimal_below(comfy_host, tiny):
     core = comfy_host.core
     a = write_trilora_file(comfy_host, tiny, "merge_a.safetensors", rank=4, seed=1)
@@ -519,7 +547,8 @@ def test_files_are_never_overwritten(comfy_host, tiny):
     ("/tmp/abs", "TriLoRAResize: filename_prefix '/tmp/abs' is an absolute path; give a name relative to the "
                  "loras folder, such as 'trilora/my_style'"),
     ("bad|name?", "TriLoRAResize: filename_prefix 'bad|name?' has characters that are not allowed in file names: "
-                  "'?', '|'; use letters, digits, space, '_', '-', '.' and '/' for subfolders"),
+                  "'?', '|'; anything but < > : \" \\ | ? * and control characters is, and '/' "
+                  "separates subfolders"),
 ])
 def test_unsafe_prefixes_are_refused_before_anything_is_written(comfy_host, tiny, prefix, message):
     write_trilora_file(comfy_host, tiny, "prefix_src.safetensors", rank=2)

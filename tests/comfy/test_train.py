@@ -458,3 +458,33 @@ def test_fast_settings_fit_faster_than_comfyui_trainloranode_and_the_defaults_le
     assert lora_loss[0] < base[0]  # the yardstick sees LoRA learn too
     assert fast_loss[0] <= lora_loss[0] and fast_loss[1] <= lora_loss[1]
     assert ours_loss[0] < base[0] and ours_loss[1] < base[1]
+
+
+def test_a_resumed_run_records_the_rank_alpha_and_layers_its_file_holds(comfy_host, data):
+    """Resuming ignores rank, alpha and target_layers (the file fixes them): the record says what
+    the file holds, not the ignored inputs."""
+    core = comfy_host.core
+    _, first, _, _ = train(comfy_host, data, steps=1, rank=2, alpha=3.0, target_layers="attention",
+                           checkpoint_every=1, checkpoint_prefix="held/run")
+    name = "held/" + next((comfy_host.loras / "held").glob("run_*_step000001.safetensors")).name
+    _, resumed, _, _ = train(comfy_host, data, steps=1, rank=8, alpha=8.0, target_layers="all linear+conv",
+                             existing_lora=name, checkpoint_prefix="held/again")
+    record = json.loads(resumed.metadata["trilora_training_args"])
+    assert (record["rank"], record["alpha"], record["target_layers"]) == (2, 3.0, "attention")
+    assert {layer.rank for layer in resumed.layers.values()} == {2} and resumed.layers.keys() == first.layers.keys()
+
+    # A file without a training record (another trainer's): its layers, named as such.
+    core.write_trilora(comfy_host.loras / "held" / "bare.safetensors", first.layers, {})
+    _, bare, _, _ = train(comfy_host, data, steps=1, rank=8, existing_lora="held/bare.safetensors",
+                          checkpoint_prefix="held/again")
+    record = json.loads(bare.metadata["trilora_training_args"])
+    assert (record["rank"], record["alpha"], record["target_layers"]) == (2, 3.0, "existing_lora")
+
+
+def test_checkpoints_take_the_names_save_trilora_takes(comfy_host, data):
+    """The trainer's checkpoint_prefix follows the one rule of every node that writes a file."""
+    train(comfy_host, data, steps=1, checkpoint_every=1, checkpoint_prefix="[wip] char's style (v2)/detail+light")
+    assert len(list((comfy_host.loras / "[wip] char's style (v2)").glob("detail+light_00001_step000001.*"))) == 2
+    with pytest.raises(ValueError) as err:
+        train(comfy_host, data, steps=1, checkpoint_prefix="NUL/run")
+    assert str(err.value).startswith("TrainTriLoRA: checkpoint_prefix 'NUL/run': 'NUL' is a reserved device name")

@@ -157,3 +157,52 @@ def test_a_layer_that_does_not_fit_its_weight_is_named() -> None:
     with pytest.raises(ValueError) as err:
         layers_by_weight({"p": random_layer(6, 4, (), 2, seed=1)}, {"p": ("w.weight", (0, 0, 6))}, {"w.weight": (12, 5)})
     assert str(err.value) == "p: layer shape [6, 4] does not fit the model's w.weight[12, 5] slice (0, 0, 6)"
+
+
+# --------------------------------------------------------------------------- other trainers' namings
+
+
+def test_diffusers_names_are_peft_module_names_whole_or_row_slices():
+    from trilora_core import diffusers_prefixes
+
+    key_map = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0": "diffusion_model.a.to_out.0.weight",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out": "diffusion_model.a.to_out.0.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out": "diffusion_model.a.to_out.0.weight",
+        # Flux: one fused qkv weight, three diffusers names on its rows; a function-mapped name is left out
+        "transformer.transformer_blocks.0.attn.to_v": ("diffusion_model.qkv.weight", (0, 8, 4)),
+        "transformer.transformer_blocks.0.attn.to_q": ("diffusion_model.qkv.weight", (0, 0, 4)),
+        "transformer.transformer_blocks.0.attn.to_k": ("diffusion_model.qkv.weight", (0, 4, 4)),
+        "transformer.norm_out.linear": ("diffusion_model.final.weight", None, lambda t: t),
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1": "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+    }
+    assert diffusers_prefixes(key_map) == {
+        "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight":
+            [("text_encoder.text_model.encoder.layers.0.mlp.fc1", None)],
+        "diffusion_model.a.to_out.0.weight": [("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0", None)],
+        "diffusion_model.qkv.weight": [("transformer.transformer_blocks.0.attn.to_q", (0, 0, 4)),
+                                       ("transformer.transformer_blocks.0.attn.to_k", (0, 4, 4)),
+                                       ("transformer.transformer_blocks.0.attn.to_v", (0, 8, 4))],
+    }
+
+
+def test_row_slices_stack_to_the_layer_exactly_and_must_cover_it():
+    from trilora_core import split_rows
+
+    layer = random_layer(12, 5, (), 3, seed=4)
+    parts = [("q", (0, 0, 4)), ("k", (0, 4, 4)), ("v", (0, 8, 4))]
+    split = split_rows(layer, parts, "qkv")
+    assert torch.equal(torch.cat([split[n].delta() for n in "qkv"]), layer.delta())
+    assert split_rows(layer, [("w", None)], "w") == {"w": layer}
+    with pytest.raises(ValueError, match=r"the diffusers names of qkv \(q, v\) do not cover its 12 rows"):
+        split_rows(layer, [parts[0], parts[2]], "qkv")
+
+
+def test_peft_factors_fold_alpha_into_scale_one():
+    from trilora_core import PEFT, lora_tensors
+
+    layer = random_layer(6, 5, (), 3, seed=5, alpha=1.5)
+    tensors = lora_tensors({"unet.x": layer}, torch.float32, PEFT)
+    assert sorted(tensors) == ["unet.x.lora_A.weight", "unet.x.lora_B.weight"]  # no alpha: scale 1
+    delta = tensors["unet.x.lora_B.weight"].double() @ tensors["unet.x.lora_A.weight"].double()
+    torch.testing.assert_close(delta, layer.delta().double(), rtol=1e-6, atol=1e-7)

@@ -2,6 +2,8 @@
 graph that loads a TriLoRA onto the tiny checkpoint and samples an image."""
 from __future__ import annotations
 
+import os
+
 import torch
 from conftest import TINY
 
@@ -62,3 +64,25 @@ def test_a_bad_file_fails_the_graph_clearly_and_the_server_keeps_serving(server)
     assert "e2e_broken.safetensors" in error["exception_message"]
     small_trilora(server.loras / "e2e_good.safetensors")
     assert server.run(generation_prompt("e2e_good.safetensors"))["status"]["status_str"] == "success"
+
+
+def test_a_caption_rewritten_between_two_queues_is_read_again(server, tmp_path):
+    """Queue, rewrite a caption in place keeping its size and mtime (cp -p, rsync -t), queue the
+    same graph again: the executor runs Load Training Images again instead of serving its cache."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "one.png")
+    caption = tmp_path / "one.txt"
+    caption.write_text("trlstyle, a red square", encoding="utf-8")
+    prompt = {"1": {"class_type": "TriLoRASampleImages", "inputs": {"folder": str(tmp_path), "size": 64}},
+              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}}}
+    first = server.run(prompt)
+    assert first["status"]["status_str"] == "success", first["status"]
+    assert first["outputs"]["2"]["text"] == ["trlstyle, a red square"]
+    stat = caption.stat()
+    with open(caption, "r+", encoding="utf-8") as f:
+        f.write("trlstyle, a tan circle")
+    os.utime(caption, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (caption.stat().st_size, caption.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    second = server.run(prompt)
+    assert second["outputs"]["2"]["text"] == ["trlstyle, a tan circle"]
