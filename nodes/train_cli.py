@@ -38,7 +38,7 @@ from .training import (
     split_latents,
     train,
 )
-from .training.distributed import STOP, DataParallelTrainer, RankFailedError, RanksLostError, StopRequested, world
+from .training.distributed import STOP, DataParallel, RankFailedError, RanksLostError, StopRequested, world
 
 try:
     import tomllib
@@ -302,13 +302,14 @@ def run(values: dict) -> str:
         log.warning("TriLoRA: the global batch (%d) is larger than the %d images; each step takes all of them",
                     args.batch_size, len(images))
     with torch.inference_mode(False), torch.enable_grad():
-        trainer = train(args, model, images, entries, image_conds, trainer_class=DataParallelTrainer)
+        parallel = DataParallel()
+        trainer = train(args, model, images, entries, image_conds, parallel=parallel)
         trilora = TriLoRAFile(trainer.layers(), trainer.metadata(trainer.total))
     if rank != 0:
         return ""
     STOP.ending = True  # a stop signal now would only lose the finished file
     name = SaveTriLoRA.execute(trilora, values["filename_prefix"]).result[0]
-    ends = trainer.step_ends
+    ends = parallel.step_ends
     if len(ends) > 1:  # the first step's allocations and warm-up left out
         (wall0, cpu0), (wall1, cpu1) = ends[0], ends[-1]
         per_second = (len(ends) - 1) / (wall1 - wall0)

@@ -130,11 +130,13 @@ class ForwardBatches:
                                  for k, c in first["model_conds"].items()}
         return [merged]
 
-    def groups(self, batch: list[int]) -> list[tuple[list[int], list]]:
-        """[(positions in ``batch``, cond entries)] per forward pass: images of one shape together
-        when their conditionings can be concatenated, else one pass each."""
+    def groups(self, batch: list[int], share: list[int] | None = None) -> list[tuple[list[int], list]]:
+        """[(positions in ``batch``, cond entries)] per forward pass of the positions ``share`` (this
+        process's part of the batch; all by default): images of one shape together when their
+        conditionings can be concatenated, else one pass each."""
         by_shape: dict[tuple, list[int]] = {}
-        for pos, image in enumerate(batch):
+        for pos in range(len(batch)) if share is None else share:
+            image = batch[pos]
             by_shape.setdefault(tuple(self.images[image].shape), []).append(pos)
         groups = []
         for positions in by_shape.values():

@@ -22,8 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .endings import TrainingDivergedError, TrainingOutOfMemoryError, is_out_of_memory
-from .trainer import TriLoRATrainer
+from .failures import TrainingDivergedError, TrainingOutOfMemoryError, is_out_of_memory
+from .parallel import OneProcess
 
 OK, DIVERGED, OUT_OF_MEMORY, FAILED = range(4)
 
@@ -75,37 +75,38 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-class DataParallelTrainer(TriLoRATrainer):
-    """TriLoRATrainer for one rank of a torch.distributed group. ``args.batch_size`` is the global
-    batch (per-rank batch x ranks): the one-process run with that batch is the same run."""
+class DataParallel(OneProcess):
+    """How one rank of a torch.distributed group shares a run (parallel.py's hooks).
+    ``args.batch_size`` is the global batch (per-rank batch x ranks): the one-process run with that
+    batch is the same run."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.rank, self.world_size = world()
-        self.comm_device = self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
-        self.step = self.done = self.start.step  # the step under way; updates completed
+        self.writes_files = self.rank == 0
         self.told = False  # this run's failure went through an all-reduce
         self.step_ends: list[tuple[float, float]] = []  # (wall, this process's CPU) time after each step
+        self.run = None
+
+    def start(self, run) -> None:
+        self.run = run
+        self.comm_device = run.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
         if self.world_size > 1:  # as DDP does: every rank starts from rank 0's factors
-            flat = torch.cat([p.detach().reshape(-1) for p in self.params]).to(self.comm_device)
+            flat = torch.cat([p.detach().reshape(-1) for p in run.params]).to(self.comm_device)
             dist.broadcast(flat, src=0)
             with torch.no_grad():
-                for param, value in zip(self.params, self._split(flat), strict=True):
+                for param, value in zip(run.params, self._split(flat), strict=True):
                     param.copy_(value)
-                torch._foreach_copy_(self.good, [p.detach() for p in self.params])
+            run.last_good.take(run.start.step)
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """A flat buffer cut back into tensors shaped like the factors, on their device."""
-        chunks = flat.to(self.device).split([p.numel() for p in self.params])
-        return [chunk.view_as(p) for chunk, p in zip(chunks, self.params, strict=True)]
+        params = self.run.params
+        chunks = flat.to(self.run.device).split([p.numel() for p in params])
+        return [chunk.view_as(p) for chunk, p in zip(chunks, params, strict=True)]
 
-    # ---- this rank's share of each batch
-
-    def _forward_groups(self, batch):
-        # Position p of the global batch is rank p * ranks // len(batch)'s: contiguous, even shares.
-        mine = [p for p in range(len(batch)) if p * self.world_size // len(batch) == self.rank]
-        groups = super()._forward_groups([batch[p] for p in mine])
-        return [([mine[q] for q in positions], conds) for positions, conds in groups]
+    def share(self, size: int) -> list[int]:
+        # Position p of the global batch is rank p * ranks // size's: contiguous, even shares.
+        return [p for p in range(size) if p * self.world_size // size == self.rank]
 
     # ---- the one all-reduce per step
 
@@ -115,8 +116,9 @@ class DataParallelTrainer(TriLoRATrainer):
         the gradients are summed in place when ``with_grads`` and every rank is OK."""
         if self.world_size == 1:
             return [code], [loss], [message]
+        params = self.run.params
         grads = [p.grad.detach().reshape(-1) if with_grads and p.grad is not None
-                 else torch.zeros(p.numel(), device=p.device, dtype=p.dtype) for p in self.params]
+                 else torch.zeros(p.numel(), device=p.device, dtype=p.dtype) for p in params]
         status = torch.zeros(2 * self.world_size, dtype=torch.float32)
         status[self.rank], status[self.world_size + self.rank] = code, loss
         flat = torch.cat([*grads, status.to(grads[0].device)]).to(self.comm_device)
@@ -136,11 +138,11 @@ class DataParallelTrainer(TriLoRATrainer):
             except RuntimeError:
                 messages = [""] * self.world_size
         elif with_grads:
-            for param, grad in zip(self.params, self._split(flat[: -2 * self.world_size]), strict=True):
+            for param, grad in zip(params, self._split(flat[: -2 * self.world_size]), strict=True):
                 param.grad = grad
         return codes, losses, messages
 
-    def _all_reduce(self, loss: float) -> float:
+    def all_reduce(self, loss: float) -> float:
         codes, losses, messages = self._exchange(OK, loss, with_grads=True)
         self._raise_for_peers(codes, messages)
         return float(sum(losses))
@@ -150,7 +152,7 @@ class DataParallelTrainer(TriLoRATrainer):
         not finite or out of memory (rank 0 saves there), RankFailedError for anything else."""
         for peer, code in enumerate(codes):
             if code == DIVERGED:
-                self._diverged(self.step + 1, f"the loss on rank {peer} is not finite")
+                self.run.failures.diverged(self.run.step + 1, f"the loss on rank {peer} is not finite")
             if code == OUT_OF_MEMORY:
                 raise torch.OutOfMemoryError(f"on rank {peer}: {messages[peer] or 'out of memory'}")
             if code == FAILED:
@@ -158,27 +160,20 @@ class DataParallelTrainer(TriLoRATrainer):
 
     # ---- the loop and its endings
 
-    def _step(self, model_wrap, extra_args, step: int) -> float:
-        self.step = step
-        loss = super()._step(model_wrap, extra_args, step)
-        self.done = step + 1
+    def step_done(self, step: int) -> None:
         self.step_ends.append((time.perf_counter(), time.process_time()))
-        return loss
 
-    def _loop(self, model_wrap, extra_args) -> None:
-        try:
-            super()._loop(model_wrap, extra_args)
-            codes, _, messages = self._exchange(OK)  # every rank finished: only then is the file written
-            self._raise_for_peers(codes, messages)
-        except BaseException as err:
-            self._end(err)
+    def finish(self) -> None:
+        codes, _, messages = self._exchange(OK)  # every rank finished: only then is the file written
+        self._raise_for_peers(codes, messages)
 
-    def _end(self, err: BaseException):
+    def failed(self, err: BaseException):
         STOP.ending = True
+        run = self.run
         if not self.told and not isinstance(err, RanksLostError):
             code = (DIVERGED if isinstance(err, TrainingDivergedError)
                     else OUT_OF_MEMORY if is_out_of_memory(err) else FAILED)
-            said = f"out of memory on {self.device}" if code == OUT_OF_MEMORY else _first_line(err)
+            said = f"out of memory on {run.device}" if code == OUT_OF_MEMORY else _first_line(err)
             try:
                 self._exchange(code, message=said)
             except RanksLostError:
@@ -197,9 +192,9 @@ class DataParallelTrainer(TriLoRATrainer):
             what = f"stopped by an error: {_first_line(err)}"
         # As after running out of memory: the factors after `done` updates, or the snapshot taken
         # just before an update that may be half done.
-        in_update = self.good_step == self.done
-        message = f"TrainTriLoRA: {what}, at step {self.done + 1} of {self.total}. " + self._keep_last_good(
-            self.done, from_snapshot=in_update, with_optimizer=not in_update,
+        in_update = run.last_good.step == run.done
+        message = f"TrainTriLoRA: {what}, at step {run.done + 1} of {run.total}. " + run.failures.keep_last_good(
+            run.done, from_snapshot=in_update, with_optimizer=not in_update,
             saved="The adapter after step {step} was saved to {path}; choose it as existing_lora to go on "
                   "from there.")
         failure = RankFailedError(message)
@@ -208,18 +203,10 @@ class DataParallelTrainer(TriLoRATrainer):
 
     # ---- files: rank 0 only
 
-    def _keep_last_good(self, *args, **kwargs) -> str:
+    def saving(self) -> None:
         STOP.ending = True  # a stop signal now would only cost the save
-        return super()._keep_last_good(*args, **kwargs)
 
-    def write_checkpoint(self, steps_done: int, suffix: str = "", with_optimizer: bool = True) -> str:
-        if self.rank != 0:
-            return "(rank 0's folder)"
-        return super().write_checkpoint(steps_done, suffix, with_optimizer)
-
-    def metadata(self, steps_done: int) -> dict[str, str]:
-        meta = super().metadata(steps_done)
+    def metadata(self, args) -> dict[str, str]:
         # kohya's names: the batch of one device, and the images per update over all of them.
-        meta["ss_batch_size_per_device"] = str(self.args.batch_size // self.world_size)
-        meta["ss_total_batch_size"] = str(self.args.batch_size * self.args.grad_accumulation_steps)
-        return meta
+        return {"ss_batch_size_per_device": str(args.batch_size // self.world_size),
+                "ss_total_batch_size": str(args.batch_size * args.grad_accumulation_steps)}

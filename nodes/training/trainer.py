@@ -6,7 +6,7 @@ target layers (or resumes a file) and loads the model; the guider prepares the c
 calls TrainSampler, which calls ``TriLoRATrainer.run``: attach the adapters (targets.py), loop
 over steps (each step: learning rate, micro-steps of forward and backward, all-reduce, penalty,
 finiteness check, snapshot, optimizer update), write checkpoints, and detach everything in
-``finally``. A loss that stops being finite or a step out of memory ends the run (endings.py).
+``finally``. A loss that stops being finite or a step out of memory ends the run (failures.py).
 
 The loss is taken in the model's own prediction space (epsilon, v, flow velocity ...): the
 denoised error divided by the output's coefficient in model_sampling.calculate_denoised, so one
@@ -45,8 +45,9 @@ from . import family
 from .batches import ForwardBatches, clone_tree
 from .checkpoints import StartState, fresh, read_start, resume_start, run_metadata, write_checkpoint
 from .config import NODE, TRAINING_DTYPES, TrainArgs
-from .endings import RunEndings, is_out_of_memory
+from .failures import LastGood, RunFailures, is_out_of_memory, memory_hints
 from .family import FamilySettings
+from .parallel import OneProcess
 from .targets import attach, find_targets
 
 try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
@@ -69,12 +70,14 @@ def low_vram_settings(base, settings: FamilySettings) -> FamilySettings:
     return dataclasses.replace(settings, checkpointing=True)
 
 
-class TriLoRATrainer(RunEndings):
-    """One training run; `run` is called by the sampler inside ComfyUI's guider."""
+class TriLoRATrainer:
+    """One training run; `run` is called by the sampler inside ComfyUI's guider. ``parallel``: how
+    the run shares its work between processes (parallel.py; alone by default)."""
 
     def __init__(self, args: TrainArgs, model_patcher, targets, start: StartState, images, image_conds,
-                 base_meta: dict, settings: FamilySettings):
+                 base_meta: dict, settings: FamilySettings, parallel: OneProcess | None = None):
         self.args, self.mp, self.targets, self.start = args, model_patcher, targets, start
+        self.parallel = parallel or OneProcess()
         self.images, self.image_conds = images, image_conds
         self.processed: list = []  # the guider's processed cond entries, in input order
         self.batches = ForwardBatches(images, image_conds, args.seed)
@@ -90,16 +93,12 @@ class TriLoRATrainer(RunEndings):
         self.adapters = make_adapters(targets, start.layers, self.device)
         self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets, start.optimizer_tensors)
         self.params = [p for g in self.groups for p in g["params"]]
-        self.good = [p.detach().clone() for p in self.params]
-        self.good_step = start.step
+        self.step = self.done = start.step  # the step under way; the updates completed
         self.schedule = lr_lambda(args.lr_schedule, self.total, args.warmup_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-
-
-    # ---- data
-
-    def _forward_groups(self, batch: list[int]):
-        return self.batches.groups(batch)
+        self.last_good = LastGood(self.params, start.step)
+        self.failures = run_failures(self)
+        self.parallel.start(self)
 
     # ---- one micro-step: forward and backward, returns the loss as a float
 
@@ -114,7 +113,7 @@ class TriLoRATrainer(RunEndings):
         sigmas = [float(ms.percent_to_sigma(1.0 - float(t))) for t in levels]
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         total = 0.0
-        for positions, conds in self._forward_groups(batch):
+        for positions, conds in self.batches.groups(batch, self.parallel.share(len(batch))):
             x0 = torch.cat([self.images[batch[p]] for p in positions])
             noise = torch.cat([noises[p] for p in positions]).to(self.device)
             sigma = torch.tensor([sigmas[p] for p in positions], device=self.device, dtype=torch.float32)
@@ -144,6 +143,9 @@ class TriLoRATrainer(RunEndings):
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
             self._loop(model_wrap, extra_args)
+            self.parallel.finish()
+        except BaseException as err:  # a cancel too: data-parallel ranks must learn of it
+            self.parallel.failed(err)
         finally:
             att.detach()
             model_wrap.conds["positive"] = self.processed
@@ -164,21 +166,22 @@ class TriLoRATrainer(RunEndings):
                     raise
                 oom = str(err).splitlines()[0] if str(err) else type(err).__name__
             if oom is not None:  # handled out here, where the failed step's tensors are already freed
-                self._out_of_memory(step + 1, oom)
+                self.failures.out_of_memory(step + 1, oom)
             self.losses.append(loss)
             if k == 0:
-                self._warn_unused()
+                warn_unused(self.adapters)
             console.set_postfix({"loss": f"{loss:.4f}"})
             pbar.update_absolute(k + 1, args.steps)
             text(f"step {step + 1}/{self.total}  loss {loss:.4f}")
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 self.checkpoints.append(self.write_checkpoint(step + 1))
         if not all_finite(self.params):
-            self._diverged(self.total, "the adapter's factors are not finite after the last update")
+            self.failures.diverged(self.total, "the adapter's factors are not finite after the last update")
 
     def _step(self, model_wrap, extra_args, step: int) -> float:
         """One optimizer update; returns its loss."""
         args = self.args
+        self.step = step
         factor = self.schedule(step)
         for group in self.groups:
             group["lr"] = group["base_lr"] * factor
@@ -187,35 +190,23 @@ class TriLoRATrainer(RunEndings):
             comfy.model_management.throw_exception_if_processing_interrupted()
             micro_loss = self._micro(model_wrap, extra_args, step, micro)
             if not math.isfinite(micro_loss):
-                self._diverged(step + 1, f"the loss is not finite ({micro_loss})")
+                self.failures.diverged(step + 1, f"the loss is not finite ({micro_loss})")
             loss += micro_loss / args.grad_accumulation_steps
-        loss = self._all_reduce(loss)
+        loss = self.parallel.all_reduce(loss)
         if args.orthogonality_penalty > 0:
             penalty = torch.stack([orthogonality_penalty(a.trilora_u, a.trilora_vt)
                                    for a in self.adapters.values()]).mean()
             self.scaler.scale(penalty * args.orthogonality_penalty).backward()
         self.scaler.unscale_(self.optimizer)
         if self.dtype != torch.float16 and not all_finite(p.grad for p in self.params):
-            self._diverged(step + 1, "the gradients are not finite")
-        with torch.no_grad():  # the factors that gave this finite loss: the last good adapter
-            torch._foreach_copy_(self.good, [p.detach() for p in self.params])
-            self.good_step = step
+            self.failures.diverged(step + 1, "the gradients are not finite")
+        self.last_good.take(step)  # the factors that gave this finite loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.done = step + 1
+        self.parallel.step_done(step)
         return loss
-
-    def _all_reduce(self, loss: float) -> float:
-        """Called after a step's backward passes, before the update: data-parallel training
-        (distributed.py) sums the gradients and losses of all ranks here. Alone: as is."""
-        return loss
-
-    def _warn_unused(self) -> None:
-        # A model that calls F.linear on a layer's weight directly skips the layer's hooks.
-        unused = sorted(p for p, a in self.adapters.items() if a.calls == 0)
-        if unused:
-            log.warning("TriLoRA: %d adapted layers never ran in the forward pass and will not learn "
-                        "(first: %s)", len(unused), unused[0])
 
     # ---- results
 
@@ -224,12 +215,30 @@ class TriLoRATrainer(RunEndings):
         return {prefix: adapter_layer(adapter, canonical) for prefix, adapter in self.adapters.items()}
 
     def metadata(self, steps_done: int) -> dict[str, str]:
-        return run_metadata(self.args, self.start, self.losses, len(self.images), self.base_meta, steps_done)
+        meta = run_metadata(self.args, self.start, self.losses, len(self.images), self.base_meta, steps_done)
+        return {**meta, **self.parallel.metadata(self.args)}
 
     def write_checkpoint(self, steps_done: int, suffix: str = "", with_optimizer: bool = True) -> str:
+        if not self.parallel.writes_files:
+            return "(rank 0's folder)"
         adapter = TriLoRAFile(self.layers(), self.metadata(steps_done))
         return write_checkpoint(self.args, adapter, steps_done, suffix, self.optimizer if with_optimizer else None)
 
+
+def run_failures(run: TriLoRATrainer) -> RunFailures:
+    """The run's endings, given what they read: its last good factors, optimizer, checkpoint
+    writer, settings and where it started."""
+    return RunFailures(run.last_good, run.optimizer, run.write_checkpoint, run.args.learning_rate, run.dtype,
+                       run.device, run.total, run.start.step, run.start.source, before_save=run.parallel.saving,
+                       memory_hints=lambda: memory_hints(run.batch, run.settings.checkpointing, run.dtype))
+
+
+def warn_unused(adapters: dict) -> None:
+    # A model that calls F.linear on a layer's weight directly skips the layer's hooks.
+    unused = sorted(p for p, a in adapters.items() if a.calls == 0)
+    if unused:
+        log.warning("TriLoRA: %d adapted layers never ran in the forward pass and will not learn "
+                    "(first: %s)", len(unused), unused[0])
 
 
 def make_adapters(targets, layers: dict[str, TriLoRALayer], device) -> dict[str, TriLoRATrainDiff]:
@@ -300,10 +309,10 @@ class TrainSampler(comfy.samplers.Sampler):
 
 
 
-def train(args: TrainArgs, model, images, entries, image_conds,
-          trainer_class: type[TriLoRATrainer] = TriLoRATrainer, select_targets=find_targets) -> TriLoRATrainer:
+def train(args: TrainArgs, model, images, entries, image_conds, parallel: OneProcess | None = None,
+          select_targets=find_targets) -> TriLoRATrainer:
     """Trains on a clone of ``model``; returns the finished trainer (factors, losses).
-    ``trainer_class``: a TriLoRATrainer subclass, e.g. the data-parallel one of the CLI;
+    ``parallel``: how the run is shared between processes (the CLI's DataParallel; alone by default);
     ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts."""
     mp = model.clone()
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
@@ -318,7 +327,8 @@ def train(args: TrainArgs, model, images, entries, image_conds,
         start = read_start(args, targets)
     else:
         targets, start = resume_start(args, mp)
-    trainer = trainer_class(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings)
+    trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings,
+                             parallel)
     comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     guider = Guider_Basic(mp)
     guider.set_conds(entries)
