@@ -32,6 +32,7 @@ from .key_map import (
 )
 from .kohya import lora_file_bytes, lora_metadata, lora_tensors, write_lora
 from .layer import TriLoRALayer
+from .loss_weighting import LOSS_WEIGHTINGS, noise_level_weights
 from .merge import alias_groups, fold_aliases, merge_files, merge_layers
 from .optimizer import (
     OPTIMIZERS,
@@ -64,6 +65,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GROUPS",
     "LOSS_FUNCTIONS",
+    "LOSS_WEIGHTINGS",
     "MAX_ALPHA",
     "OPTIMIZERS",
     "SCHEDULES",
@@ -108,6 +110,7 @@ __all__ = [
     "make_optimizer",
     "merge_files",
     "merge_layers",
+    "noise_level_weights",
     "optimizer_file_path",
     "orthogonality_penalty",
     "param_groups",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from comfy_api.latest import io
 
-from ...trilora_core import LOSS_FUNCTIONS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
+from ...trilora_core import LOSS_FUNCTIONS, LOSS_WEIGHTINGS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
 from ..family_training import AUTO, DEFAULT_GUIDANCE
 from ..loras_folder import NONE_FILE, file_choice, prefix_location
 
@@ -152,6 +152,14 @@ class TrainArgs:
                               "dev, HunyuanVideo) during training; 1.0 as kohya and musubi-tuner train Flux. A "
                               "FluxGuidance node on a caption overrides it for that caption. Other models ignore "
                               "it.", zero_or_more, min=0.0, max=100.0, step=0.1)
+    # Loss weighting over noise levels (trilora_core/loss_weighting.py), after all older inputs.
+    loss_weighting: str = _choices(
+        "none", LOSS_WEIGHTINGS, "How much each noise level's error counts. none: the plain loss on the model's "
+        "own prediction (kohya's default). min_snr: min-SNR-gamma weighting (kohya's --min_snr_gamma), less weight "
+        "on the least noisy levels. x0: the denoised image's error (TrainLoraNode's loss), most weight on the "
+        "noisiest levels, where composition is set.")
+    min_snr_gamma: float = setting(5.0, io.Float, "gamma of loss_weighting = min_snr (5 in the paper and kohya's "
+                                   "docs); other weightings ignore it.", positive, min=0.1, max=100.0, step=0.1)
 
     @classmethod
     def schema_inputs(cls) -> list:

@@ -34,6 +34,7 @@ from ...trilora_core import (
     loss_function,
     lr_lambda,
     make_optimizer,
+    noise_level_weights,
     orthogonality_penalty,
     param_groups,
     sample_indices,
@@ -126,11 +127,23 @@ class TriLoRATrainer(RunEndings):
             # The model's output enters calculate_denoised linearly: its coefficient turns the
             # denoised error back into the error of the model's own prediction (eps, v, flow...).
             coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-            loss = self.loss_fn((denoised.float() - target) / coeff)
+            err = (denoised.float() - target) / coeff
+            loss = self._weighted_loss(ms, sigma, coeff, err)
             weight = len(positions) / len(batch)
             self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
             total += float(loss.detach()) * weight
         return total
+
+    def _weighted_loss(self, ms, sigma, coeff, err):
+        """The loss of a group's own-space errors [n, ...], each sample weighted by its noise
+        level (loss_weighting; trilora_core/loss_weighting.py); 'none' is the plain loss."""
+        if self.args.loss_weighting == "none":
+            return self.loss_fn(err)
+        one, zero = torch.ones_like(sigma), torch.zeros_like(sigma)
+        weights = noise_level_weights(self.args.loss_weighting, ms.noise_scaling(sigma, zero, one, False),
+                                      ms.noise_scaling(sigma, one, zero, False),
+                                      coeff.flatten(1)[:, 0], self.args.min_snr_gamma).to(err.device)
+        return torch.stack([self.loss_fn(e) for e in err]).mul(weights).mean()
 
     # ---- the loop
 
