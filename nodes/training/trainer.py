@@ -60,6 +60,18 @@ except ImportError:  # pragma: no cover - depends on the ComfyUI version
 log = logging.getLogger("comfyui-trilora")
 
 
+def weighted_loss(loss_fn, args: TrainArgs, ms, sigma, coeff, err):
+    """The loss of a forward group's own-space errors [n, ...], each sample weighted by its noise
+    level (args.loss_weighting; trilora_core/loss_weighting.py); 'none' is the plain loss."""
+    if args.loss_weighting == "none":
+        return loss_fn(err)
+    one, zero = torch.ones_like(sigma), torch.zeros_like(sigma)
+    weights = noise_level_weights(args.loss_weighting, ms.noise_scaling(sigma, zero, one, False),
+                                  ms.noise_scaling(sigma, one, zero, False), coeff.flatten(1)[:, 0],
+                                  args.min_snr_gamma).to(err.device)
+    return torch.stack([loss_fn(e) for e in err]).mul(weights).mean()
+
+
 def low_vram_settings(base, settings: FamilySettings) -> FamilySettings:
     """Checkpointing on where ComfyUI offloaded part of the model (low VRAM): each offloaded weight
     is cast to the device per forward, and without checkpointing every such copy is kept for the
@@ -127,23 +139,11 @@ class TriLoRATrainer(RunEndings):
             # The model's output enters calculate_denoised linearly: its coefficient turns the
             # denoised error back into the error of the model's own prediction (eps, v, flow...).
             coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-            err = (denoised.float() - target) / coeff
-            loss = self._weighted_loss(ms, sigma, coeff, err)
+            loss = weighted_loss(self.loss_fn, self.args, ms, sigma, coeff, (denoised.float() - target) / coeff)
             weight = len(positions) / len(batch)
             self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
             total += float(loss.detach()) * weight
         return total
-
-    def _weighted_loss(self, ms, sigma, coeff, err):
-        """The loss of a group's own-space errors [n, ...], each sample weighted by its noise
-        level (loss_weighting; trilora_core/loss_weighting.py); 'none' is the plain loss."""
-        if self.args.loss_weighting == "none":
-            return self.loss_fn(err)
-        one, zero = torch.ones_like(sigma), torch.zeros_like(sigma)
-        weights = noise_level_weights(self.args.loss_weighting, ms.noise_scaling(sigma, zero, one, False),
-                                      ms.noise_scaling(sigma, one, zero, False),
-                                      coeff.flatten(1)[:, 0], self.args.min_snr_gamma).to(err.device)
-        return torch.stack([self.loss_fn(e) for e in err]).mul(weights).mean()
 
     # ---- the loop
 
