@@ -131,7 +131,7 @@ def _pattern(kind: str, gen, side: int, torch):  # noqa: C901 - one branch per c
         p = torch.cos(a) * x + torch.sin(a) * y
     elif kind == "stripes_v":
         p = torch.sign(torch.sin(2 * math.pi * x + phase))
-    elif kind == "rings":  # b64's style: the base never sees it
+    elif kind == "rings":  # a style: no base class is drawn like it
         p = torch.cos(5 * math.pi * torch.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2) + phase)
     elif kind == "waves":
         p = torch.sin(3 * math.pi * x + 1.5 * torch.sin(2 * math.pi * y + phase))
@@ -147,7 +147,7 @@ def _pattern(kind: str, gen, side: int, torch):  # noqa: C901 - one branch per c
     elif kind == "smooth":
         p = torch.nn.functional.interpolate(torch.randn(1, 1, 3, 3, generator=gen), size=(side, side),
                                             mode="bicubic", align_corners=True)[0, 0]
-    elif kind == "spiral":  # b32's style: the base never sees it
+    elif kind == "spiral":  # a style: no base class is drawn like it
         theta = torch.atan2(y - c[1], x - c[0])
         p = torch.cos(3 * theta + 6 * math.pi * torch.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2) + phase)
     else:
