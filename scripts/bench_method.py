@@ -626,8 +626,8 @@ class RunCache:
     settings), so an experiment with --ours costs only its own runs. Merged on write: experiments
     may run side by side."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, wait: bool = False):
+        self.path, self.enabled, self.wait = path, enabled, wait
 
     def get(self, key: str):
         if not self.enabled or not self.path.exists():
@@ -646,6 +646,9 @@ def run_side(host, run, model, data, probe, cfg, overrides, cache: RunCache, tar
         return train_run(host, run, model, data, probe, cfg, overrides)
     key = run_key(run, cfg, target)
     found = cache.get(key)
+    while found is None and cache.wait:  # another run of the bench computes it
+        time.sleep(10)
+        found = cache.get(key)
     if found is not None:
         return {**found, "cached": True}
     result = train_run(host, run, model, data, probe, cfg, overrides)
@@ -701,6 +704,8 @@ def options(argv):
     parser.add_argument("--ours", default="", help="TrainTriLoRA inputs to override, e.g. loss_weighting=min_snr")
     parser.add_argument("--label", default="", help="a name for this run's result files")
     parser.add_argument("--fresh", action="store_true", help="re-run LoRA and TrainLoraNode even where cached")
+    parser.add_argument("--wait-cache", action="store_true",
+                        help="wait for another run to cache LoRA's and TrainLoraNode's runs instead of running them")
     parser.add_argument("--no-thread-check", action="store_true", help="skip the 2-thread rerun")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the figures are exact)")
     opts = parser.parse_args(argv)
@@ -736,7 +741,7 @@ def main(argv=None) -> int:
         state["base_models"][base] = {**spec, "pretrain": info, "start": probe.start,
                                       "drift_pictures": len(probe.sets["base"][0]) // len(LEVELS)}
         say(f"  {info}; {json.dumps({k: round(v, 4) for k, v in probe.start.items()})}")
-        cache = RunCache(out / f"runs-{key}.json", enabled=not opts.fresh and not opts.quick)
+        cache = RunCache(out / f"runs-{key}.json", enabled=not opts.fresh and not opts.quick, wait=opts.wait_cache)
         for rank in cfg["ranks"]:
             for seed in cfg["seeds"]:
                 plan = [("ours", lr) for lr in lr_ours] + [("lora", lr) for lr in cfg["lr_lora"]] + [("theirs", None)]
