@@ -154,10 +154,11 @@ class TrainArgs:
                               "it.", zero_or_more, min=0.0, max=100.0, step=0.1)
     # Loss weighting over noise levels (trilora_core/loss_weighting.py), after all older inputs.
     loss_weighting: str = _choices(
-        "none", LOSS_WEIGHTINGS, "How much each noise level's error counts. none: the plain loss on the model's "
+        AUTO, (AUTO, *LOSS_WEIGHTINGS), "How much each noise level's error counts. x0: the denoised image's error "
+        "(TrainLoraNode's loss), most weight on the noisiest levels, where composition is set; without it the "
+        "noisy steps got worse than the untrained model's (make bench-method). none: the plain loss on the model's "
         "own prediction (kohya's default). min_snr: min-SNR-gamma weighting (kohya's --min_snr_gamma), less weight "
-        "on the least noisy levels. x0: the denoised image's error (TrainLoraNode's loss), most weight on the "
-        "noisiest levels, where composition is set.")
+        "on the least noisy levels. auto: x0 for SD1.5/SDXL (eps and v models), none for flow models.")
     min_snr_gamma: float = setting(5.0, io.Float, "gamma of loss_weighting = min_snr (5 in the paper and kohya's "
                                    "docs); other weightings ignore it.", positive, min=0.1, max=100.0, step=0.1)
 

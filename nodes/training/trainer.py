@@ -60,15 +60,15 @@ except ImportError:  # pragma: no cover - depends on the ComfyUI version
 log = logging.getLogger("comfyui-trilora")
 
 
-def weighted_loss(loss_fn, args: TrainArgs, ms, sigma, coeff, err):
+def weighted_loss(loss_fn, kind: str, gamma: float, ms, sigma, coeff, err):
     """The loss of a forward group's own-space errors [n, ...], each sample weighted by its noise
-    level (args.loss_weighting; trilora_core/loss_weighting.py); 'none' is the plain loss."""
-    if args.loss_weighting == "none":
+    level (``kind``: the resolved loss_weighting; trilora_core/loss_weighting.py); 'none' is the plain loss."""
+    if kind == "none":
         return loss_fn(err)
     one, zero = torch.ones_like(sigma), torch.zeros_like(sigma)
-    weights = noise_level_weights(args.loss_weighting, ms.noise_scaling(sigma, zero, one, False),
+    weights = noise_level_weights(kind, ms.noise_scaling(sigma, zero, one, False),
                                   ms.noise_scaling(sigma, one, zero, False), coeff.flatten(1)[:, 0],
-                                  args.min_snr_gamma).to(err.device)
+                                  gamma).to(err.device)
     return torch.stack([loss_fn(e) for e in err]).mul(weights).mean()
 
 
@@ -139,7 +139,8 @@ class TriLoRATrainer(RunEndings):
             # The model's output enters calculate_denoised linearly: its coefficient turns the
             # denoised error back into the error of the model's own prediction (eps, v, flow...).
             coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-            loss = weighted_loss(self.loss_fn, self.args, ms, sigma, coeff, (denoised.float() - target) / coeff)
+            loss = weighted_loss(self.loss_fn, self.settings.loss_weighting, self.args.min_snr_gamma, ms, sigma,
+                                 coeff, (denoised.float() - target) / coeff)
             weight = len(positions) / len(batch)
             self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
             total += float(loss.detach()) * weight
@@ -320,7 +321,8 @@ def train(args: TrainArgs, model, images, entries, image_conds,
     ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts."""
     mp = model.clone()
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
-    settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing)
+    settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing,
+                                      args.loss_weighting)
     images = family.fit_latents([img.detach().clone().float() for img in images], mp)
     entries = settings.with_guidance([[cond.clone(), clone_tree(extra)] for cond, extra in entries])
     if fresh(args):

@@ -309,6 +309,10 @@ def test_training_uses_the_family_objective_and_every_layer(comfy_host, case):
     # error of this family's objective, recovered from that very forward.
     x0 = tiny.model.model.process_latent_in(tiny.latent(seed=3)["samples"])
     want = objective_error(tiny.objective, x0, xt, sigma, denoised).square().mean().item()
+    # loss_weighting auto: the denoised image's error (x0) on eps and v models, the objective's own on
+    # flow models; x0 error = the own error times d(denoised)/d(output): -s (eps), -s alpha (v).
+    s = float(sigma.flatten()[0])
+    want *= {"eps": s * s, "v": s * s / (1 + s * s), "flow": 1.0}[tiny.objective]
     assert loss_map["loss"][0] == pytest.approx(want, rel=1e-4)
     assert len(loss_map["loss"]) == TRAIN_STEPS and all(math.isfinite(v) for v in loss_map["loss"])
     # Every Linear and conv layer of the diffusion model is adapted and runs in the forward, and

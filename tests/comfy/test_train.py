@@ -222,20 +222,22 @@ def test_the_loss_is_the_models_own_epsilon_objective_with_per_image_captions(co
     # Step 1 runs the untrained model (s = 0), so its loss is exactly the epsilon-prediction MSE of the
     # batch the seed picks, each image denoised with its own caption (not an average of captions).
     seed = 11
-    _, _, loss_map, _ = train(comfy_host, data, steps=1, batch_size=2, seed=seed)
+    _, _, loss_map, _ = train(comfy_host, data, steps=1, batch_size=2, seed=seed, loss_weighting="none")
     losses, _ = first_step_errors(comfy_host, data, seed)
     assert loss_map["loss"][0] == pytest.approx(sum(losses) / 2, rel=1e-4)
 
 
-@pytest.mark.parametrize("weighting", ["x0", "min_snr"])
+@pytest.mark.parametrize("weighting", ["x0", "min_snr", "auto"])
 def test_loss_weighting_weighs_each_images_error_by_its_noise_level(comfy_host, data, weighting):
     # x0: the denoised image's error, sigma^2 times the epsilon error (TrainLoraNode's loss on an eps
-    # model); min_snr (gamma 2 here): kohya's min(SNR, gamma) / SNR with SNR = 1 / sigma^2.
+    # model; auto, the default, on SD1.5); min_snr (gamma 2 here): kohya's min(SNR, gamma) / SNR with
+    # SNR = 1 / sigma^2.
     seed = 11
     _, _, loss_map, _ = train(comfy_host, data, steps=1, batch_size=2, seed=seed, loss_weighting=weighting,
                               min_snr_gamma=2.0)
     losses, sigmas = first_step_errors(comfy_host, data, seed)
-    weights = [s * s if weighting == "x0" else min(1 / (s * s), 2.0) * s * s for s in sigmas]
+    # auto on an eps model (SD1.5) is x0.
+    weights = [min(1 / (s * s), 2.0) * s * s if weighting == "min_snr" else s * s for s in sigmas]
     assert weights[0] != pytest.approx(weights[1])  # the two levels differ, so the weighting shows
     assert loss_map["loss"][0] == pytest.approx(sum(w * v for w, v in zip(weights, losses, strict=True)) / 2,
                                                 rel=1e-4)
