@@ -23,7 +23,7 @@ TARGETS = ("attention", "attention+feedforward", "all linear", "all linear+conv"
 # Defaults (see docs/training-defaults.md for why).
 DEFAULT_RANK = 8
 DEFAULT_ALPHA = 8.0
-DEFAULT_LR = 2.5e-4
+DEFAULT_LR = 1e-3
 DEFAULT_S_LR_SCALE = 0.1
 DEFAULT_TARGET = "attention"
 DEFAULT_CHECKPOINT_PREFIX = "trilora/checkpoints/trilora"

@@ -273,8 +273,16 @@ def objective_error(objective: str, x0, xt, sigma, denoised) -> torch.Tensor:
     return (xt - denoised) / s - (noise - x0)
 
 
+def auto_weight(objective: str, s: float) -> float:
+    """The weight of loss_weighting auto (the default) at sigma s: the denoised image's error (x0) on eps
+    and v models, the objective's own on flow models; x0 error = the own error times
+    d(denoised)/d(output): -s (eps), -s alpha (v)."""
+    return {"eps": s * s, "v": s * s / (1 + s * s), "flow": 1.0}[objective]
+
+
 class _FixedNoiseLoss(comfy.samplers.Sampler):
-    """Mean squared error in the model's own objective at fixed noise levels, instead of sampling."""
+    """The training loss at fixed noise levels, instead of sampling: squared error in the model's own
+    objective, weighted as loss_weighting auto weighs it."""
 
     def __init__(self, objective, out):
         self.objective, self.out = objective, out
@@ -286,7 +294,8 @@ class _FixedNoiseLoss(comfy.samplers.Sampler):
             sigma = torch.tensor([float(ms.percent_to_sigma(percent))])
             xt = ms.noise_scaling(sigma, noise.clone(), latent_image, False)
             denoised = model_wrap(xt, sigma, **extra_args)
-            self.out.append(objective_error(self.objective, latent_image, xt, sigma, denoised).square().mean().item())
+            error = objective_error(self.objective, latent_image, xt, sigma, denoised).square().mean().item()
+            self.out.append(error * auto_weight(self.objective, float(sigma)))
         return torch.zeros_like(latent_image)
 
 
@@ -309,10 +318,7 @@ def test_training_uses_the_family_objective_and_every_layer(comfy_host, case):
     # error of this family's objective, recovered from that very forward.
     x0 = tiny.model.model.process_latent_in(tiny.latent(seed=3)["samples"])
     want = objective_error(tiny.objective, x0, xt, sigma, denoised).square().mean().item()
-    # loss_weighting auto: the denoised image's error (x0) on eps and v models, the objective's own on
-    # flow models; x0 error = the own error times d(denoised)/d(output): -s (eps), -s alpha (v).
-    s = float(sigma.flatten()[0])
-    want *= {"eps": s * s, "v": s * s / (1 + s * s), "flow": 1.0}[tiny.objective]
+    want *= auto_weight(tiny.objective, float(sigma.flatten()[0]))
     assert loss_map["loss"][0] == pytest.approx(want, rel=1e-4)
     assert len(loss_map["loss"]) == TRAIN_STEPS and all(math.isfinite(v) for v in loss_map["loss"])
     # Every Linear and conv layer of the diffusion model is adapted and runs in the forward, and

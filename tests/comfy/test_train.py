@@ -150,8 +150,8 @@ def test_nodes_are_registered_with_comfyui_names_tooltips_and_outputs(comfy_host
     assert names["training_dtype"][1]["options"] == ["bf16", "fp32", "fp16"]
     assert (names["rank"][1]["default"], names["alpha"][1]["default"], names["learning_rate"][1]["default"],
             names["s_learning_rate_scale"][1]["default"], names["orthogonality_penalty"][1]["default"],
-            names["target_layers"][1]["default"], names["checkpoint_every"][1]["default"]) == (
-        8, 8.0, 2.5e-4, 0.1, 0.0, "attention", 0)
+            names["target_layers"][1]["default"], names["checkpoint_every"][1]["default"],
+            names["loss_weighting"][1]["default"]) == (8, 8.0, 1e-3, 0.1, 0.0, "attention", 0, "auto")
     assert mappings["ApplyTriLoRA"].INPUT_TYPES()["required"]["strength"][1]["display"] == "slider"
     assert mappings["SaveTriLoRA"].OUTPUT_NODE is True
 
