@@ -226,7 +226,8 @@ def adaptable(tiny) -> dict[str, torch.nn.Module]:
 def train(comfy_host, tiny, model, **inputs):
     """TrainTriLoRA on one latent of the family and one caption (the executor's list inputs), fp32."""
     inputs = dict(dict(rank=4, learning_rate=TRAIN_LR, seed=0, alpha=4.0, batch_size=1, training_dtype="fp32",
-                       gradient_checkpointing=True, target_layers="all linear+conv", s_learning_rate_scale=1.0),
+                       gradient_checkpointing=True, target_layers="all linear+conv", s_learning_rate_scale=1.0,
+                       loss_weighting="none"),  # the family's own objective, unweighted
                   **inputs)
     return run(comfy_host, "TrainTriLoRA", model=[model], latents=[tiny.latent(seed=3)],
                positive=[tiny.conditioning()], **{k: [v] for k, v in inputs.items()})
@@ -281,8 +282,7 @@ def auto_weight(objective: str, s: float) -> float:
 
 
 class _FixedNoiseLoss(comfy.samplers.Sampler):
-    """The training loss at fixed noise levels, instead of sampling: squared error in the model's own
-    objective, weighted as loss_weighting auto weighs it."""
+    """Mean squared error in the model's own objective at fixed noise levels, instead of sampling."""
 
     def __init__(self, objective, out):
         self.objective, self.out = objective, out
@@ -294,8 +294,7 @@ class _FixedNoiseLoss(comfy.samplers.Sampler):
             sigma = torch.tensor([float(ms.percent_to_sigma(percent))])
             xt = ms.noise_scaling(sigma, noise.clone(), latent_image, False)
             denoised = model_wrap(xt, sigma, **extra_args)
-            error = objective_error(self.objective, latent_image, xt, sigma, denoised).square().mean().item()
-            self.out.append(error * auto_weight(self.objective, float(sigma)))
+            self.out.append(objective_error(self.objective, latent_image, xt, sigma, denoised).square().mean().item())
         return torch.zeros_like(latent_image)
 
 
@@ -318,7 +317,6 @@ def test_training_uses_the_family_objective_and_every_layer(comfy_host, case):
     # error of this family's objective, recovered from that very forward.
     x0 = tiny.model.model.process_latent_in(tiny.latent(seed=3)["samples"])
     want = objective_error(tiny.objective, x0, xt, sigma, denoised).square().mean().item()
-    want *= auto_weight(tiny.objective, float(sigma.flatten()[0]))
     assert loss_map["loss"][0] == pytest.approx(want, rel=1e-4)
     assert len(loss_map["loss"]) == TRAIN_STEPS and all(math.isfinite(v) for v in loss_map["loss"])
     # Every Linear and conv layer of the diffusion model is adapted and runs in the forward, and
@@ -327,6 +325,17 @@ def test_training_uses_the_family_objective_and_every_layer(comfy_host, case):
     assert len(trilora.layers) == len(modules) and ran == modules.keys()
     idle = sorted(p for p, layer in trilora.layers.items() if not bool(layer.s.abs().max() > 0))
     assert idle == sorted(kohya(m) for m in case.unused)
+
+
+@pytest.mark.parametrize("case", params(slow=True))
+def test_loss_weighting_auto_weighs_the_objective_as_the_family_needs(comfy_host, case):
+    # One step at the default loss_weighting (auto) sees the same first forward as the unweighted run:
+    # its loss is that run's first loss times auto's weight at that sigma (x0 on eps/v, 1 on flow).
+    tiny = tiny_model(case.family)
+    _, loss_map, _, (_, sigma, _), _ = trained(comfy_host, case)
+    auto = train(comfy_host, tiny, tiny.model, steps=1, loss_weighting="auto")[2]
+    want = loss_map["loss"][0] * auto_weight(tiny.objective, float(sigma.flatten()[0]))
+    assert auto["loss"][0] == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("case", params(slow=True))
