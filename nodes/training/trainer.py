@@ -14,6 +14,7 @@ code path serves every family."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -96,7 +97,8 @@ class TriLoRATrainer(RunEndings):
         self.dtype = TRAINING_DTYPES[args.training_dtype]
         self.device = model_patcher.load_device
         self.batch = min(args.batch_size, len(images))
-        self.loss_fn = loss_function(args.loss_function)
+        self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
+                                         args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
         self.total = start.step + args.steps
         self.losses: list[float] = []
         self.checkpoints: list[str] = []
@@ -107,7 +109,6 @@ class TriLoRATrainer(RunEndings):
         self.good_step = start.step
         self.schedule = lr_lambda(args.lr_schedule, self.total, args.warmup_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-
 
     # ---- data
 
@@ -139,8 +140,7 @@ class TriLoRATrainer(RunEndings):
             # The model's output enters calculate_denoised linearly: its coefficient turns the
             # denoised error back into the error of the model's own prediction (eps, v, flow...).
             coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-            loss = weighted_loss(self.loss_fn, self.settings.loss_weighting, self.args.min_snr_gamma, ms, sigma,
-                                 coeff, (denoised.float() - target) / coeff)
+            loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
             weight = len(positions) / len(batch)
             self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
             total += float(loss.detach()) * weight
