@@ -36,6 +36,7 @@ from .key_map import (
 )
 from .kohya import KOHYA, PEFT, lora_file_bytes, lora_metadata, lora_tensors, unit_scale, write_lora
 from .layer import TriLoRALayer
+from .loss_weighting import LOSS_WEIGHTINGS, noise_level_weights
 from .merge import alias_groups, fold_aliases, merge_files, merge_layers
 from .optimizer import (
     OPTIMIZERS,
@@ -67,6 +68,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GROUPS",
     "LOSS_FUNCTIONS",
+    "LOSS_WEIGHTINGS",
     "MAX_ALPHA",
     "OPTIMIZERS",
     "SCHEDULES",
@@ -117,6 +119,7 @@ __all__ = [
     "make_optimizer",
     "merge_files",
     "merge_layers",
+    "noise_level_weights",
     "optimizer_file_path",
     "orthogonality_penalty",
     "param_groups",

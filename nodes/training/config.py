@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from comfy_api.latest import io
 
-from ...trilora_core import LOSS_FUNCTIONS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
+from ...trilora_core import LOSS_FUNCTIONS, LOSS_WEIGHTINGS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
 from ..loras_folder import NONE_FILE, file_choice, prefix_location
 from .family import AUTO, DEFAULT_GUIDANCE
 
@@ -23,7 +23,7 @@ TARGETS = ("attention", "attention+feedforward", "all linear", "all linear+conv"
 # Defaults (see docs/training-defaults.md for why).
 DEFAULT_RANK = 8
 DEFAULT_ALPHA = 8.0
-DEFAULT_LR = 2.5e-4
+DEFAULT_LR = 1e-3
 DEFAULT_S_LR_SCALE = 0.1
 DEFAULT_TARGET = "attention"
 DEFAULT_CHECKPOINT_PREFIX = "trilora/checkpoints/trilora"
@@ -152,6 +152,15 @@ class TrainArgs:
                               "dev, HunyuanVideo) during training; 1.0 as kohya and musubi-tuner train Flux. A "
                               "FluxGuidance node on a caption overrides it for that caption. Other models ignore "
                               "it.", zero_or_more, min=0.0, max=100.0, step=0.1)
+    # Loss weighting over noise levels (trilora_core/loss_weighting.py), after all older inputs.
+    loss_weighting: str = _choices(
+        AUTO, (AUTO, *LOSS_WEIGHTINGS), "How much each noise level's error counts. x0: the denoised image's error "
+        "(TrainLoraNode's loss), most weight on the noisiest levels, where composition is set; without it the "
+        "noisy steps got worse than the untrained model's (make bench-method). none: the plain loss on the model's "
+        "own prediction (kohya's default). min_snr: min-SNR-gamma weighting (kohya's --min_snr_gamma), less weight "
+        "on the least noisy levels. auto: x0 for SD1.5/SDXL (eps and v models), none for flow models.")
+    min_snr_gamma: float = setting(5.0, io.Float, "gamma of loss_weighting = min_snr (5 in the paper and kohya's "
+                                   "docs); other weightings ignore it.", positive, min=0.1, max=100.0, step=0.1)
 
     @classmethod
     def schema_inputs(cls) -> list:

@@ -62,13 +62,17 @@ class FamilySettings:
     flow_shift: float | None  # the model's shift, for flow models
     guidance: float | None  # None: the model takes no guidance
     checkpointing: bool  # gradient checkpointing, on where the family's blocks need it
+    loss_weighting: str = "none"  # over noise levels (trilora_core/loss_weighting.py)
 
     @classmethod
-    def resolve(cls, model_patcher, timestep_sampling: str, guidance: float, checkpointing: bool) -> FamilySettings:
+    def resolve(cls, model_patcher, timestep_sampling: str, guidance: float, checkpointing: bool,
+                loss_weighting: str = "none") -> FamilySettings:
         ms = model_patcher.get_model_object("model_sampling")
         flow = is_flow(ms)
         if timestep_sampling == AUTO:
             timestep_sampling = "logit_normal" if flow else "uniform"
+        if loss_weighting == AUTO:  # x0 where make bench-method measured it (eps); flow: its own objective
+            loss_weighting = "none" if flow else "x0"
         shift = float(ms.shift) if flow and hasattr(ms, "shift") else None
         if shift is not None and isinstance(ms, comfy.model_sampling.ModelSamplingFlux):
             shift = math.exp(shift)  # ComfyUI keeps Flux's shift as mu; sigma shifts by exp(mu)
@@ -77,7 +81,7 @@ class FamilySettings:
             log.warning("TriLoRA: %s blocks add in place, which only trains with gradient checkpointing: "
                         "turning it on", family.name)
         return cls(timestep_sampling, shift, float(guidance) if takes_guidance(model_patcher) else None,
-                   checkpointing or family.inplace_blocks)
+                   checkpointing or family.inplace_blocks, loss_weighting)
 
     def metadata(self) -> dict[str, str]:
         """kohya's metadata names for these choices (``ss_timestep_sampling`` ...)."""

@@ -14,6 +14,7 @@ code path serves every family."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -34,6 +35,7 @@ from ...trilora_core import (
     loss_function,
     lr_lambda,
     make_optimizer,
+    noise_level_weights,
     orthogonality_penalty,
     param_groups,
     sample_indices,
@@ -58,6 +60,18 @@ except ImportError:  # pragma: no cover - depends on the ComfyUI version
             self.inner_set_conds({"positive": positive})
 
 log = logging.getLogger("comfyui-trilora")
+
+
+def weighted_loss(loss_fn, kind: str, gamma: float, ms, sigma, coeff, err):
+    """The loss of a forward group's own-space errors [n, ...], each sample weighted by its noise
+    level (``kind``: the resolved loss_weighting; trilora_core/loss_weighting.py); 'none' is the plain loss."""
+    if kind == "none":
+        return loss_fn(err)
+    one, zero = torch.ones_like(sigma), torch.zeros_like(sigma)
+    weights = noise_level_weights(kind, ms.noise_scaling(sigma, zero, one, False),
+                                  ms.noise_scaling(sigma, one, zero, False), coeff.flatten(1)[:, 0],
+                                  gamma).to(err.device)
+    return torch.stack([loss_fn(e) for e in err]).mul(weights).mean()
 
 
 def low_vram_settings(base, settings: FamilySettings) -> FamilySettings:
@@ -86,7 +100,8 @@ class TriLoRATrainer:
         self.dtype = TRAINING_DTYPES[args.training_dtype]
         self.device = model_patcher.load_device
         self.batch = min(args.batch_size, len(images))
-        self.loss_fn = loss_function(args.loss_function)
+        self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
+                                         args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
         self.total = start.step + args.steps
         self.losses: list[float] = []
         self.checkpoints: list[str] = []
@@ -125,7 +140,7 @@ class TriLoRATrainer:
             # The model's output enters calculate_denoised linearly: its coefficient turns the
             # denoised error back into the error of the model's own prediction (eps, v, flow...).
             coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-            loss = self.loss_fn((denoised.float() - target) / coeff)
+            loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
             weight = len(positions) / len(batch)
             self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
             total += float(loss.detach()) * weight
@@ -316,7 +331,8 @@ def train(args: TrainArgs, model, images, entries, image_conds, parallel: OnePro
     ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts."""
     mp = model.clone()
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
-    settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing)
+    settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing,
+                                      args.loss_weighting)
     images = family.fit_latents([img.detach().clone().float() for img in images], mp)
     entries = settings.with_guidance([[cond.clone(), clone_tree(extra)] for cond, extra in entries])
     if fresh(args):

@@ -230,7 +230,8 @@ def adaptable(tiny) -> dict[str, torch.nn.Module]:
 def train(comfy_host, tiny, model, **inputs):
     """TrainTriLoRA on one latent of the family and one caption (the executor's list inputs), fp32."""
     inputs = dict(dict(rank=4, learning_rate=TRAIN_LR, seed=0, alpha=4.0, batch_size=1, training_dtype="fp32",
-                       gradient_checkpointing=True, target_layers="all linear+conv", s_learning_rate_scale=1.0),
+                       gradient_checkpointing=True, target_layers="all linear+conv", s_learning_rate_scale=1.0,
+                       loss_weighting="none"),  # the family's own objective, unweighted
                   **inputs)
     return run(comfy_host, "TrainTriLoRA", model=[model], latents=[tiny.latent(seed=3)],
                positive=[tiny.conditioning()], **{k: [v] for k, v in inputs.items()})
@@ -277,6 +278,13 @@ def objective_error(objective: str, x0, xt, sigma, denoised) -> torch.Tensor:
     return (xt - denoised) / s - (noise - x0)
 
 
+def auto_weight(objective: str, s: float) -> float:
+    """The weight of loss_weighting auto (the default) at sigma s: the denoised image's error (x0) on eps
+    and v models, the objective's own on flow models; x0 error = the own error times
+    d(denoised)/d(output): -s (eps), -s alpha (v)."""
+    return {"eps": s * s, "v": s * s / (1 + s * s), "flow": 1.0}[objective]
+
+
 class _FixedNoiseLoss(comfy.samplers.Sampler):
     """Mean squared error in the model's own objective at fixed noise levels, instead of sampling."""
 
@@ -321,6 +329,17 @@ def test_training_uses_the_family_objective_and_every_layer(comfy_host, case):
     assert len(trilora.layers) == len(modules) and ran == modules.keys()
     idle = sorted(p for p, layer in trilora.layers.items() if not bool(layer.s.abs().max() > 0))
     assert idle == sorted(kohya(m) for m in case.unused)
+
+
+@pytest.mark.parametrize("case", params(slow=True))
+def test_loss_weighting_auto_weighs_the_objective_as_the_family_needs(comfy_host, case):
+    # One step at the default loss_weighting (auto) sees the same first forward as the unweighted run:
+    # its loss is that run's first loss times auto's weight at that sigma (x0 on eps/v, 1 on flow).
+    tiny = tiny_model(case.family)
+    _, loss_map, _, (_, sigma, _), _ = trained(comfy_host, case)
+    auto = train(comfy_host, tiny, tiny.model, steps=1, loss_weighting="auto")[2]
+    want = loss_map["loss"][0] * auto_weight(tiny.objective, float(sigma.flatten()[0]))
+    assert auto["loss"][0] == pytest.approx(want, rel=1e-4)
 
 
 @pytest.mark.parametrize("case", params(slow=True))

@@ -150,8 +150,8 @@ def test_nodes_are_registered_with_comfyui_names_tooltips_and_outputs(comfy_host
     assert names["training_dtype"][1]["options"] == ["bf16", "fp32", "fp16"]
     assert (names["rank"][1]["default"], names["alpha"][1]["default"], names["learning_rate"][1]["default"],
             names["s_learning_rate_scale"][1]["default"], names["orthogonality_penalty"][1]["default"],
-            names["target_layers"][1]["default"], names["checkpoint_every"][1]["default"]) == (
-        8, 8.0, 2.5e-4, 0.1, 0.0, "attention", 0)
+            names["target_layers"][1]["default"], names["checkpoint_every"][1]["default"],
+            names["loss_weighting"][1]["default"]) == (8, 8.0, 1e-3, 0.1, 0.0, "attention", 0, "auto")
     assert mappings["ApplyTriLoRA"].INPUT_TYPES()["required"]["strength"][1]["display"] == "slider"
     assert mappings["SaveTriLoRA"].OUTPUT_NODE is True
 
@@ -195,19 +195,16 @@ class _NoiseError(comfy.samplers.Sampler):
         return torch.zeros_like(latent_image)
 
 
-def test_the_loss_is_the_models_own_epsilon_objective_with_per_image_captions(comfy_host, data):
-    # Step 1 runs the untrained model (s = 0), so its loss is exactly the epsilon-prediction MSE of the
-    # batch the seed picks, each image denoised with its own caption (not an average of captions).
+def first_step_errors(comfy_host, data, seed: int) -> tuple[list[float], list[float]]:
+    """(epsilon MSE of each image of step 1's batch of 2, its sigma), as the untrained model gives them."""
     core = comfy_host.core
-    seed = 11
-    _, _, loss_map, _ = train(comfy_host, data, steps=1, batch_size=2, seed=seed)
     batch = core.sample_indices(seed, 4, 0, 2)
     gen = core.generator(seed, "noise", 0, 0)
     # SD1.5 trains with uniform timesteps ("auto" on an eps model), percent = 1 - noise level.
     percents = 1 - core.timesteps.sample_noise_levels("uniform", 2, gen)
     noises = [torch.randn(1, 4, 8, 8, generator=gen) for _ in batch]
     ms = data.model.get_model_object("model_sampling")
-    losses = []
+    losses, sigmas = [], []
     with torch.inference_mode():
         for i, percent, noise in zip(batch, percents, noises, strict=True):
             sigma = torch.tensor([ms.percent_to_sigma(float(percent))])
@@ -216,8 +213,34 @@ def test_the_loss_is_the_models_own_epsilon_objective_with_per_image_captions(co
             guider.set_conds(data.conds[i])
             guider.sample(noise, torch.zeros_like(noise), _NoiseError(sigma, x0, losses), torch.tensor([1.0, 0.0]),
                           seed=seed)
+            sigmas.append(float(sigma))
     assert batch[0] != batch[1] and len(losses) == 2
+    return losses, sigmas
+
+
+def test_the_loss_is_the_models_own_epsilon_objective_with_per_image_captions(comfy_host, data):
+    # Step 1 runs the untrained model (s = 0), so its loss is exactly the epsilon-prediction MSE of the
+    # batch the seed picks, each image denoised with its own caption (not an average of captions).
+    seed = 11
+    _, _, loss_map, _ = train(comfy_host, data, steps=1, batch_size=2, seed=seed, loss_weighting="none")
+    losses, _ = first_step_errors(comfy_host, data, seed)
     assert loss_map["loss"][0] == pytest.approx(sum(losses) / 2, rel=1e-4)
+
+
+@pytest.mark.parametrize("weighting", ["x0", "min_snr", "auto"])
+def test_loss_weighting_weighs_each_images_error_by_its_noise_level(comfy_host, data, weighting):
+    # x0: the denoised image's error, sigma^2 times the epsilon error (TrainLoraNode's loss on an eps
+    # model; auto, the default, on SD1.5); min_snr (gamma 2 here): kohya's min(SNR, gamma) / SNR with
+    # SNR = 1 / sigma^2.
+    seed = 11
+    _, _, loss_map, _ = train(comfy_host, data, steps=1, batch_size=2, seed=seed, loss_weighting=weighting,
+                              min_snr_gamma=2.0)
+    losses, sigmas = first_step_errors(comfy_host, data, seed)
+    # auto on an eps model (SD1.5) is x0.
+    weights = [min(1 / (s * s), 2.0) * s * s if weighting == "min_snr" else s * s for s in sigmas]
+    assert weights[0] != pytest.approx(weights[1])  # the two levels differ, so the weighting shows
+    assert loss_map["loss"][0] == pytest.approx(sum(w * v for w, v in zip(weights, losses, strict=True)) / 2,
+                                                rel=1e-4)
 
 
 def test_same_seed_gives_the_same_file_bit_for_bit(comfy_host, data):
