@@ -58,8 +58,26 @@ from .training import (
     orthogonality_penalty,
     sample_indices,
 )
+from .validation import (
+    KEEP_BEST,
+    VALIDATION_LEVELS,
+    BestStep,
+    holdout_split,
+    prediction_drift,
+    prediction_errors,
+    validation_levels,
+    validation_noise,
+)
 
 __all__ = [
+    "KEEP_BEST",
+    "VALIDATION_LEVELS",
+    "BestStep",
+    "holdout_split",
+    "prediction_drift",
+    "prediction_errors",
+    "validation_levels",
+    "validation_noise",
     "DepthLayout",
     "FORMAT_VERSION",
     "GROUPS",

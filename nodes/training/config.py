@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from comfy_api.latest import io
 
-from ...trilora_core import LOSS_FUNCTIONS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
+from ...trilora_core import KEEP_BEST, LOSS_FUNCTIONS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
 from ..family_training import AUTO, DEFAULT_GUIDANCE
 from ..loras_folder import NONE_FILE, file_choice, prefix_location
 
@@ -49,6 +49,10 @@ def positive(name: str, v) -> str | None:
 
 def zero_or_more(name: str, v) -> str | None:
     return None if math.isfinite(v) and v >= 0 else f"{name} must be 0 or more, got {v}"
+
+
+def fraction_below_one(name: str, v) -> str | None:
+    return None if math.isfinite(v) and 0 <= v < 1 else f"{name} must be at least 0 and below 1, got {v}"
 
 
 def one_of(choices) -> Rule:
@@ -152,6 +156,22 @@ class TrainArgs:
                               "dev, HunyuanVideo) during training; 1.0 as kohya and musubi-tuner train Flux. A "
                               "FluxGuidance node on a caption overrides it for that caption. Other models ignore "
                               "it.", zero_or_more, min=0.0, max=100.0, step=0.1)
+    # What the run is measured by (nodes/training/monitor.py), after all older inputs.
+    validation_split: float = setting(0.0, io.Float, "Share of the training images held out to measure the "
+                                      "held-out error (chosen by the seed; at least one image when above 0). "
+                                      "Validation latents can also be connected.", fraction_below_one, min=0.0,
+                                      max=0.95, step=0.05)
+    validate_every: int = setting(50, io.Int, "Every N steps (and before the first and after the last), score the "
+                                  "held-out images and the base drift on fixed noise at fixed noise levels (the "
+                                  "same in every run). 0 = off.", zero_is_off, min=0, max=1_000_000)
+    keep_best: str = _choices("off", KEEP_BEST, "Output and save the adapter of the evaluated step with the lowest "
+                              "held-out error (drift-bounded: among steps whose drift is at most max_drift) "
+                              "instead of the last one. Needs held-out images.")
+    max_drift: float = setting(0.01, io.Float, "The drift bound of keep_best 'drift-bounded held-out': the mean "
+                               "squared change of the model's prediction (noise, v or flow units) for the "
+                               "preservation prompts.", zero_or_more, min=0.0, max=100.0, step=0.001)
+    early_stop_evaluations: int = setting(0, io.Int, "With keep_best: stop when this many evaluations in a row "
+                                          "found no better step. 0 = never.", zero_is_off, min=0, max=10_000)
 
     @classmethod
     def schema_inputs(cls) -> list:

@@ -47,6 +47,7 @@ from .batches import ForwardBatches, clone_tree
 from .checkpoints import StartState, fresh, read_start, resume_start, run_metadata, write_checkpoint
 from .config import NODE, TRAINING_DTYPES, TrainArgs
 from .endings import RunEndings, is_out_of_memory
+from .monitor import Monitor, MonitorData, monitor_inputs
 from .targets import attach, find_targets
 
 try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
@@ -73,12 +74,12 @@ class TriLoRATrainer(RunEndings):
     """One training run; `run` is called by the sampler inside ComfyUI's guider."""
 
     def __init__(self, args: TrainArgs, model_patcher, targets, start: StartState, images, image_conds,
-                 base_meta: dict, settings: FamilySettings):
+                 base_meta: dict, settings: FamilySettings, monitor: Monitor | None = None):
         self.args, self.mp, self.targets, self.start = args, model_patcher, targets, start
+        self.monitor = monitor or Monitor(args, MonitorData(), list)
         self.images, self.image_conds = images, image_conds
         self.processed: list = []  # the guider's processed cond entries, in input order
-        self.batches = ForwardBatches(images, image_conds, args.seed)
-        self.settings = settings
+        self.batches, self.settings = ForwardBatches(images, image_conds, args.seed), settings
         self.base_meta = {**base_meta, **settings.metadata()}
         self.dtype = TRAINING_DTYPES[args.training_dtype]
         self.device = model_patcher.load_device
@@ -94,7 +95,6 @@ class TriLoRATrainer(RunEndings):
         self.good_step = start.step
         self.schedule = lr_lambda(args.lr_schedule, self.total, args.warmup_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-
 
     # ---- data
 
@@ -140,6 +140,7 @@ class TriLoRATrainer(RunEndings):
         self.images = [img.to(self.device) for img in self.images]
         self.images = [base.process_latent_in(img) for img in self.images]
         self.batches.start(base, self.processed, self.images, self.device)
+        self.monitor.start(base, self.processed, self.device, self.images)
         self.settings = low_vram_settings(base, self.settings)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
@@ -154,6 +155,7 @@ class TriLoRATrainer(RunEndings):
         pbar = comfy.utils.ProgressBar(args.steps)
         text = _progress_text_sender()
         console = tqdm.trange(args.steps, desc="Training TriLoRA", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
+        self.monitor.begin(self, model_wrap, extra_args)
         for k in console:
             step = self.start.step + k  # updates done before this one
             oom = None
@@ -167,14 +169,17 @@ class TriLoRATrainer(RunEndings):
                 self._out_of_memory(step + 1, oom)
             self.losses.append(loss)
             if k == 0:
-                self._warn_unused()
+                warn_unused(self.adapters)
             console.set_postfix({"loss": f"{loss:.4f}"})
             pbar.update_absolute(k + 1, args.steps)
             text(f"step {step + 1}/{self.total}  loss {loss:.4f}")
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 self.checkpoints.append(self.write_checkpoint(step + 1))
+            if self.monitor.after_step(self, model_wrap, extra_args, step + 1, k == args.steps - 1):
+                break  # early stop
         if not all_finite(self.params):
             self._diverged(self.total, "the adapter's factors are not finite after the last update")
+        self.total = self.monitor.finish(self, self.start.step + len(self.losses))
 
     def _step(self, model_wrap, extra_args, step: int) -> float:
         """One optimizer update; returns its loss."""
@@ -210,13 +215,6 @@ class TriLoRATrainer(RunEndings):
         (nodes/distributed.py) sums the gradients and losses of all ranks here. Alone: as is."""
         return loss
 
-    def _warn_unused(self) -> None:
-        # A model that calls F.linear on a layer's weight directly skips the layer's hooks.
-        unused = sorted(p for p, a in self.adapters.items() if a.calls == 0)
-        if unused:
-            log.warning("TriLoRA: %d adapted layers never ran in the forward pass and will not learn "
-                        "(first: %s)", len(unused), unused[0])
-
     # ---- results
 
     def layers(self, canonical: bool = True) -> dict[str, TriLoRALayer]:
@@ -224,12 +222,21 @@ class TriLoRATrainer(RunEndings):
         return {prefix: adapter_layer(adapter, canonical) for prefix, adapter in self.adapters.items()}
 
     def metadata(self, steps_done: int) -> dict[str, str]:
-        return run_metadata(self.args, self.start, self.losses, len(self.images), self.base_meta, steps_done)
+        meta = run_metadata(self.args, self.start, self.losses, len(self.images), self.base_meta, steps_done)
+        return {**meta, **self.monitor.metadata()}
 
     def write_checkpoint(self, steps_done: int, suffix: str = "", with_optimizer: bool = True) -> str:
         adapter = TriLoRAFile(self.layers(), self.metadata(steps_done))
         return write_checkpoint(self.args, adapter, steps_done, suffix, self.optimizer if with_optimizer else None)
 
+
+
+def warn_unused(adapters: dict) -> None:
+    # A model that calls F.linear on a layer's weight directly skips the layer's hooks.
+    unused = sorted(p for p, a in adapters.items() if a.calls == 0)
+    if unused:
+        log.warning("TriLoRA: %d adapted layers never ran in the forward pass and will not learn "
+                    "(first: %s)", len(unused), unused[0])
 
 
 def make_adapters(targets, layers: dict[str, TriLoRALayer], device) -> dict[str, TriLoRATrainDiff]:
@@ -301,10 +308,14 @@ class TrainSampler(comfy.samplers.Sampler):
 
 
 def train(args: TrainArgs, model, images, entries, image_conds,
-          trainer_class: type[TriLoRATrainer] = TriLoRATrainer, select_targets=find_targets) -> TriLoRATrainer:
-    """Trains on a clone of ``model``; returns the finished trainer (factors, losses).
+          trainer_class: type[TriLoRATrainer] = TriLoRATrainer, select_targets=find_targets, listeners=(),
+          **validation) -> TriLoRATrainer:
+    """Trains on a clone of ``model``; returns the finished trainer (factors, losses, curves).
     ``trainer_class``: a TriLoRATrainer subclass, e.g. the data-parallel one of the CLI;
-    ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts."""
+    ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts;
+    ``listeners``: called with (step, {name: value}) for each step's loss and each evaluation;
+    ``validation``: validation_latents, validation_positive, preservation (monitor.monitor_inputs)."""
+    images, image_conds, entries, data = monitor_inputs(args, images, entries, image_conds, **validation)
     mp = model.clone()
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
     settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing)
@@ -318,7 +329,10 @@ def train(args: TrainArgs, model, images, entries, image_conds,
         start = read_start(args, targets)
     else:
         targets, start = resume_start(args, mp)
-    trainer = trainer_class(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings)
+    monitor = Monitor(args, data, lambda latents: family.fit_latents([x.detach().clone().float() for x in latents], mp),
+                      listeners)
+    trainer = trainer_class(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings,
+                            monitor=monitor)
     comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     guider = Guider_Basic(mp)
     guider.set_conds(entries)

@@ -1,0 +1,148 @@
+"""TrainTriLoRA's evaluations in the real ComfyUI on the tiny SD1.5 model (CPU): held-out error and
+base drift against an offline computation of the same quantities, keep_best, early stop, the
+curves in LOSS_MAP and the file, and bad inputs caught before step 1."""
+from __future__ import annotations
+
+import json
+
+import comfy.samplers
+import pytest
+import torch
+from comfy_extras.nodes_custom_sampler import Guider_Basic
+from test_train import FASTEST_FIT, load_data, run, train
+
+
+@pytest.fixture(scope="module")
+def data(comfy_host):
+    return load_data(comfy_host)
+
+
+class _FixedLevels(comfy.samplers.Sampler):
+    """(objective error, x0 error) of one latent at the fixed validation levels and noise, one level
+    per forward: the offline yardstick the trainer's batched evaluation must equal."""
+
+    def __init__(self, core, x0, purpose, item, out):
+        self.core, self.x0, self.purpose, self.item, self.out = core, x0, purpose, item, out
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        ms = model_wrap.inner_model.model_sampling
+        for n, t in enumerate(self.core.validation_levels()):
+            sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - t))])
+            eps = self.core.validation_noise(self.x0.shape, self.purpose, self.item, n)
+            denoised = model_wrap(ms.noise_scaling(sigma, eps, self.x0, False), sigma, **extra_args)
+            coeff = ms.calculate_denoised(sigma, torch.ones_like(denoised), torch.zeros_like(denoised))
+            self.out.append((denoised.float(), coeff))
+        return torch.zeros_like(latent_image)
+
+
+def predictions(core, model, x0, cond, purpose, item):
+    out = []
+    with torch.inference_mode():
+        x0 = model.model.process_latent_in(x0)
+        guider = Guider_Basic(model)
+        guider.set_conds(cond)
+        guider.sample(torch.zeros_like(x0), x0, _FixedLevels(core, x0, purpose, item, out), torch.tensor([1.0, 0.0]))
+    return x0, out
+
+
+def heldout_error(core, model, x0, cond, item):
+    x0, out = predictions(core, model, x0, cond, "heldout", item)
+    errs = [core.prediction_errors(d, x0, c) for d, c in out]
+    return sum(float(e[0]) for e in errs) / len(errs), sum(float(e[1]) for e in errs) / len(errs)
+
+
+def zeroed(cond):
+    return [[torch.zeros_like(c), {**e, "pooled_output": torch.zeros_like(e["pooled_output"])}
+             if isinstance(e.get("pooled_output"), torch.Tensor) else dict(e)] for c, e in cond]
+
+
+def test_split_is_seeded_disjoint_and_curves_equal_an_offline_computation(comfy_host, data):
+    core = comfy_host.core
+    keep, held = core.holdout_split(4, 0.25, 3)
+    assert len(held) == 1 and sorted(keep + held) == [0, 1, 2, 3]
+    model, trilora, loss_map, steps = train(comfy_host, data, steps=2, seed=3, validation_split=0.25,
+                                            validate_every=1, **FASTEST_FIT)
+    assert steps == 2 and len(loss_map["loss"]) == 2
+    assert loss_map["eval_steps"] == [0, 1, 2] and loss_map["best_step"] is None
+    i = held[0]
+    sample = {"samples": data.latent["samples"][i: i + 1]}["samples"]
+    # Step 0: the adapter is zero, so the held-out error is the base model's and the drift is 0.
+    assert (loss_map["heldout"][0], loss_map["heldout_x0"][0]) == pytest.approx(
+        heldout_error(core, data.model, sample, data.conds[i], 0), rel=1e-5)
+    assert loss_map["drift"][0] == 0.0 and loss_map["drift_x0"][0] == 0.0
+    # The last step: the output model (the adapter patched into the weights) scored offline.
+    last = heldout_error(core, model, sample, data.conds[i], 0)
+    assert (loss_map["heldout"][-1], loss_map["heldout_x0"][-1]) == pytest.approx(last, rel=1e-4)
+    assert loss_map["heldout"][-1] != loss_map["heldout"][0]
+    # Drift: the first training image under the zeroed first caption, against the base.
+    first = keep[0]
+    x0, base = predictions(core, data.model, data.latent["samples"][first: first + 1], zeroed(data.conds[first]),
+                           "drift", 0)
+    _, now = predictions(core, model, data.latent["samples"][first: first + 1], zeroed(data.conds[first]), "drift", 0)
+    drift = [core.prediction_drift(d, b, c) for (d, c), (b, _) in zip(now, base, strict=True)]
+    assert loss_map["drift"][-1] == pytest.approx(sum(float(d[0]) for d in drift) / len(drift), rel=1e-3)
+    assert loss_map["drift"][-1] > 0
+    # The file carries the curves.
+    curves = json.loads(trilora.metadata["trilora_curves"])
+    assert curves["eval_steps"] == [0, 1, 2]
+    assert curves["heldout"] == pytest.approx(loss_map["heldout"], rel=1e-5)
+    # The same seed holds out the same image and gives the same curves; another seed another image.
+    again = train(comfy_host, data, steps=1, seed=3, validation_split=0.25, validate_every=1, **FASTEST_FIT)[2]
+    assert again["heldout"][:2] == loss_map["heldout"][:2]
+    assert any(core.holdout_split(4, 0.25, s)[1] != held for s in range(4, 10))
+
+
+def test_validation_inputs_and_preservation_prompts(comfy_host, data):
+    core = comfy_host.core
+    val = {"samples": data.latent["samples"][3:4]}
+    loss_map = train(comfy_host, data, steps=1, validate_every=1, latents=[{"samples": data.latent["samples"][:3]}],
+                     positive=data.conds[:3], validation_latents=[val], validation_positive=[data.conds[3]],
+                     preservation=[data.conds[0]], **FASTEST_FIT)[2]
+    assert loss_map["heldout"][0] == pytest.approx(
+        heldout_error(core, data.model, val["samples"], data.conds[3], 0)[0], rel=1e-5)
+    assert len(loss_map["drift"]) == 2 and loss_map["drift"][1] > 0
+
+
+def test_keep_best_returns_exactly_the_adapter_of_the_chosen_step(comfy_host, data):
+    settings = dict(steps=4, seed=1, validation_split=0.25, validate_every=1, learning_rate=0.003,
+                    target_layers="all linear+conv", s_learning_rate_scale=1.0)
+    _, trilora, loss_map, steps = train(comfy_host, data, keep_best="held-out", **settings)
+    heldout = loss_map["heldout"]
+    best = loss_map["eval_steps"][heldout.index(min(heldout))]
+    assert loss_map["best_step"] == best == steps and len(loss_map["loss"]) == 4
+    assert json.loads(trilora.metadata["trilora_steps"]) == best
+    assert 0 < best < 4  # this run's held-out error is lowest mid-run (it overshoots at this learning rate)
+    plain = train(comfy_host, data, **{**settings, "steps": best})[1]  # the same run, stopped there
+    assert plain.layers.keys() == trilora.layers.keys()
+    for name, layer in plain.layers.items():
+        theirs = trilora.layers[name]
+        assert torch.equal(layer.s, theirs.s) and torch.equal(layer.u, theirs.u) and torch.equal(layer.vt, theirs.vt)
+    # A drift bound only the untrained adapter meets keeps step 0 (s = 0); one evaluation without a
+    # better step then stops the run.
+    _, trilora, loss_map, steps = train(comfy_host, data, keep_best="drift-bounded held-out", max_drift=1e-12,
+                                        early_stop_evaluations=1, **settings)
+    assert steps == 0 and loss_map["best_step"] == 0 and len(loss_map["loss"]) == 1
+    assert all(float(layer.s.abs().max()) == 0.0 for layer in trilora.layers.values())
+
+
+def test_plot_loss_graph_and_training_curves_read_the_loss_map(comfy_host, data):
+    loss_map = train(comfy_host, data, steps=2, validation_split=0.25, validate_every=1, keep_best="held-out")[2]
+    with torch.inference_mode():
+        comfy_host.nodes.NODE_CLASS_MAPPINGS["LossGraphNode"].execute(loss=loss_map, filename_prefix="monitor/loss")
+    image = run(comfy_host, "TriLoRATrainingCurves", loss_map=loss_map)[0]
+    assert image.ndim == 4 and image.shape[-1] == 3 and float(image.std()) > 0
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"validation_split": 0.9}, "leaves none to train on"),
+    ({"validation_latents": [{"samples": torch.zeros(1, 3, 8, 8)}]}, "3 channels"),
+    ({"keep_best": "held-out"}, "needs held-out images"),
+    ({"early_stop_evaluations": 2}, "early_stop_evaluations"),
+    ({"validation_split": 0.25, "keep_best": "held-out", "validate_every": 0}, "validate_every is 0"),
+])
+def test_bad_monitor_inputs_are_clear_errors_before_step_1(comfy_host, data, inputs, message):
+    if "validation_latents" in inputs:
+        inputs["validation_positive"] = [data.conds[0]]
+    with pytest.raises(ValueError, match=message):
+        train(comfy_host, data, steps=1, **inputs)
