@@ -306,13 +306,13 @@ def run(values: dict) -> str:
     latents, positive = encode_dataset(values["folder"], values["size"], clip, vae)
     with torch.inference_mode():
         empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]  # the preservation prompt of base drift
-    del clip, vae
+    del clip
     images, sources = split_latents(latents)
     entries, image_conds = split_conditioning(positive, len(images), sources)
     if args.batch_size > len(images):
         log.warning("TriLoRA: the global batch (%d) is larger than the %d images; each step takes all of them",
                     args.batch_size, len(images))
-    run_log = RunLog(log_folder(values)) if rank == 0 else None
+    run_log = RunLog(log_folder(values), lambda latent: decode_preview(vae, latent)) if rank == 0 else None
     try:
         with torch.inference_mode(False), torch.enable_grad():
             trainer = train(args, model, images, entries, image_conds, trainer_class=DataParallelTrainer,
@@ -336,6 +336,16 @@ def run(values: dict) -> str:
                  (cpu1 - cpu0) / (len(ends) - 1))
     log.info("TriLoRA saved as %s (%d steps) in %s", name, trainer.total, folder_paths.get_folder_paths("loras")[0])
     return name
+
+
+def decode_preview(vae, latent: torch.Tensor):
+    """A preview latent as a picture (the first frame of a video), with the checkpoint's VAE."""
+    from PIL import Image
+
+    with torch.inference_mode():
+        pixels = vae.decode(latent)
+    frame = pixels.reshape(-1, *pixels.shape[-3:])[0].clamp(0, 1)
+    return Image.fromarray((frame.float().cpu().numpy() * 255).round().astype("uint8"))
 
 
 def log_folder(values: dict) -> str:

@@ -172,6 +172,9 @@ class TrainArgs:
                                "preservation prompts.", zero_or_more, min=0.0, max=100.0, step=0.001)
     early_stop_evaluations: int = setting(0, io.Int, "With keep_best: stop when this many evaluations in a row "
                                           "found no better step. 0 = never.", zero_is_off, min=0, max=10_000)
+    preview_every: int = setting(100, io.Int, "Every N steps, sample a preview from fixed noise with the first caption "
+                                 "and the adapter at strength 1 (10 Euler steps, cfg 1) and show it on the node "
+                                 "(the command line saves it). 0 = off.", zero_is_off, min=0, max=1_000_000)
 
     @classmethod
     def schema_inputs(cls) -> list:

@@ -33,6 +33,7 @@ from ...trilora_core import (
 )
 from .batches import ForwardBatches, split_conditioning, split_latents
 from .config import NODE, TrainArgs
+from .preview import Previews
 
 log = logging.getLogger("comfyui-trilora")
 
@@ -133,6 +134,7 @@ class Monitor:
     def __init__(self, args: TrainArgs, data: MonitorData, fit, listeners=()):
         self.args, self.data = args, data
         self.listeners = list(listeners)  # called with (step, {name: value}) per step and per evaluation
+        self.previews = Previews(args.preview_every, args.steps, self.listeners)
         self.images = fit(list(data.images)) if data.images else []
         self.levels = validation_levels()
         self.rows: list[dict] = []
@@ -145,8 +147,9 @@ class Monitor:
     def active(self) -> bool:
         return self.args.validate_every > 0 and bool(self.data.images or self.data.preserve)
 
-    def start(self, base, processed, device, train_images) -> None:
+    def start(self, base, processed, device, train_images, train_conds) -> None:
         self.device = device
+        self.previews.start(base, processed, train_conds, device, tuple(train_images[0].shape))
         self.images = [base.process_latent_in(img.to(device)) for img in self.images]
         self.batches = ForwardBatches(self.images, self.data.image_conds, self.args.seed)
         self.batches.start(base, processed, self.images, device, tuple(train_images[0].shape))
@@ -216,9 +219,12 @@ class Monitor:
         for listener in self.listeners:
             listener(step, values)
 
-    def after_step(self, trainer, model_wrap, extra_args, steps_done: int, last: bool) -> bool:
-        """Evaluates when due (every validate_every steps and at the last); True to stop early."""
+    def after_step(self, trainer, model_wrap, extra_args, k: int, last: bool) -> bool:
+        """After the run's (k+1)-th update: the loss to the listeners, a preview and an evaluation
+        when due (evaluations every validate_every steps and at the last); True to stop early."""
+        steps_done = trainer.start.step + k + 1
         self.tell(steps_done, {"loss": trainer.losses[-1]})
+        self.previews.after_step(trainer, model_wrap, extra_args, k, steps_done)
         if not self.active:
             return False
         if steps_done % self.args.validate_every == 0 or last:

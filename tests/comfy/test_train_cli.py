@@ -20,6 +20,7 @@ import psutil
 import pytest
 import torch
 from conftest import COMFY, REPO, TINY
+from PIL import Image
 from safetensors import safe_open
 
 SCRIPT = REPO / "train_trilora.py"
@@ -44,6 +45,7 @@ checkpoint_every = 2
 log_dir = "{tmp / 'log'}"
 validation_split = 0.25   # 2 of the 8 images held out
 validate_every = 2
+preview_every = 2
 """)
     return path
 
@@ -158,6 +160,11 @@ def test_the_log_and_the_file_hold_the_curves_and_the_console_prints_them(runs):
     assert [r["drift"] for r in evals] == pytest.approx(curves["drift"], rel=1e-5)
     assert evals[0]["drift"] == 0.0 and evals[-1]["drift"] > 0  # the empty prompt moves once s moves
     assert (folder / "curves.png").stat().st_size > 1000
+    previews = [r["preview"] for r in rows if "preview" in r]
+    assert previews == ["preview_step000002.png", "preview_step000004.png"]
+    for name in previews:  # decoded with the checkpoint's VAE: 8x8 latents -> 64x64 pictures
+        with Image.open(folder / name) as picture:
+            assert picture.size == (64, 64)
     assert "TriLoRA evaluations:" in runs.one.out and "heldout  heldout_x0  drift  drift_x0" in runs.one.out
     assert (runs.two.loras.parent / "log" / "log.jsonl").read_text().count('"step": 0,') == 1  # rank 0 only
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import comfy.samplers
+import comfy.utils
 import pytest
 import torch
 from comfy_extras.nodes_custom_sampler import Guider_Basic
@@ -146,3 +147,21 @@ def test_bad_monitor_inputs_are_clear_errors_before_step_1(comfy_host, data, inp
         inputs["validation_positive"] = [data.conds[0]]
     with pytest.raises(ValueError, match=message):
         train(comfy_host, data, steps=1, **inputs)
+
+
+def test_previews_reach_the_progress_bar_every_preview_every_steps(comfy_host, data):
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        if preview is not None:
+            seen.append((value, total, preview))
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        train(comfy_host, data, steps=4, preview_every=2, validate_every=0, **FASTEST_FIT)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert [(v, t) for v, t, _ in seen] == [(2, 4), (4, 4)]
+    kinds, images = {p[0] for _, _, p in seen}, [p[1] for _, _, p in seen]
+    assert kinds == {"JPEG"} and images[0].size == (8, 8)  # Latent2RGB: one pixel per latent pixel
+    assert images[0].tobytes() != images[1].tobytes()  # the adapter moved between them
