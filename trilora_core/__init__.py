@@ -67,6 +67,7 @@ from .validation import (
     prediction_errors,
     validation_levels,
     validation_noise,
+    validation_plan,
 )
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "prediction_errors",
     "validation_levels",
     "validation_noise",
+    "validation_plan",
     "DepthLayout",
     "FORMAT_VERSION",
     "GROUPS",

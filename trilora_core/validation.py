@@ -30,6 +30,18 @@ def validation_levels(count: int = VALIDATION_LEVELS) -> list[float]:
     return [(i + 0.5) / count for i in range(count)]
 
 
+def validation_plan(num_items: int, levels: int = VALIDATION_LEVELS) -> list[list[int]]:
+    """The level indices each item is scored at: max(num_items, levels) samples in all, sample j
+    being item j mod num_items at level j mod levels. One item gets every level; as many items as
+    levels one each; more items one level each, the levels taking turns. So an evaluation costs
+    about max(items, levels) samples however many items there are, every level is scored, and
+    the plan is the same in every evaluation and run."""
+    plan: list[list[int]] = [[] for _ in range(num_items)]
+    for j in range(max(num_items, levels) if num_items else 0):
+        plan[j % num_items].append(j % levels)
+    return [sorted(set(p)) for p in plan]
+
+
 def validation_noise(shape, purpose: str, item: int, level: int) -> Tensor:
     """Standard normal float32 noise of ``shape`` (CPU) for one (purpose, item, level) of an
     evaluation, e.g. ("heldout", image 2, level 0): the same tensor in every evaluation and run."""

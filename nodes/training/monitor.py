@@ -3,9 +3,10 @@ images (a seeded validation_split of the training images, or validation LATENT/C
 inputs), the preservation prompts whose base drift is measured, and the evaluations every
 validate_every steps, with keep_best and early stopping.
 
-An evaluation scores every held-out image at VALIDATION_LEVELS fixed noise levels with fixed noise
-(one forward of a batch of levels per image, no gradient): the model's own objective (MSE of its
-eps / v / flow prediction) and the x0 error. Drift is the mean squared change of the prediction for
+An evaluation scores the held-out images at fixed noise levels with fixed noise (validation_plan:
+about max(images, VALIDATION_LEVELS) samples, every level scored, one forward of a batch of levels
+per image, no gradient): the model's own objective (MSE of its eps / v / flow prediction) and the
+x0 error, each the mean over the samples. Drift is the mean squared change of the prediction for
 each preservation prompt, on the first training latent noised the same way, against the base
 model's prediction, which is computed once with the adapters switched off (s = 0), so a resumed
 run measures drift against the untouched base too.
@@ -30,6 +31,7 @@ from ...trilora_core import (
     prediction_errors,
     validation_levels,
     validation_noise,
+    validation_plan,
 )
 from .batches import ForwardBatches, split_conditioning, split_latents
 from .config import NODE, TrainArgs
@@ -155,17 +157,18 @@ class Monitor:
         self.batches.start(base, processed, self.images, device, tuple(train_images[0].shape))
         self.drift_x0 = train_images[0]
         self.drift_conds = [[processed[j] for j in prompt] for prompt in self.data.preserve]
+        self.plan = {"heldout": validation_plan(len(self.images)), "drift": validation_plan(len(self.drift_conds))}
 
     def _predict(self, trainer, model_wrap, extra_args, x0, conds, purpose: str, item: int):
-        """(denoised, x0, coeff) for ``x0`` at every fixed level, in one forward without gradient."""
+        """(denoised, x0, coeff) for ``x0`` at its planned levels, in one forward without gradient."""
         ms = model_wrap.inner_model.model_sampling
-        count = len(self.levels)
+        levels = self.plan[purpose][item]
         key = (purpose, item)
         if key not in self.noise:
-            self.noise[key] = torch.cat([validation_noise(x0.shape, purpose, item, n) for n in range(count)])
+            self.noise[key] = torch.cat([validation_noise(x0.shape, purpose, item, n) for n in levels])
         noise = self.noise[key].to(self.device)
-        sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - t)) for t in self.levels], device=self.device)
-        x0 = x0.repeat(count, *([1] * (x0.ndim - 1)))
+        sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - self.levels[n])) for n in levels], device=self.device)
+        x0 = x0.repeat(len(levels), *([1] * (x0.ndim - 1)))
         model_wrap.conds["positive"] = conds
         autocast = torch.autocast(self.device.type, dtype=trainer.dtype, enabled=trainer.dtype != torch.float32)
         with torch.no_grad(), autocast:
@@ -194,15 +197,15 @@ class Monitor:
             errs = [prediction_errors(*self._predict(trainer, model_wrap, extra_args, img,
                                                      self.batches.conds_for([i]), "heldout", i))
                     for i, img in enumerate(self.images)]
-            row["heldout"] = float(torch.stack([e[0].mean() for e in errs]).mean())
-            row["heldout_x0"] = float(torch.stack([e[1].mean() for e in errs]).mean())
+            row["heldout"] = float(torch.cat([e[0] for e in errs]).mean())  # the mean over the samples
+            row["heldout_x0"] = float(torch.cat([e[1] for e in errs]).mean())
         drifts = []
         for p, conds in enumerate(self.drift_conds):
             denoised, _, coeff = self._predict(trainer, model_wrap, extra_args, self.drift_x0, conds, "drift", p)
             drifts.append(prediction_drift(denoised, self.base[p], coeff))
         if drifts:
-            row["drift"] = float(torch.stack([d[0].mean() for d in drifts]).mean())
-            row["drift_x0"] = float(torch.stack([d[1].mean() for d in drifts]).mean())
+            row["drift"] = float(torch.cat([d[0] for d in drifts]).mean())
+            row["drift_x0"] = float(torch.cat([d[1] for d in drifts]).mean())
         self.rows.append(row)
         self.tell(steps_done, {k: v for k, v in row.items() if k != "step"})
         if self.best.update(steps_done, row.get("heldout"), row.get("drift")):

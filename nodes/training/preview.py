@@ -15,7 +15,7 @@ import torch
 
 from ...trilora_core import generator
 
-PREVIEW_STEPS = 10
+PREVIEW_STEPS = 8
 PREVIEW_SEED = 20251  # the same noise in every preview and run
 
 

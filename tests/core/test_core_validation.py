@@ -15,6 +15,7 @@ from trilora_core import (
     prediction_errors,
     validation_levels,
     validation_noise,
+    validation_plan,
 )
 
 
@@ -28,6 +29,17 @@ def test_levels_are_bin_midpoints_and_noise_is_the_same_every_call():
         assert not torch.equal(a, validation_noise((1, 4, 8, 8), *other))
     with pytest.raises(ValueError):
         validation_levels(0)
+
+
+def test_plan_scores_every_level_in_about_max_items_levels_samples():
+    assert validation_plan(1) == [[0, 1, 2, 3]]
+    assert validation_plan(2) == [[0, 2], [1, 3]]
+    assert validation_plan(4) == [[0], [1], [2], [3]]
+    assert validation_plan(6) == [[0], [1], [2], [3], [0], [1]]
+    assert validation_plan(0) == []
+    for n in range(1, 12):
+        plan = validation_plan(n)
+        assert sum(map(len, plan)) == max(n, VALIDATION_LEVELS) and {lv for p in plan for lv in p} == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("n, fraction, held", [(4, 0.25, 1), (10, 0.2, 2), (3, 0.01, 1), (5, 0.0, 0), (7, 0.5, 4)])
