@@ -4,8 +4,8 @@ inputs), the preservation prompts whose base drift is measured, and the evaluati
 validate_every steps, with keep_best and early stopping.
 
 An evaluation scores the held-out images at fixed noise levels with fixed noise (validation_plan:
-about max(images, VALIDATION_LEVELS) samples, every level scored, one forward of a batch of levels
-per image, no gradient): the model's own objective (MSE of its eps / v / flow prediction) and the
+about max(images, VALIDATION_LEVELS) samples, every level scored, forwards of at most batch_size
+samples, as training's, so an evaluation needs no more memory; no gradient): the model's own objective (MSE of its eps / v / flow prediction) and the
 x0 error, each the mean over the samples. Drift is the mean squared change of the prediction for
 each preservation prompt, on the first training latent noised the same way, against the base
 model's prediction, which is computed once with the adapters switched off (s = 0), so a resumed
@@ -171,8 +171,10 @@ class Monitor:
         x0 = x0.repeat(len(levels), *([1] * (x0.ndim - 1)))
         model_wrap.conds["positive"] = conds
         autocast = torch.autocast(self.device.type, dtype=trainer.dtype, enabled=trainer.dtype != torch.float32)
+        xt, chunk = ms.noise_scaling(sigma, noise, x0, False), trainer.batch  # no larger than training's forward
         with torch.no_grad(), autocast:
-            denoised = model_wrap(ms.noise_scaling(sigma, noise, x0, False), sigma, **extra_args).float()
+            denoised = torch.cat([model_wrap(xt[i:i + chunk], sigma[i:i + chunk], **extra_args).float()
+                                  for i in range(0, len(levels), chunk)])
         return denoised, x0, ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
 
     def _base_predictions(self, trainer, model_wrap, extra_args) -> list:
