@@ -3,6 +3,7 @@ base drift against an offline computation of the same quantities, keep_best, ear
 curves in LOSS_MAP and the file, and bad inputs caught before step 1."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import comfy.samplers
@@ -165,3 +166,28 @@ def test_previews_reach_the_progress_bar_every_preview_every_steps(comfy_host, d
     kinds, images = {p[0] for _, _, p in seen}, [p[1] for _, _, p in seen]
     assert kinds == {"JPEG"} and images[0].size == (8, 8)  # Latent2RGB: one pixel per latent pixel
     assert images[0].tobytes() != images[1].tobytes()  # the adapter moved between them
+
+
+def test_run_log_writes_jsonl_previews_and_tensorboard_events(comfy_host, tmp_path):
+    # The command line's log (nodes/run_log.py), read back with TensorBoard's own reader.
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_log = importlib.import_module(f"{comfy_host.pack.__name__}.nodes.run_log")  # the CLI's, not loaded by ComfyUI
+    log = run_log.RunLog(str(tmp_path), decode=lambda latent: Image.new(
+        "RGB", (8 * latent.shape[-1], 8 * latent.shape[-2])))
+    log(1, {"loss": 0.5})
+    log(2, {"loss": 0.25})
+    log(2, {"heldout": 0.3, "drift": 0.01})
+    log(2, {"preview": torch.zeros(1, 4, 2, 3)})
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}, {"step": 2, "heldout": 0.3, "drift": 0.01},
+                    {"step": 2, "preview": "preview_step000002.png"}]
+    with Image.open(tmp_path / "preview_step000002.png") as picture:
+        assert picture.size == (24, 16)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.25)]
+    assert events.Scalars("eval/heldout")[0].value == pytest.approx(0.3)
+    assert events.Scalars("eval/drift")[0].value == pytest.approx(0.01)
