@@ -34,6 +34,7 @@ from harness import REPO  # noqa: E402
 from harness.bench import BenchHost, cpu_name, median  # noqa: E402
 
 GOAL = 0.10
+STEPS = 400  # two intervals of the defaults, so the start and end evaluations weigh as in a real run
 SIDES = ("off", "drift", "held-out", "preview", "all")
 
 
@@ -60,7 +61,7 @@ def run(opts) -> dict:
     node = host.ours
     defaults = {f: next(i.default for i in node.define_schema().inputs if i.id == f)
                 for f in ("validate_every", "preview_every")}
-    scale = opts.steps / 200 if opts.quick else 1.0
+    scale = opts.steps / STEPS if opts.quick else 1.0
     runs: dict[str, list] = {s: [] for s in SIDES}
     for r in range(opts.rounds):
         order = SIDES[r % len(SIDES):] + SIDES[: r % len(SIDES)]
@@ -84,12 +85,12 @@ def run(opts) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, intervals scaled to match")
-    parser.add_argument("--steps", type=int, default=0, help="steps per run (default 200; --quick 20)")
-    parser.add_argument("--latent", type=int, default=16, help="latent side (x8 = pixels)")
+    parser.add_argument("--steps", type=int, default=0, help=f"steps per run (default {STEPS}; --quick 20)")
+    parser.add_argument("--latent", type=int, default=8, help="latent side (x8 = pixels)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds of all sides (default 3; --quick 1)")
     parser.add_argument("--out", default=str(REPO / "bench_output"), help="folder for the results")
     opts = parser.parse_args(argv)
-    opts.steps = opts.steps or (20 if opts.quick else 200)
+    opts.steps = opts.steps or (20 if opts.quick else STEPS)
     opts.rounds = opts.rounds or (1 if opts.quick else 3)
     started = _dt.datetime.now().astimezone()
     result = {"started": started.isoformat(timespec="seconds"), "cpu": cpu_name(),

@@ -161,7 +161,7 @@ class TrainArgs:
                                       "held-out error (chosen by the seed; at least one image when above 0). "
                                       "Validation latents can also be connected.", fraction_below_one, min=0.0,
                                       max=0.95, step=0.05)
-    validate_every: int = setting(100, io.Int, "Every N steps (and before the first and after the last), score the "
+    validate_every: int = setting(200, io.Int, "Every N steps (and before the first and after the last), score the "
                                   "held-out images and the base drift on fixed noise at fixed noise levels (the "
                                   "same in every run). 0 = off.", zero_is_off, min=0, max=1_000_000)
     keep_best: str = _choices("off", KEEP_BEST, "Output and save the adapter of the evaluated step with the lowest "
@@ -172,7 +172,7 @@ class TrainArgs:
                                "preservation prompts.", zero_or_more, min=0.0, max=100.0, step=0.001)
     early_stop_evaluations: int = setting(0, io.Int, "With keep_best: stop when this many evaluations in a row "
                                           "found no better step. 0 = never.", zero_is_off, min=0, max=10_000)
-    preview_every: int = setting(100, io.Int, "Every N steps, sample a preview from fixed noise with the first caption "
+    preview_every: int = setting(200, io.Int, "Every N steps, sample a preview from fixed noise with a training caption "
                                  "and the adapter at strength 1 (8 Euler steps, cfg 1) and show it on the node "
                                  "(the command line saves it). 0 = off.", zero_is_off, min=0, max=1_000_000)
 

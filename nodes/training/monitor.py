@@ -7,7 +7,7 @@ An evaluation scores the held-out images at fixed noise levels with fixed noise 
 about max(images, VALIDATION_LEVELS) samples, every level scored, forwards of at most batch_size
 samples, as training's, so an evaluation needs no more memory; no gradient): the model's own objective (MSE of its eps / v / flow prediction) and the
 x0 error, each the mean over the samples. Drift is the mean squared change of the prediction for
-each preservation prompt, on the first training latent noised the same way, against the base
+each preservation prompt, on the smallest training latent noised the same way, against the base
 model's prediction, which is computed once with the adapters switched off (s = 0), so a resumed
 run measures drift against the untouched base too.
 
@@ -149,14 +149,18 @@ class Monitor:
     def active(self) -> bool:
         return self.args.validate_every > 0 and bool(self.data.images or self.data.preserve)
 
-    def start(self, base, processed, device, train_images, train_conds) -> None:
+    def start(self, base, processed, device, train: ForwardBatches) -> None:
+        """Once the guider has run: ``train`` holds the training latents (on the device) and their
+        processed conds. Drift and previews use the smallest training latent (the first of them)."""
         self.device = device
-        self.previews.start(base, processed, train_conds, device, tuple(train_images[0].shape))
+        first = min(range(len(train.images)), key=lambda i: train.images[i].numel())
+        self.previews.start(base, [train.processed_for(first)[j] for j in train.image_conds[first]], device,
+                            tuple(train.images[first].shape))
         self.images = [base.process_latent_in(img.to(device)) for img in self.images]
         self.batches = ForwardBatches(self.images, self.data.image_conds, self.args.seed)
-        self.batches.start(base, processed, self.images, device, tuple(train_images[0].shape))
-        self.drift_x0 = train_images[0]
-        self.drift_conds = [[processed[j] for j in prompt] for prompt in self.data.preserve]
+        self.batches.start(base, processed, self.images, device, tuple(train.images[0].shape))
+        self.drift_x0 = train.images[first]
+        self.drift_conds = [[train.processed_for(first)[j] for j in prompt] for prompt in self.data.preserve]
         self.plan = {"heldout": validation_plan(len(self.images)), "drift": validation_plan(len(self.drift_conds))}
 
     def _predict(self, trainer, model_wrap, extra_args, x0, conds, purpose: str, item: int):

@@ -1,5 +1,5 @@
 """Previews while Train TriLoRA trains: every preview_every steps, a latent sampled from fixed noise
-with the first training caption and the adapter as it is (strength 1): Euler on the model's own
+(the size of the smallest training latent) with its caption and the adapter as it is (strength 1): Euler on the model's own
 schedule, PREVIEW_STEPS steps, cfg 1 (the trainer's guider has the positive prompt only).
 
 ComfyUI shows it as the node's live preview through its ProgressBar, decoded by latent_preview's
@@ -35,9 +35,9 @@ class Previews:
         self.every, self.steps, self.listeners = every, steps, listeners
         self.count = 0
 
-    def start(self, base, processed, image_conds, device, shape) -> None:
-        self.base, self.device = base, device
-        self.conds = [processed[j] for j in image_conds[0]]
+    def start(self, base, conds, device, shape) -> None:
+        """``conds``: the processed cond entries of the caption, for latents of ``shape``."""
+        self.base, self.device, self.conds = base, device, conds
         self.noise = torch.randn(shape, generator=generator(PREVIEW_SEED, "preview"))
         self.bar = comfy.utils.ProgressBar(self.steps)
         self.previewer = _previewer(device, base.latent_format) if self.bar.hook is not None else None

@@ -140,7 +140,7 @@ class TriLoRATrainer(RunEndings):
         self.images = [img.to(self.device) for img in self.images]
         self.images = [base.process_latent_in(img) for img in self.images]
         self.batches.start(base, self.processed, self.images, self.device)
-        self.monitor.start(base, self.processed, self.device, self.images, self.image_conds)
+        self.monitor.start(base, self.processed, self.device, self.batches)
         self.settings = low_vram_settings(base, self.settings)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
@@ -155,7 +155,7 @@ class TriLoRATrainer(RunEndings):
         pbar = comfy.utils.ProgressBar(args.steps)
         text = _progress_text_sender()
         console = tqdm.trange(args.steps, desc="Training TriLoRA", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
-        self.monitor.begin(self, model_wrap, extra_args)
+        self._measuring(self.start.step, self.monitor.begin, self, model_wrap, extra_args)
         for k in console:
             step = self.start.step + k  # updates done before this one
             oom = None
@@ -175,7 +175,7 @@ class TriLoRATrainer(RunEndings):
             text(f"step {step + 1}/{self.total}  loss {loss:.4f}")
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 self.checkpoints.append(self.write_checkpoint(step + 1))
-            if self.monitor.after_step(self, model_wrap, extra_args, k, k == args.steps - 1):
+            if self._measuring(step + 1, self.monitor.after_step, self, model_wrap, extra_args, k, k == args.steps - 1):
                 break  # early stop
         if not all_finite(self.params):
             self._diverged(self.total, "the adapter's factors are not finite after the last update")
