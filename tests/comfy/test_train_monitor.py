@@ -191,3 +191,25 @@ def test_run_log_writes_jsonl_previews_and_tensorboard_events(comfy_host, tmp_pa
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 0.5), (2, 0.25)]
     assert events.Scalars("eval/heldout")[0].value == pytest.approx(0.3)
     assert events.Scalars("eval/drift")[0].value == pytest.approx(0.01)
+
+
+def test_out_of_memory_while_measuring_ends_the_run_with_the_adapter_saved(comfy_host, data, monkeypatch):
+    # A fault injected where an evaluation allocates (the real out-of-memory path of a step is
+    # tests/comfy/test_out_of_memory.py): after step 2 the evaluation fails as the allocator would.
+    from harness.host import pack_module
+
+    monitor = pack_module(comfy_host, "nodes.training.monitor").Monitor
+    evaluate = monitor.evaluate
+
+    def failing(self, trainer, model_wrap, extra_args, steps_done):
+        if steps_done == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return evaluate(self, trainer, model_wrap, extra_args, steps_done)
+
+    monkeypatch.setattr(monitor, "evaluate", failing)
+    with pytest.raises(Exception, match=r"out of memory at step 3 of 4 .*measuring after step 2") as caught:
+        train(comfy_host, data, steps=4, validate_every=2, checkpoint_prefix="measuring/run", **FASTEST_FIT)
+    assert type(caught.value).__name__ == "TrainingOutOfMemoryError"
+    saved = sorted((comfy_host.loras / "measuring").glob("*_last_good.safetensors"))
+    assert len(saved) == 1 and "step000002" in saved[0].name
+    assert comfy_host.core.read_trilora(saved[0]).metadata["trilora_steps"] == "2"
