@@ -58,6 +58,8 @@ class _Panel:
                   anchor="lb")
 
     def line(self, draw, steps, values, color, width: int = 2, markers: bool = False) -> None:
+        if not values:  # a curve this run did not measure (no held-out images, evaluations off)
+            return
         points = [(self.x(s), self.y(v)) for s, v in zip(steps, values, strict=True)
                   if v is not None and math.isfinite(v)]
         if len(points) > 1:

@@ -134,6 +134,14 @@ def test_plot_loss_graph_and_training_curves_read_the_loss_map(comfy_host, data)
         comfy_host.nodes.NODE_CLASS_MAPPINGS["LossGraphNode"].execute(loss=loss_map, filename_prefix="monitor/loss")
     image = run(comfy_host, "TriLoRATrainingCurves", loss_map=loss_map)[0]
     assert image.ndim == 4 and image.shape[-1] == 3 and float(image.std()) > 0
+    # At the node's defaults: drift only (no held-out images), one evaluation before and one after.
+    plain = train(comfy_host, data, steps=2)[2]
+    assert plain["eval_steps"] == [0, 2] and "heldout" not in plain and plain["best_step"] is None
+    image, table = run(comfy_host, "TriLoRATrainingCurves", loss_map=plain)
+    assert float(image.std()) > 0 and table.splitlines()[0] == "step  drift  drift_x0"
+    # Evaluations off: the loss alone.
+    bare = train(comfy_host, data, steps=2, validate_every=0)[2]
+    assert bare["eval_steps"] == [] and float(run(comfy_host, "TriLoRATrainingCurves", loss_map=bare)[0].std()) > 0
 
 
 @pytest.mark.parametrize("inputs, message", [
