@@ -35,6 +35,7 @@ serve: setup
 bench: setup
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench_distributed.py
+	$(PY) scripts/bench_monitor.py
 
 # One CUDA GPU, < 8 min: full-size SD1.5 / SDXL / Flux rows and the CUDA checks (see the script).
 bench-gpu: setup

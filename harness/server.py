@@ -116,8 +116,9 @@ class ComfyServer:
              on_progress: Callable[[dict], None] | None = None) -> dict:
         """Polls /history until the prompt is done; its history entry. With `on_progress`, also
         listens on the server's websocket and calls it about twice a second with what runs now:
-        {"node": id or None, "value": int, "max": int, "text": str}: the running node's progress
-        bar (e.g. training steps) and the text it shows under itself (e.g. the loss)."""
+        {"node": id or None, "value": int, "max": int, "text": str, "previews": int}: the running
+        node's progress bar (e.g. training steps), the text it shows under itself (e.g. the loss)
+        and how many preview images the websocket has brought so far."""
         listener = _ProgressListener(self) if on_progress else None
         deadline = time.time() + timeout
         try:
@@ -132,6 +133,7 @@ class ComfyServer:
         finally:
             if listener:
                 listener.stop()
+                on_progress(dict(listener.state))  # the last word: what came before the prompt finished
         raise ComfyError(f"prompt {prompt_id} did not finish in {timeout} s; server log:\n{self.log_tail()}")
 
     def run(self, prompt: dict, workflow: dict | None = None, timeout: float = 600,
@@ -151,7 +153,7 @@ class _ProgressListener:
     def __init__(self, server: ComfyServer):
         import threading
 
-        self.state = {"node": None, "value": 0, "max": 0, "text": ""}
+        self.state = {"node": None, "value": 0, "max": 0, "text": "", "previews": 0}
         self._stop = threading.Event()
         self._url = server.url.replace("http://", "ws://") + f"/ws?clientId={server.client_id}"
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -189,9 +191,12 @@ class _ProgressListener:
                     self.state.update(node=body.get("node"), value=body.get("value", 0), max=body.get("max", 0))
 
     def _binary(self, data: bytes) -> None:
-        """Progress text a node shows under itself (type 3: node id length, node id, text)."""
+        """Progress text a node shows under itself (type 3: node id length, node id, text), and
+        preview images (type 1: format and image; type 4: with metadata)."""
         import struct
 
+        if len(data) >= 4 and struct.unpack(">I", data[:4])[0] in (1, 4):
+            self.state["previews"] += 1
         if len(data) >= 8 and struct.unpack(">I", data[:4])[0] == 3:
             size = struct.unpack(">I", data[4:8])[0]
             self.state.update(node=data[8:8 + size].decode(errors="replace"),

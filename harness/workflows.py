@@ -39,6 +39,7 @@ What to change:
 - Load Checkpoint: your SD1.5 model ({CHECKPOINT} is the usual file).
 - Train TriLoRA: steps, rank and learning_rate. A few hundred steps on a GPU make a visible style. training_dtype: bf16 saves memory on recent GPUs; use fp32 on a CPU.
 - Save TriLoRA writes {TRAINED} into models/loras (the counter grows with each run), ready for the "generate" workflow.
+- Training curves: the loss, and every validate_every steps the base drift (how much the prompt-free prediction moved) and, with validation_split above 0, the error on held-out images; keep_best keeps the best step.
 """
 
 
@@ -96,11 +97,14 @@ def training_spec() -> dict:
          "widgets": {"filename_prefix": TRAINED_PREFIX}},
         {"key": "loss", "type": "LossGraphNode", "pos": [1660, 230], "size": [380, 330],
          "widgets": {"filename_prefix": "trilora_loss"}},
-        {"key": "pos", "type": "CLIPTextEncode", "title": "Preview prompt", "pos": [20, 780], "size": [420, 150],
+        {"key": "curves", "type": "TriLoRATrainingCurves", "pos": [1660, 600], "size": [380, 0]},
+        {"key": "curves_image", "type": "PreviewImage", "title": "Training curves: loss, held-out, drift",
+         "pos": [1660, 680], "size": [380, 240]},
+        {"key": "pos", "type": "CLIPTextEncode", "title": "Preview prompt", "pos": [20, 1020], "size": [420, 150],
          "widgets": {"text": STYLE_PROMPT}},
-        {"key": "neg", "type": "CLIPTextEncode", "title": "Preview negative prompt", "pos": [20, 980],
+        {"key": "neg", "type": "CLIPTextEncode", "title": "Preview negative prompt", "pos": [20, 1220],
          "size": [420, 90], "widgets": {"text": NEGATIVE}},
-        {"key": "latent", "type": "EmptyLatentImage", "pos": [20, 1120], "size": [420, 0],
+        {"key": "latent", "type": "EmptyLatentImage", "pos": [20, 1360], "size": [420, 0],
          "widgets": {"width": 512, "height": 512, "batch_size": 1}},
     ]
     links = [
@@ -109,6 +113,7 @@ def training_spec() -> dict:
         ["ckpt", "MODEL", "train", "model"], ["encode", "LATENT", "train", "latents"],
         ["captions", "CONDITIONING", "train", "positive"],
         ["train", "TRILORA", "save", "trilora"], ["train", "LOSS_MAP", "loss", "loss"],
+        ["train", "LOSS_MAP", "curves", "loss_map"], ["curves", "curves", "curves_image", "images"],
         ["ckpt", "CLIP", "pos", "clip"], ["ckpt", "CLIP", "neg", "clip"],
     ]
     previews = []
@@ -116,13 +121,13 @@ def training_spec() -> dict:
         x, k = 500 + i * 520, f"_{i}"
         nodes += [
             {"key": "apply" + k, "type": "ApplyTriLoRA", "title": f"Apply TriLoRA (strength {strength})",
-             "pos": [x, 780], "size": [260, 0], "widgets": {"strength": strength}},
-            {"key": "sampler" + k, "type": "KSampler", "pos": [x, 900], "size": [260, 0],
+             "pos": [x, 1020], "size": [260, 0], "widgets": {"strength": strength}},
+            {"key": "sampler" + k, "type": "KSampler", "pos": [x, 1140], "size": [260, 0],
              "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0,
                          "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            {"key": "decode" + k, "type": "VAEDecode", "pos": [x + 290, 780], "size": [200, 0]},
+            {"key": "decode" + k, "type": "VAEDecode", "pos": [x + 290, 1020], "size": [200, 0]},
             {"key": "preview" + k, "type": "PreviewImage", "title": f"Preview: strength {strength}",
-             "pos": [x + 290, 880], "size": [200, 280]},
+             "pos": [x + 290, 1120], "size": [200, 280]},
         ]
         links += [
             ["ckpt", "MODEL", "apply" + k, "model"], ["train", "TRILORA", "apply" + k, "trilora"],
@@ -134,7 +139,8 @@ def training_spec() -> dict:
         previews += ["apply" + k, "sampler" + k, "decode" + k, "preview" + k]
     groups = [
         {"title": "1. Training images and captions", "members": ["ckpt", "images", "encode", "captions"]},
-        {"title": "2. Train, save, loss graph", "members": ["train", "save", "loss"]},
+        {"title": "2. Train, save, loss graph and training curves",
+         "members": ["train", "save", "loss", "curves", "curves_image"]},
         {"title": "3. Previews at strengths " + ", ".join(map(str, PREVIEW_STRENGTHS)),
          "members": ["pos", "neg", "latent", *previews]},
     ]
@@ -279,15 +285,15 @@ def family_training_spec(family: str) -> dict:
          "widgets": {"filename_prefix": prefix}},
         {"key": "loss", "type": "LossGraphNode", "pos": [1660, 210], "size": [380, 330],
          "widgets": {"filename_prefix": f"{prefix}_loss"}},
-        {"key": "pos", "type": "CLIPTextEncode", "title": "Prompt", "pos": [20, 950], "size": [420, 150],
+        {"key": "pos", "type": "CLIPTextEncode", "title": "Prompt", "pos": [20, 1010], "size": [420, 150],
          "widgets": {"text": STYLE_PROMPT}},
-        {"key": "apply", "type": "ApplyTriLoRA", "pos": [500, 950], "size": [300, 0], "widgets": {"strength": 1.0}},
-        {"key": "sampler", "type": "KSampler", "pos": [860, 950], "size": [300, 0],
+        {"key": "apply", "type": "ApplyTriLoRA", "pos": [500, 1010], "size": [300, 0], "widgets": {"strength": 1.0}},
+        {"key": "sampler", "type": "KSampler", "pos": [860, 1010], "size": [300, 0],
          "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 20 if flux else 25,
                      "cfg": 1.0 if flux else 7.0, "sampler_name": "euler", "scheduler": "simple" if flux else "normal",
                      "denoise": 1.0}},
-        {"key": "decode", "type": "VAEDecode", "pos": [1200, 950]},
-        {"key": "image", "type": "SaveImage", "pos": [1420, 950], "size": [420, 460],
+        {"key": "decode", "type": "VAEDecode", "pos": [1200, 1010]},
+        {"key": "image", "type": "SaveImage", "pos": [1420, 1010], "size": [420, 460],
          "widgets": {"filename_prefix": f"trilora/{family}"}},
     ]
     links = [
@@ -302,10 +308,10 @@ def family_training_spec(family: str) -> dict:
     ]
     if flux:
         nodes += [
-            {"key": "guidance", "type": "FluxGuidance", "pos": [20, 1150], "size": [420, 0],
+            {"key": "guidance", "type": "FluxGuidance", "pos": [20, 1210], "size": [420, 0],
              "widgets": {"guidance": 3.5}},
-            {"key": "neg", "type": "ConditioningZeroOut", "pos": [20, 1250], "size": [420, 0]},
-            {"key": "latent", "type": "EmptySD3LatentImage", "pos": [20, 1330], "size": [420, 0],
+            {"key": "neg", "type": "ConditioningZeroOut", "pos": [20, 1310], "size": [420, 0]},
+            {"key": "latent", "type": "EmptySD3LatentImage", "pos": [20, 1390], "size": [420, 0],
              "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
         ]
         links += [["pos", "CONDITIONING", "guidance", "conditioning"], ["guidance", "CONDITIONING", "sampler", "positive"],
@@ -313,9 +319,9 @@ def family_training_spec(family: str) -> dict:
                   ["latent", "LATENT", "sampler", "latent_image"]]
     else:
         nodes += [
-            {"key": "neg", "type": "CLIPTextEncode", "title": "Negative prompt", "pos": [20, 1150], "size": [420, 90],
+            {"key": "neg", "type": "CLIPTextEncode", "title": "Negative prompt", "pos": [20, 1210], "size": [420, 90],
              "widgets": {"text": NEGATIVE}},
-            {"key": "latent", "type": "EmptyLatentImage", "pos": [20, 1290], "size": [420, 0],
+            {"key": "latent", "type": "EmptyLatentImage", "pos": [20, 1350], "size": [420, 0],
              "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
         ]
         links += [["pos", "CONDITIONING", "sampler", "positive"], [*clip, "neg", "clip"],

@@ -34,13 +34,24 @@ class TrainTriLoRA(io.ComfyNode):
                 io.Conditioning.Input(id="positive", tooltip="The captions: one conditioning for all images, or a list "
                                       "with one per image (or one per LATENT batch)."),
                 *TrainArgs.schema_inputs(),
+                io.Latent.Input(id="validation_latents", optional=True, tooltip="Held-out images as latents (one "
+                                "LATENT or a list), scored every validate_every steps and never trained on; also "
+                                "see validation_split."),
+                io.Conditioning.Input(id="validation_positive", optional=True, tooltip="The captions of "
+                                      "validation_latents: one for all, one per image or one per LATENT."),
+                io.Conditioning.Input(id="preservation", optional=True, tooltip="Prompts the TriLoRA should not "
+                                      "change (e.g. CLIP Text Encode of \"\" and of the captions without the "
+                                      "trigger word): base drift is measured on them. Default: the first caption "
+                                      "zeroed out (ConditioningZeroOut)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained TriLoRA applied "
                                 "(strength 1)."),
                 TRILORA.Output(display_name="TRILORA", tooltip="The trained TriLoRA with its training record; "
                                "save it with Save TriLoRA or preview it with Apply TriLoRA."),
-                LOSS_MAP.Output(display_name="LOSS_MAP", tooltip="Loss per step of this run, for Plot Loss Graph."),
+                LOSS_MAP.Output(display_name="LOSS_MAP", tooltip="Loss per step of this run (for Plot Loss Graph), "
+                                "and the held-out error and base drift at each evaluation (for TriLoRA Training "
+                                "Curves)."),
                 io.Int.Output(display_name="steps", tooltip="Total steps the TriLoRA has been trained for "
                               "(including a resumed file's)."),
             ],
@@ -56,18 +67,22 @@ class TrainTriLoRA(io.ComfyNode):
         return files_fingerprint(single_input(existing_lora))
 
     @classmethod
-    def execute(cls, model, latents, positive, **settings):
+    def execute(cls, model, latents, positive, validation_latents=None, validation_positive=None, preservation=None,
+                **settings):
         args = TrainArgs.from_inputs(settings)
         args.check()
         model = single_input(model)
         images, sources = split_latents(latents)
         entries, image_conds = split_conditioning(positive, len(images), sources)
         with torch.inference_mode(False), torch.enable_grad():
-            trainer = train(args, model, images, entries, image_conds, select_targets=cls.select_targets)
+            trainer = train(args, model, images, entries, image_conds, select_targets=cls.select_targets,
+                            validation_latents=validation_latents, validation_positive=validation_positive,
+                            preservation=preservation)
             layers = trainer.layers()
             trilora = TriLoRAFile(layers, trainer.metadata(trainer.total))
         out_model, _, _ = apply_trilora(model, None, layers, 1.0, 0.0, "TrainTriLoRA")
-        return io.NodeOutput(out_model, trilora, {"loss": list(trainer.losses)}, trainer.total)
+        loss_map = {"loss": list(trainer.losses), **trainer.monitor.curves()}
+        return io.NodeOutput(out_model, trilora, loss_map, trainer.total)
 
 
 NODES = [TrainTriLoRA]

@@ -6,7 +6,9 @@ trainer, saved as Save TriLoRA saves; one process, or one per device under torch
 Every option but three is an input of a node, read from that node's definition (name, type,
 default, range, choices; its tooltip is the help): Load Training Images (TriLoRA) for the data,
 Train TriLoRA for the run, Save TriLoRA for the file. The CLI adds `checkpoint` (what to train
-on) and `loras_dir` (where files go), and `batch_size` counts per rank, as accelerate's does.
+on), `loras_dir` (where files go) and `log_dir` (the run's curves: run_log.py), and `batch_size`
+counts per rank, as accelerate's does. Base drift is measured on the empty prompt, encoded with the
+checkpoint's text encoder.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import traceback
 
 import comfy.model_management
@@ -26,8 +29,10 @@ import torch.distributed as dist
 import nodes as comfy_nodes  # ComfyUI's nodes.py (ComfyUI's root is on sys.path)
 
 from ..trilora_core import TriLoRAFile
+from . import curves_plot
 from .dataset import TriLoRASampleImages, image_files, resolve_folder
 from .loras_folder import NONE_FILE, prefix_location
+from .run_log import RunLog
 from .save import SaveTriLoRA
 from .train import TrainTriLoRA
 from .training import (
@@ -163,7 +168,11 @@ class Option:
 OWN = [Option("checkpoint", "STRING", {"tooltip": "The model to train for: a file in ComfyUI's checkpoints "
                                                   "folder, or a path to one. Required."}),
        Option("loras_dir", "STRING", {"default": "", "tooltip": "The folder for checkpoints, the finished file and "
-                                      "existing_lora: empty is ComfyUI's loras folder."})]
+                                      "existing_lora: empty is ComfyUI's loras folder."}),
+       Option("log_dir", "STRING", {"default": "", "tooltip": "The folder for the run's log (log.jsonl: the loss "
+                                    "per step, held-out error and drift per evaluation; TensorBoard event files "
+                                    "when tensorboard is installed) and its curves picture: empty is "
+                                    "trilora_logs/<start time> in ComfyUI's output folder."})]
 
 
 def node_options() -> list[tuple[str, list[Option]]]:
@@ -295,18 +304,27 @@ def run(values: dict) -> str:
     with torch.inference_mode():
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint)[:3]
     latents, positive = encode_dataset(values["folder"], values["size"], clip, vae)
-    del clip, vae
+    with torch.inference_mode():
+        empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]  # the preservation prompt of base drift
+    del clip
     images, sources = split_latents(latents)
     entries, image_conds = split_conditioning(positive, len(images), sources)
     if args.batch_size > len(images):
         log.warning("TriLoRA: the global batch (%d) is larger than the %d images; each step takes all of them",
                     args.batch_size, len(images))
-    with torch.inference_mode(False), torch.enable_grad():
-        parallel = DataParallel()
-        trainer = train(args, model, images, entries, image_conds, parallel=parallel)
-        trilora = TriLoRAFile(trainer.layers(), trainer.metadata(trainer.total))
+    run_log = RunLog(log_folder(values), lambda latent: decode_preview(vae, latent)) if rank == 0 else None
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            parallel = DataParallel()
+            trainer = train(args, model, images, entries, image_conds, parallel=parallel,
+                            listeners=[run_log] if run_log else (), preservation=[empty])
+            trilora = TriLoRAFile(trainer.layers(), trainer.metadata(trainer.total))
+    finally:
+        if run_log is not None:
+            run_log.close()
     if rank != 0:
         return ""
+    show_curves(trainer, run_log.folder)
     STOP.ending = True  # a stop signal now would only lose the finished file
     name = SaveTriLoRA.execute(trilora, values["filename_prefix"]).result[0]
     ends = parallel.step_ends
@@ -319,6 +337,29 @@ def run(values: dict) -> str:
                  (cpu1 - cpu0) / (len(ends) - 1))
     log.info("TriLoRA saved as %s (%d steps) in %s", name, trainer.total, folder_paths.get_folder_paths("loras")[0])
     return name
+
+
+def decode_preview(vae, latent: torch.Tensor):
+    """A preview latent as a picture (the first frame of a video), with the checkpoint's VAE."""
+    from PIL import Image
+
+    with torch.inference_mode():
+        pixels = vae.decode(latent)
+    frame = pixels.reshape(-1, *pixels.shape[-3:])[0].clamp(0, 1)
+    return Image.fromarray((frame.float().cpu().numpy() * 255).round().astype("uint8"))
+
+
+def log_folder(values: dict) -> str:
+    return values["log_dir"] or os.path.join(folder_paths.get_output_directory(), "trilora_logs",
+                                             time.strftime("%Y%m%d-%H%M%S"))
+
+
+def show_curves(trainer, folder: str) -> None:
+    """Prints the evaluations and draws the curves (curves.png in the log folder)."""
+    loss_map = {"loss": list(trainer.losses), **trainer.monitor.curves()}
+    if loss_map["eval_steps"]:
+        log.info("TriLoRA evaluations:\n%s", curves_plot.summary(loss_map))
+    curves_plot.plot(loss_map, f"Train TriLoRA: {len(trainer.losses)} steps").save(os.path.join(folder, "curves.png"))
 
 
 def main(argv: list[str], host_options: argparse.ArgumentParser) -> int:

@@ -6,7 +6,8 @@ own frontend in headless Chromium, and converts the two workflow files users dra
 converter, app.graphToPrompt(), its checkpoint widget pointed at the model. Then it queues them:
 
 1. training: the bundled sample images and captions -> Train TriLoRA -> Save TriLoRA, the loss
-   graph, and previews at several strengths through Apply TriLoRA;
+   graph, the training curves (TriLoRA Training Curves: loss and base drift), and previews at
+   several strengths through Apply TriLoRA;
 2. generation: Load TriLoRA with the file just trained, at several strengths.
 
 Everything lands in demo_output/ (see the README's "make demo" section). By default it runs on the
@@ -257,7 +258,8 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
         if len(trained) != 1:
             raise ComfyError(f"expected one trained file in {out}, found {[p.name for p in trained]}")
         trained = trained[0]
-        images = save_outputs(server, entry, converted_train.prompt, out, {"Plot Loss Graph": "loss_graph"})
+        images = save_outputs(server, entry, converted_train.prompt, out, {
+            "Plot Loss Graph": "loss_graph", "Training curves: loss, held-out, drift": "training_curves"})
         say(f"trained in {train_seconds:.1f} s: {trained.name}; wrote {', '.join(p.name for p in images)}")
 
         generated, gen_seconds = [], 0.0
@@ -283,7 +285,7 @@ def run(server: ComfyServer, args, out: Path, ckpt_name: str, tiny: bool, starte
         "first_loss": info["first_loss"], "final_loss": info["final_loss"],
         "training_seconds": round(train_seconds, 1), "generation_seconds": round(gen_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
-        "loss_graph": str(out / "loss_graph.png"),
+        "loss_graph": str(out / "loss_graph.png"), "training_curves": str(out / "training_curves.png"),
         "training_previews": [str(p) for p in images if p.name.startswith("preview_")],
         "generated": [str(p) for p in generated], "strengths": args.strengths,
         "strip": str(out / "strengths.png"), "style": style,
@@ -302,7 +304,8 @@ def print_summary(summary: dict, info: dict, args, trained: Path, out: Path, tin
     print(f"  training      {info['steps']} steps in {summary['training_seconds']:.1f} s, loss {loss}")
     print(f"  adapter       {info['layers']} layers, {info['rank_text']}, {info['size_bytes'] / 1e6:.1f} MB")
     print(f"  trained file  {trained}")
-    print(f"  loss graph    {out / 'loss_graph.png'}")
+    print(f"  loss graph    {out / 'loss_graph.png'}; training curves (loss, base drift): "
+          f"{out / 'training_curves.png'}")
     print(f"  previews      {len(summary['training_previews'])} from the training workflow (preview_strength_*.png)")
     print(f"  generated     {len(summary['generated'])} images at strengths {', '.join(map(str, args.strengths))} "
           f"(generate_strength_*.png) in {summary['generation_seconds']:.1f} s; strip: strengths.png")

@@ -62,8 +62,28 @@ from .training import (
     orthogonality_penalty,
     sample_indices,
 )
+from .validation import (
+    KEEP_BEST,
+    VALIDATION_LEVELS,
+    BestStep,
+    holdout_split,
+    prediction_drift,
+    prediction_errors,
+    validation_levels,
+    validation_noise,
+    validation_plan,
+)
 
 __all__ = [
+    "KEEP_BEST",
+    "VALIDATION_LEVELS",
+    "BestStep",
+    "holdout_split",
+    "prediction_drift",
+    "prediction_errors",
+    "validation_levels",
+    "validation_noise",
+    "validation_plan",
     "DepthLayout",
     "FORMAT_VERSION",
     "GROUPS",

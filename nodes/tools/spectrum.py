@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ...trilora_core import alias_groups, fold_aliases
 from ..loras_folder import OptionalLorasFileNode, file_choice
+from ..plot_style import to_comfy_image
 from ..schema import optional_trilora_input
 from . import spectrum_plot
 from .common import alias_text, read_source, tool_schema
@@ -45,4 +46,4 @@ class TriLoRASpectrum(OptionalLorasFileNode):
         if adapter.diffs:
             text += (f"\n{len(adapter.diffs)} full-weight diffs (.diff/.diff_b) are not low-rank and not shown; "
                      "the loaders apply them as ComfyUI's LoraLoader does")
-        return io.NodeOutput(spectrum_plot.to_comfy_image(image), text)
+        return io.NodeOutput(to_comfy_image(image), text)

@@ -8,15 +8,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from ...trilora_core import GROUPS, TriLoRALayer, block_group, energy_rank, rank_range, spectrum
+from ..plot_style import BACKGROUND, GRID, GUIDE, INK, load_font
 
 WIDTH, HEIGHT = 1024, 768
-BACKGROUND = (255, 255, 255)
-INK = (40, 40, 40)
-GRID = (225, 225, 225)
-GUIDE = (150, 150, 150)
 COLORS = {  # colour-blind friendly (Okabe-Ito), one per group
     "UNet input blocks": (0, 114, 178),
     "UNet middle block": (230, 159, 0),
@@ -86,13 +83,6 @@ def summary(spectra: list[LayerSpectrum], source: str) -> str:
 # --------------------------------------------------------------------------- picture
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 class _Axes:
     """A plot panel: data (x index from 1, y) to pixels, optional log10 y."""
 
@@ -153,7 +143,7 @@ def plot(spectra: list[LayerSpectrum], title: str, width: int = WIDTH, height: i
     with guides at 90% and 99%. One colour per model part, legend on the right."""
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    font, big = _font(13), _font(16)
+    font, big = load_font(13), load_font(16)
     x_max = max(len(s.values) for s in spectra)
     left, right, legend_w = 70, width - 210, 190
     top_box = (left, 60, right, int(height * 0.5))
@@ -200,6 +190,3 @@ def plot(spectra: list[LayerSpectrum], title: str, width: int = WIDTH, height: i
               fill=INK, font=font, anchor="mm")
     return image
 
-
-def to_comfy_image(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]  # [1, H, W, 3]

@@ -93,10 +93,11 @@ class ForwardBatches:
         self.processed: list = []  # the guider's processed cond entries, in input order
         self.by_shape: dict[tuple, list] = {}  # the same, for each latent shape
 
-    def start(self, base, processed: list, images: list[torch.Tensor], device) -> None:
-        """Once the guider has run: the BaseModel, its processed entries, the latents on the device."""
+    def start(self, base, processed: list, images: list[torch.Tensor], device, processed_shape=None) -> None:
+        """Once the guider has run: the BaseModel, its processed entries (made for the latent shape
+        ``processed_shape``, default the first image's), the latents on the device."""
         self.base, self.processed, self.images, self.device = base, processed, images, device
-        self.by_shape = {tuple(images[0].shape): processed}
+        self.by_shape = {processed_shape or tuple(images[0].shape): processed}
 
     def processed_for(self, image: int) -> list:
         """The processed cond entries with their model inputs for this image's latent size."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from comfy_api.latest import io
 
-from ...trilora_core import LOSS_FUNCTIONS, LOSS_WEIGHTINGS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
+from ...trilora_core import KEEP_BEST, LOSS_FUNCTIONS, LOSS_WEIGHTINGS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLINGS
 from ..loras_folder import NONE_FILE, file_choice, prefix_location
 from .family import AUTO, DEFAULT_GUIDANCE
 
@@ -49,6 +49,10 @@ def positive(name: str, v) -> str | None:
 
 def zero_or_more(name: str, v) -> str | None:
     return None if math.isfinite(v) and v >= 0 else f"{name} must be 0 or more, got {v}"
+
+
+def fraction_below_one(name: str, v) -> str | None:
+    return None if math.isfinite(v) and 0 <= v < 1 else f"{name} must be at least 0 and below 1, got {v}"
 
 
 def one_of(choices) -> Rule:
@@ -161,6 +165,25 @@ class TrainArgs:
         "on the least noisy levels. auto: x0 for SD1.5/SDXL (eps and v models), none for flow models.")
     min_snr_gamma: float = setting(5.0, io.Float, "gamma of loss_weighting = min_snr (5 in the paper and kohya's "
                                    "docs); other weightings ignore it.", positive, min=0.1, max=100.0, step=0.1)
+    # What the run is measured by (nodes/training/monitor.py), after all older inputs.
+    validation_split: float = setting(0.0, io.Float, "Share of the training images held out to measure the "
+                                      "held-out error (chosen by the seed; at least one image when above 0). "
+                                      "Validation latents can also be connected.", fraction_below_one, min=0.0,
+                                      max=0.95, step=0.05)
+    validate_every: int = setting(200, io.Int, "Every N steps (and before the first and after the last), score the "
+                                  "held-out images and the base drift on fixed noise at fixed noise levels (the "
+                                  "same in every run). 0 = off.", zero_is_off, min=0, max=1_000_000)
+    keep_best: str = _choices("off", KEEP_BEST, "Output and save the adapter of the evaluated step with the lowest "
+                              "held-out error (drift-bounded: among steps whose drift is at most max_drift) "
+                              "instead of the last one. Needs held-out images.")
+    max_drift: float = setting(0.01, io.Float, "The drift bound of keep_best 'drift-bounded held-out': the mean "
+                               "squared change of the model's prediction (noise, v or flow units) for the "
+                               "preservation prompts.", zero_or_more, min=0.0, max=100.0, step=0.001)
+    early_stop_evaluations: int = setting(0, io.Int, "With keep_best: stop when this many evaluations in a row "
+                                          "found no better step. 0 = never.", zero_is_off, min=0, max=10_000)
+    preview_every: int = setting(200, io.Int, "Every N steps, sample a preview from fixed noise with a training caption "
+                                 "and the adapter at strength 1 (8 Euler steps, cfg 1) and show it on the node "
+                                 "(the command line saves it). 0 = off.", zero_is_off, min=0, max=1_000_000)
 
     @classmethod
     def schema_inputs(cls) -> list:

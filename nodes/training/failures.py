@@ -98,6 +98,17 @@ class RunFailures:
         self.optimizer.state.clear()
         raise TrainingOutOfMemoryError(message)
 
+    def measuring(self, steps_done: int, call, *args):
+        """``call(*args)``, a monitor call (evaluation, preview) after ``steps_done`` steps: out of
+        memory there ends the run as in a step, with the adapter after ``steps_done`` steps saved."""
+        try:
+            return call(*args)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            what = f"measuring after step {steps_done}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        self.out_of_memory(steps_done + 1, what)  # out here: the failed forward's tensors are freed
+
     def keep_last_good(self, steps_done: int, from_snapshot: bool, with_optimizer: bool, saved: str) -> str:
         """Saves the adapter after ``steps_done`` steps (the factors of the last snapshot where
         ``from_snapshot``) when this run made any; returns what the error message says of it."""

@@ -49,6 +49,7 @@ from .checkpoints import StartState, fresh, read_start, resume_start, run_metada
 from .config import NODE, TRAINING_DTYPES, TrainArgs
 from .failures import LastGood, RunFailures, is_out_of_memory, memory_hints
 from .family import FamilySettings
+from .monitor import Monitor, MonitorData, monitor_inputs
 from .parallel import OneProcess
 from .targets import attach, find_targets
 
@@ -89,13 +90,14 @@ class TriLoRATrainer:
     the run shares its work between processes (parallel.py; alone by default)."""
 
     def __init__(self, args: TrainArgs, model_patcher, targets, start: StartState, images, image_conds,
-                 base_meta: dict, settings: FamilySettings, parallel: OneProcess | None = None):
+                 base_meta: dict, settings: FamilySettings, parallel: OneProcess | None = None,
+                 monitor: Monitor | None = None):
         self.args, self.mp, self.targets, self.start = args, model_patcher, targets, start
         self.parallel = parallel or OneProcess()
+        self.monitor = monitor or Monitor(args, MonitorData(), list)
         self.images, self.image_conds = images, image_conds
         self.processed: list = []  # the guider's processed cond entries, in input order
-        self.batches = ForwardBatches(images, image_conds, args.seed)
-        self.settings = settings
+        self.batches, self.settings = ForwardBatches(images, image_conds, args.seed), settings
         self.base_meta = {**base_meta, **settings.metadata()}
         self.dtype = TRAINING_DTYPES[args.training_dtype]
         self.device = model_patcher.load_device
@@ -154,6 +156,7 @@ class TriLoRATrainer:
         self.images = [img.to(self.device) for img in self.images]
         self.images = [base.process_latent_in(img) for img in self.images]
         self.batches.start(base, self.processed, self.images, self.device)
+        self.monitor.start(base, self.processed, self.device, self.batches)
         self.settings = low_vram_settings(base, self.settings)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
@@ -171,6 +174,7 @@ class TriLoRATrainer:
         pbar = comfy.utils.ProgressBar(args.steps)
         text = _progress_text_sender()
         console = tqdm.trange(args.steps, desc="Training TriLoRA", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
+        self.failures.measuring(self.start.step, self.monitor.begin, self, model_wrap, extra_args)
         for k in console:
             step = self.start.step + k  # updates done before this one
             oom = None
@@ -190,8 +194,11 @@ class TriLoRATrainer:
             text(f"step {step + 1}/{self.total}  loss {loss:.4f}")
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
                 self.checkpoints.append(self.write_checkpoint(step + 1))
+            if self.failures.measuring(step + 1, self.monitor.after_step, self, model_wrap, extra_args, k, k == args.steps - 1):
+                break  # early stop
         if not all_finite(self.params):
             self.failures.diverged(self.total, "the adapter's factors are not finite after the last update")
+        self.total = self.failures.total = self.monitor.finish(self, self.start.step + len(self.losses))
 
     def _step(self, model_wrap, extra_args, step: int) -> float:
         """One optimizer update; returns its loss."""
@@ -231,7 +238,7 @@ class TriLoRATrainer:
 
     def metadata(self, steps_done: int) -> dict[str, str]:
         meta = run_metadata(self.args, self.start, self.losses, len(self.images), self.base_meta, steps_done)
-        return {**meta, **self.parallel.metadata(self.args)}
+        return {**meta, **self.parallel.metadata(self.args), **self.monitor.metadata()}
 
     def write_checkpoint(self, steps_done: int, suffix: str = "", with_optimizer: bool = True) -> str:
         if not self.parallel.writes_files:
@@ -325,10 +332,13 @@ class TrainSampler(comfy.samplers.Sampler):
 
 
 def train(args: TrainArgs, model, images, entries, image_conds, parallel: OneProcess | None = None,
-          select_targets=find_targets) -> TriLoRATrainer:
-    """Trains on a clone of ``model``; returns the finished trainer (factors, losses).
+          select_targets=find_targets, listeners=(), **validation) -> TriLoRATrainer:
+    """Trains on a clone of ``model``; returns the finished trainer (factors, losses, curves).
     ``parallel``: how the run is shared between processes (the CLI's DataParallel; alone by default);
-    ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts."""
+    ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts;
+    ``listeners``: called with (step, {name: value}) for each step's loss and each evaluation;
+    ``validation``: validation_latents, validation_positive, preservation (monitor.monitor_inputs)."""
+    images, image_conds, entries, data = monitor_inputs(args, images, entries, image_conds, **validation)
     mp = model.clone()
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
     settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing,
@@ -343,8 +353,10 @@ def train(args: TrainArgs, model, images, entries, image_conds, parallel: OnePro
         start = read_start(args, targets)
     else:
         targets, start = resume_start(args, mp)
+    monitor = Monitor(args, data, lambda latents: family.fit_latents([x.detach().clone().float() for x in latents], mp),
+                      listeners)
     trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings,
-                             parallel)
+                             parallel, monitor)
     comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     guider = Guider_Basic(mp)
     guider.set_conds(entries)

@@ -40,3 +40,18 @@ def test_bench_quick_writes_well_formed_results(tmp_path):
         assert row["ours"] > 0 and row["theirs"] > 0, row
     assert (out / "latest-quick.md").read_text().count("\n| cpu |") == len(results["summary"])
     assert list(out.glob("bench-*-quick.json"))
+
+
+@pytest.mark.timeout(900)
+def test_bench_monitor_quick_writes_every_side(tmp_path):
+    # scripts/bench_monitor.py end to end on a few steps (the intervals scaled to them): every side
+    # runs and is reported; the figures themselves are make bench's.
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_monitor.py"), "--quick", "--steps", "4",
+                           "--latent", "8", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "monitor-latest-quick.json").read_text())
+    assert set(result["overhead"]) == {"drift", "held-out", "preview", "all"}
+    assert result["intervals"] == {"validate_every": 2, "preview_every": 2}
+    assert all(math.isfinite(v["median"]) for v in result["overhead"].values())
+    assert "| all |" in (out / "monitor-latest-quick.md").read_text()

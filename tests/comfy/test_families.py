@@ -39,7 +39,8 @@ def watched(model):
 
 def train(comfy_host, model, latents, positive, **inputs):
     inputs = {"steps": 1, "rank": 2, "learning_rate": 1e-3, "seed": 3, "alpha": 2.0, "batch_size": 1,
-              "training_dtype": "fp32", "gradient_checkpointing": False, **inputs}
+              "training_dtype": "fp32", "gradient_checkpointing": False, "validate_every": 0, **inputs}
+    # validate_every 0: these tests watch the training forwards alone (evaluations: test_train_monitor)
     return run(comfy_host, "TrainTriLoRA", model=[model], latents=latents, positive=positive,
                **{k: [v] for k, v in inputs.items()})
 

@@ -233,8 +233,9 @@ def train(comfy_host, tiny, model, **inputs):
                        gradient_checkpointing=True, target_layers="all linear+conv", s_learning_rate_scale=1.0,
                        loss_weighting="none"),  # the family's own objective, unweighted
                   **inputs)
+    links = {k: inputs.pop(k) for k in ("validation_latents", "validation_positive") if k in inputs}
     return run(comfy_host, "TrainTriLoRA", model=[model], latents=[tiny.latent(seed=3)],
-               positive=[tiny.conditioning()], **{k: [v] for k, v in inputs.items()})
+               positive=[tiny.conditioning()], **links, **{k: [v] for k, v in inputs.items()})
 
 
 def trained(comfy_host, case):
@@ -417,3 +418,28 @@ def test_training_at_the_nodes_defaults_adapts_the_attention_layers(comfy_host, 
         sorted(trilora.layers)
     idle = {p for p, layer in trilora.layers.items() if not bool(layer.s.abs().max() > 0)}
     assert idle <= {kohya(m) for m in case.unused}, sorted(idle)
+
+
+@pytest.mark.parametrize("case", params())
+def test_held_out_error_drift_keep_best_and_previews_in_every_family(comfy_host, case):
+    # Validation latents of the family, the drift on the zeroed caption, keep_best and a live
+    # preview (the family's own schedule and Latent2RGB factors) after every step.
+    tiny = tiny_model(case.family)
+    previews = []
+    comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: previews.append(preview)
+                                             if preview is not None else None)
+    try:
+        _, trilora, loss_map, steps = train(
+            comfy_host, tiny, tiny.model, steps=2, gradient_checkpointing=False, validate_every=1,
+            keep_best="held-out", preview_every=1, validation_latents=[tiny.latent(seed=4)],
+            validation_positive=[tiny.conditioning(seed=1)])
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert loss_map["eval_steps"] == [0, 1, 2] and len(loss_map["loss"]) == 2
+    assert all(math.isfinite(v) and v > 0 for v in loss_map["heldout"] + loss_map["heldout_x0"])
+    assert loss_map["drift"][0] == 0.0 and all(math.isfinite(v) for v in loss_map["drift"])
+    best = loss_map["heldout"].index(min(loss_map["heldout"]))
+    assert loss_map["best_step"] == steps == best and trilora.metadata["trilora_steps"] == str(best)
+    has_factors = tiny.model.model.latent_format.latent_rgb_factors is not None
+    assert len(previews) == (2 if has_factors else 0)
+    assert all(p[0] == "JPEG" and min(p[1].size) >= 1 for p in previews)

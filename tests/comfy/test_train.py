@@ -44,6 +44,11 @@ def make_images(count: int, seed: int, width: int = 64) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def data(comfy_host):
+    return load_data(comfy_host)
+
+
+def load_data(comfy_host):
+    """The tiny SD1.5 model, 4 latents (and a wider one), a caption each; the pack's modules."""
     nodes = comfy_host.nodes
     with torch.inference_mode():
         model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(TINY)[:3]
@@ -58,6 +63,7 @@ def data(comfy_host):
 
 # Every layer with LoRA-sized steps (docs/training-defaults.md: the fastest fit), for tests that
 # need every layer kind trained or a loss that falls within a few steps.
+LINKS = ("latents", "positive", "validation_latents", "validation_positive", "preservation")  # lists as they are
 FASTEST_FIT = {"target_layers": "all linear+conv", "s_learning_rate_scale": 1.0, "learning_rate": 5e-4}
 
 
@@ -68,7 +74,7 @@ def train(comfy_host, data, **inputs):
     inputs.setdefault("training_dtype", "fp32")
     inputs.setdefault("seed", 0)
     inputs.setdefault("gradient_checkpointing", False)  # faster here; tests that need it turn it on
-    listed = {k: v if k in ("latents", "positive") else [v] for k, v in inputs.items()}
+    listed = {k: v if k in LINKS else [v] for k, v in inputs.items()}
     return run(comfy_host, "TrainTriLoRA", model=[data.model], **listed)
 
 

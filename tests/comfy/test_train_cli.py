@@ -20,12 +20,13 @@ import psutil
 import pytest
 import torch
 from conftest import COMFY, REPO, TINY
+from PIL import Image
 from safetensors import safe_open
 
 SCRIPT = REPO / "train_trilora.py"
 STEPS = 4
 # Differ between a 2-rank run with batch 1 and a 1-process run with batch 2, and only these.
-PER_RUN_KEYS = {"ss_batch_size_per_device", "trilora_training_args", "trilora_loss_history"}
+PER_RUN_KEYS = {"ss_batch_size_per_device", "trilora_training_args", "trilora_loss_history", "trilora_curves"}
 
 
 def config(tmp: Path) -> Path:
@@ -41,6 +42,10 @@ seed = 7
 training_dtype = "fp32"
 gradient_checkpointing = false
 checkpoint_every = 2
+log_dir = "{tmp / 'log'}"
+validation_split = 0.25   # 2 of the 8 images held out
+validate_every = 2
+preview_every = 2
 """)
     return path
 
@@ -138,6 +143,30 @@ def test_only_rank_0_writes_files_and_logs(runs):
     assert "TriLoRA saved as trilora/trained_00001_.safetensors (4 steps)" in runs.two.rank_logs[0]
     assert re.search(r"4 steps on 2 ranks; after the first step [\d.]+ steps/s, [\d.]+ images/s, [\d.]+ CPU s/step",
                      runs.two.rank_logs[0])
+
+
+def test_the_log_and_the_file_hold_the_curves_and_the_console_prints_them(runs):
+    _, meta = read(final_file(runs.one))
+    curves = json.loads(meta["trilora_curves"])
+    assert curves["eval_steps"] == [0, 2, 4] and len(curves["heldout"]) == len(curves["drift"]) == 3
+    folder = runs.one.loras.parent / "log"
+    rows = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(json.loads(meta["trilora_loss_history"]),
+                                                                      rel=1e-5)
+    evals = [r for r in rows if "heldout" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert [r["heldout"] for r in evals] == pytest.approx(curves["heldout"], rel=1e-5)
+    assert [r["drift"] for r in evals] == pytest.approx(curves["drift"], rel=1e-5)
+    assert evals[0]["drift"] == 0.0 and evals[-1]["drift"] > 0  # the empty prompt moves once s moves
+    assert (folder / "curves.png").stat().st_size > 1000
+    previews = [r["preview"] for r in rows if "preview" in r]
+    assert previews == ["preview_step000002.png", "preview_step000004.png"]
+    for name in previews:  # decoded with the checkpoint's VAE: 8x8 latents -> 64x64 pictures
+        with Image.open(folder / name) as picture:
+            assert picture.size == (64, 64)
+    assert "TriLoRA evaluations:" in runs.one.out and "heldout  heldout_x0  drift  drift_x0" in runs.one.out
+    assert (runs.two.loras.parent / "log" / "log.jsonl").read_text().count('"step": 0,') == 1  # rank 0 only
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process_exactly(runs):

@@ -86,3 +86,21 @@ def test_a_caption_rewritten_between_two_queues_is_read_again(server, tmp_path):
     assert (caption.stat().st_size, caption.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
     second = server.run(prompt)
     assert second["outputs"]["2"]["text"] == ["trlstyle, a tan circle"]
+
+
+def test_training_previews_reach_the_websocket_while_train_trilora_runs(server):
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TINY}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red cube"}},
+        "4": {"class_type": "TrainTriLoRA", "inputs": {
+            "model": ["1", 0], "latents": ["2", 0], "positive": ["3", 0], "steps": 40, "rank": 2,
+            "learning_rate": 1e-3, "seed": 0, "alpha": 2.0, "batch_size": 1, "training_dtype": "fp32",
+            "gradient_checkpointing": False, "preview_every": 10, "validate_every": 0}},
+        "5": {"class_type": "SaveTriLoRA", "inputs": {"trilora": ["4", 1], "filename_prefix": "e2e/previews"}},
+    }
+    seen = []
+    entry = server.run(prompt, timeout=300, on_progress=seen.append)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert seen[-1]["previews"] == 4  # steps 10, 20, 30 and 40
+    assert any(s["node"] == "4" and s["previews"] > 0 for s in seen)  # shown while node 4 runs
