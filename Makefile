@@ -29,7 +29,8 @@ test-e2e: setup
 #   make test-newest COMFYUI_DIR=/path/to/ComfyUI NEWEST_PY=/path/to/its/venv/bin/python [PYTEST_ARGS=...]
 # NEWEST_PY's environment holds that ComfyUI's requirements.txt (torchaudio included) and pytest,
 # pytest-timeout. The pack is linked into its custom_nodes/ as comfyui-trilora (an existing other
-# copy there stops the run) and the tiny models are built into its models folders on first use.
+# copy there stops the run); the tiny checkpoint and the drawing model are built into its models
+# folders as make setup builds them (minutes, once), the other fixtures on first use.
 # Tests that cannot hold on that version are skipped by version, with the reason (pytest -rs).
 test-newest:
 	@[ -n "$(COMFYUI_DIR)" ] && [ -n "$(NEWEST_PY)" ] && [ -f "$(COMFYUI_DIR)/main.py" ] || { \
@@ -38,6 +39,7 @@ test-newest:
 	if [ ! -e "$$link" ]; then ln -s "$(CURDIR)" "$$link"; \
 	elif [ "$$(readlink -f "$$link")" != "$$(readlink -f "$(CURDIR)")" ]; then \
 		echo "$$link is another copy of the pack: move it away or link it to $(CURDIR)"; exit 2; fi
+	"$(NEWEST_PY)" scripts/make_tiny_checkpoint.py --comfyui "$(COMFYUI_DIR)" --drawing
 	COMFYUI_DIR="$(COMFYUI_DIR)" "$(NEWEST_PY)" -m pytest tests/comfy -rs $(PYTEST_ARGS)
 
 demo: setup
