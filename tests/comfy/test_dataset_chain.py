@@ -141,8 +141,8 @@ def test_training_on_buckets_equals_training_on_the_dataset_it_came_from(comfy_h
 def real_nodes(comfy_host, *names: str) -> None:
     missing = [n for n in names if n not in comfy_host.nodes.NODE_CLASS_MAPPINGS]
     if missing:
-        pytest.skip(f"this ComfyUI has no {', '.join(missing)} (ComfyUI 0.3.75 has no ResolutionBucket); the "
-                    "builders here stand in for it")
+        pytest.skip(f"this ComfyUI has no {', '.join(missing)} (0.3.75 lacks ResolutionBucket): the builders here "
+                    "stand in for it")
 
 
 @pytest.fixture
