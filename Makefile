@@ -27,8 +27,8 @@ test-e2e: setup
 
 # tests/comfy against another ComfyUI tree, such as the release users run today (CI keeps 0.3.75):
 #   make test-newest COMFYUI_DIR=/path/to/ComfyUI NEWEST_PY=/path/to/its/venv/bin/python [PYTEST_ARGS=...]
-# NEWEST_PY's environment holds that ComfyUI's requirements.txt (torchaudio included) and pytest,
-# pytest-timeout. The pack is linked into its custom_nodes/ as comfyui-trilora (an existing other
+# NEWEST_PY's environment holds that ComfyUI's requirements.txt (torchaudio included) and our
+# requirements-dev.txt. The pack is linked into its custom_nodes/ as comfyui-trilora (an existing other
 # copy there stops the run); the tiny checkpoint and the drawing model are built into its models
 # folders as make setup builds them (minutes, once), the other fixtures on first use.
 # Tests that cannot hold on that version are skipped by version, with the reason (pytest -rs).
