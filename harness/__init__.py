@@ -16,11 +16,13 @@ nothing in nodes/ or trilora_core/ may. Tests reach it through pytest's pythonpa
 root), the scripts in scripts/ by putting the repo root on sys.path (only entry points do that:
 tests/core/test_code_structure.py).
 
-The host is harness.COMFY: $COMFYUI_DIR, else the .comfyui/ that `make setup` builds.
+The host is harness.COMFY: $COMFYUI_DIR, else the .comfyui/ that `make setup` builds (ComfyUI
+CI_COMFYUI, 0.3.75); COMFY_VERSION is the host's own (`make test-newest` runs tests/comfy on another).
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,3 +30,18 @@ COMFY = Path(os.environ.get("COMFYUI_DIR") or REPO / ".comfyui").resolve()
 # The pack as a user has it: a folder (here a link to the repo) in the host's custom_nodes/.
 PACK_LINK = COMFY / "custom_nodes" / "comfyui-trilora"
 TINY = "trilora-tiny-sd15.safetensors"  # the tiny SD1.5 checkpoint that `make setup` puts in the host
+CI_COMFYUI = (0, 3, 75)  # the ComfyUI that scripts/setup.sh installs and CI tests against
+
+
+def comfy_version(root: Path) -> tuple[int, ...]:
+    """The version of the ComfyUI at ``root`` (its comfyui_version.py, read without importing
+    ComfyUI), e.g. (0, 33, 0); () where the file is missing or unreadable."""
+    try:
+        text = (root / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return ()
+    found = re.search(r"""__version__\s*=\s*["'](\d+(?:\.\d+)*)""", text)
+    return tuple(int(part) for part in found.group(1).split(".")) if found else ()
+
+
+COMFY_VERSION = comfy_version(COMFY)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from . import COMFY, REPO, TINY
-from .host import boot, pack_module, start
+from .host import as_loader_made, boot, pack_module, start
 
 
 def median(values):
@@ -204,11 +204,12 @@ class _Shape:
         self.shape = shape
 
 
-def full_size_model(host: BenchHost, family: str, dtype, seed: int = 0):
+def full_size_model(host: BenchHost, family: str, dtype, seed: int = 0, inference: bool = True):
     """(ModelPatcher, diffusion-model parameter count): a full-size ``family`` model with random
     weights, built as ComfyUI builds a detected checkpoint's model (its model config, its
     operations, weights in ``dtype``) and under torch.inference_mode, as the executor runs the
-    checkpoint loader (so the weights are inference tensors, as in users' graphs)."""
+    checkpoint loader (so the weights are inference tensors, as in users' graphs). Like a
+    loader's, the ModelPatcher can build itself again (harness.host.as_loader_made)."""
     import comfy.model_detection
     import comfy.model_patcher
 
@@ -220,7 +221,7 @@ def full_size_model(host: BenchHost, family: str, dtype, seed: int = 0):
     model_config.set_inference_dtype(dtype, compute)  # fp8 weights compute in bf16 (manual cast)
     load_device = host.mm.get_torch_device()
     g = torch.Generator(device=load_device).manual_seed(seed)
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         model = model_config.get_model({}, "", device=load_device)
         # ComfyUI's ops leave weights uninitialised: give every tensor a value, layer by layer
         for name, p in model.named_parameters():
@@ -235,8 +236,10 @@ def full_size_model(host: BenchHost, family: str, dtype, seed: int = 0):
             else:
                 p.fill_(1.0)
     n_params = sum(p.numel() for p in model.diffusion_model.parameters())
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device,
-                                            offload_device=host.mm.unet_offload_device()), n_params
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device,
+                                               offload_device=host.mm.unet_offload_device())
+    again = lambda: full_size_model(host, family, dtype, seed, torch.is_inference_mode_enabled())[0]  # noqa: E731
+    return as_loader_made(patcher, again), n_params
 
 
 def family_data(host: BenchHost, family: str, latent: int, seed: int = 0):

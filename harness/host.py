@@ -54,17 +54,24 @@ def _pack():
 
 def boot(loras: Path, output: Path, device: str = "cpu") -> SimpleNamespace:
     """ComfyUI's modules and the loaded pack, saving to these folders: ``loras`` becomes the first
-    loras folder (what SaveTriLoRA writes into), ``output`` the output folder. Loads the pack once
-    per process. Fields: nodes (ComfyUI's nodes module), folder_paths, mm (comfy.model_management),
-    loaded_ok (ComfyUI's loader reported no import error), pack and core (the pack's package and
-    its trilora_core, as ComfyUI imported them), pack_dir, loras, output."""
+    loras folder (what SaveTriLoRA writes into), ``output`` the output folder; every progress
+    update reaches the progress hook. Loads the pack once per process. Fields: nodes (ComfyUI's
+    nodes module), folder_paths, mm (comfy.model_management), loaded_ok (ComfyUI's loader reported
+    no import error), pack and core (the pack's package and its trilora_core, as ComfyUI imported
+    them), pack_dir, loras, output."""
     start(device)
     pack = _pack()
     import comfy.model_management
+    import comfy.utils
     import folder_paths
 
     import nodes
 
+    # Newer ComfyUI (0.33) passes on a progress update at most every 100 ms; the tests and the
+    # benchmarks count and time every step.
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, name):
+            setattr(comfy.utils, name, 0)
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     folder_paths.set_output_directory(str(output))
     return SimpleNamespace(nodes=nodes, folder_paths=folder_paths, mm=comfy.model_management,
@@ -76,3 +83,14 @@ def boot(loras: Path, output: Path, device: str = "cpu") -> SimpleNamespace:
 def pack_module(host: SimpleNamespace, name: str):
     """One of the pack's modules as ComfyUI imported it, by its path in the pack ("nodes.train")."""
     return sys.modules[f"{host.pack.__name__}.{name}"]
+
+
+def as_loader_made(patcher, factory):
+    """A hand-built ModelPatcher given what ComfyUI's loaders give theirs from 0.33 on
+    (cached_patcher_init): a way to load the same model again, which nodes that copy the model
+    by reloading it need (TrainLoraNode: clone(force_deepcopy=True)). ``factory()`` must return a
+    ModelPatcher of the same weights, made in the caller's inference mode as a loader's would be.
+    Returns ``patcher``; on a ComfyUI without the hook (0.3.75) it is left as it is."""
+    if hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = (lambda disable_dynamic=False: factory(), ())
+    return patcher

@@ -117,9 +117,11 @@ class TriLoRATrainDiff(WeightAdapterTrainBase):
 
     def __init__(self, u, s, vt, alpha):
         super().__init__()
-        self.trilora_u = torch.nn.Parameter(u.detach().clone().float())
-        self.trilora_s = torch.nn.Parameter(s.detach().clone().float())
-        self.trilora_vt = torch.nn.Parameter(vt.detach().clone().float())
+        # Dense row-major copies: LAPACK's Q comes column-major, and safetensors (ComfyUI's Save
+        # LoRA, the pack's checkpoints) stores only contiguous tensors.
+        self.trilora_u, self.trilora_s, self.trilora_vt = (
+            torch.nn.Parameter(t.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True))
+            for t in (u, s, vt))
         self.alpha = torch.nn.Parameter(torch.tensor(float(alpha)), requires_grad=False)
         # A Python number: no tensor ops (and no device sync) per forward for a fixed factor.
         self.scale = float(alpha) / self.trilora_s.shape[0]

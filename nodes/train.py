@@ -32,7 +32,8 @@ class TrainTriLoRA(io.ComfyNode):
                 io.Latent.Input(id="latents", tooltip="The training images as latents: one LATENT batch, or a list "
                                 "of LATENTs (sizes may differ, e.g. from Make Training Dataset)."),
                 io.Conditioning.Input(id="positive", tooltip="The captions: one conditioning for all images, or a list "
-                                      "with one per image (or one per LATENT batch)."),
+                                      "with one per image (or one per LATENT batch). A batch's conditioning with "
+                                      "one entry per image, as Resolution Bucket gives, pairs entry i with image i."),
                 *TrainArgs.schema_inputs(),
                 io.Latent.Input(id="validation_latents", optional=True, tooltip="Held-out images as latents (one "
                                 "LATENT or a list), scored every validate_every steps and never trained on; also "

@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: h
 from harness import REPO  # noqa: E402
 from harness.bench import BenchHost as Host  # noqa: E402
 from harness.bench import machine_info  # noqa: E402
+from harness.host import as_loader_made  # noqa: E402
 
 SCHEMA_VERSION = 2
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels, as ComfyUI's timestep percent
@@ -185,10 +186,12 @@ class Data:
 # =========================================================================== the base model
 
 
-def build_base(host: Host, channels: int):
+def build_base(host: Host, channels: int, like=None):
     """An SD1.5-shaped model (ComfyUI's SD15 config and BaseModel: eps prediction, its noise
     schedule, CLIP-L-sized context, its key map) with the test fixture's one-level UNet at
-    ``channels`` wide, weights filled as the fixture's are; a ModelPatcher on the CPU."""
+    ``channels`` wide, weights filled as the fixture's are or copied from the BaseModel ``like``;
+    a ModelPatcher on the CPU that, as a loader's, can load itself again (with the weights its
+    model has then: pretrained, once `pretrain` ran)."""
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -202,8 +205,20 @@ def build_base(host: Host, channels: int):
     with torch.no_grad():
         for key, value in model.diffusion_model.state_dict().items():
             value.copy_(fill(key, value.shape, g))
-    return comfy.model_patcher.ModelPatcher(model, load_device=host.mm.get_torch_device(),
-                                            offload_device=host.mm.unet_offload_device())
+    if like is not None:
+        model.diffusion_model.load_state_dict(like.diffusion_model.state_dict())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=host.mm.get_torch_device(),
+                                               offload_device=host.mm.unet_offload_device())
+    return as_loader_made(patcher, lambda: reload_base(host, channels, model))
+
+
+RELOADED: list = []  # the BaseModels ComfyUI loaded again (0.33's TrainLoraNode trains such a copy)
+
+
+def reload_base(host: Host, channels: int, like):
+    patcher = build_base(host, channels, like)
+    RELOADED.append(patcher.model)
+    return patcher
 
 
 def pretrain_key(base: dict, cfg: dict) -> str:
@@ -290,18 +305,19 @@ class Probe:
         self.reference = {name: self.predict(name) for name in self.sets}  # the base model's own
         self.start = self.measure()  # step 0 of every curve
 
-    def predict(self, name: str):
-        torch = self.torch
+    def predict(self, name: str, base=None):
+        torch, base = self.torch, base or self.base
         xt, sigma, ctx, x0, coeff = self.sets[name]
         with torch.no_grad():
-            return torch.cat([self.base.apply_model(xt[i:i + 40], sigma[i:i + 40], c_crossattn=ctx[i:i + 40])
+            return torch.cat([base.apply_model(xt[i:i + 40], sigma[i:i + 40], c_crossattn=ctx[i:i + 40])
                               for i in range(0, len(xt), 40)]).float()
 
-    def measure(self) -> dict:
+    def measure(self, base=None) -> dict:
+        """``base``: the BaseModel in training where it is not the probe's own (a reloaded copy)."""
         out = {}
         for name in ("train", "heldout", "base"):
             _, _, _, x0, coeff = self.sets[name]
-            denoised = self.predict(name)
+            denoised = self.predict(name, base)
             if name == "base":  # change of the prediction, not error against the picture
                 diff = denoised - self.reference[name]
                 out["drift_x0"], out["drift_eps"] = float(diff.square().mean()), float((diff / coeff).square().mean())
@@ -390,9 +406,10 @@ def train_run(host: Host, run: dict, model, data: Data, probe: Probe, cfg: dict,
 
     def hook(value, total, preview=None, node_id=None):
         if value in marks and value not in curve:
-            curve[value] = probe.measure()
+            curve[value] = probe.measure(RELOADED[-1] if RELOADED else None)
 
     host.settle()
+    RELOADED.clear()
     torch.manual_seed(run["seed"])  # TrainLoraNode draws its init, order and noise levels from the global RNG
     host.utils.set_progress_bar_global_hook(hook)
     restrict = only_layers(same_layers(host, model, overrides)) if side == "lora" else contextlib.nullcontext()

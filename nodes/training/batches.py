@@ -38,13 +38,19 @@ def split_latents(latents) -> tuple[list[torch.Tensor], list[int]]:
     return images, sources
 
 
-def split_conditioning(positive, num_images: int, sources: list[int]) -> tuple[list, list[tuple[int, ...]]]:
-    """(flat cond entries, entry indices per image): one CONDITIONING for all images, one per
-    image, or one per LATENT input (for all images of that batch)."""
-    conds = [positive] if _is_conditioning(positive) else positive
-    if not isinstance(conds, list) or not conds or not all(_is_conditioning(c) for c in conds):
-        raise ValueError("TrainTriLoRA: positive is empty or not a CONDITIONING; connect the output of a text encoder")
-    entries, per_cond = [], []
+# Entry options with which ComfyUI's samplers apply a conditioning's entries together (areas,
+# masks, strengths, timestep ranges, hooks): entries carrying one are never one caption per image.
+_JOINT_KEYS = ("area", "mask", "strength", "start_percent", "end_percent", "clip_start_percent", "hooks")
+
+
+def _one_entry_per_image(cond: list, batch_size: int) -> bool:
+    """A LATENT batch's conditioning that holds one caption per image, in order: ComfyUI's
+    ResolutionBucket (comfy_extras/nodes_dataset.py) outputs, per bucket, the stacked latents and
+    the list of the images' own conditioning entries, so its length is the batch size."""
+    return batch_size > 1 and len(cond) == batch_size and not any(k in extra for _, extra in cond for k in _JOINT_KEYS)
+
+
+def _check_finite(conds: list) -> None:
     for n, cond in enumerate(conds):
         for e, (tensor, extra) in enumerate(cond):
             named = [("cond", tensor), *((k, v) for k, v in extra.items() if isinstance(v, torch.Tensor))]
@@ -53,15 +59,33 @@ def split_conditioning(positive, num_images: int, sources: list[int]) -> tuple[l
                     raise ValueError(f"TrainTriLoRA: positive item {n + 1}" + (f", entry {e + 1}" if len(cond) > 1
                                      else "") + f" holds NaN or infinite values in its {what} tensor; encode "
                                      "that prompt again")
+
+
+def split_conditioning(positive, num_images: int, sources: list[int]) -> tuple[list, list[tuple[int, ...]]]:
+    """(flat cond entries, entry indices per image) from the positive input: one CONDITIONING for
+    all images, one per image, or one per LATENT input for all images of that batch, except that a
+    batch's conditioning with one plain entry per image (ComfyUI's Resolution Bucket output)
+    pairs entry i with image i. Raises ValueError naming the input when the counts do not fit."""
+    conds = [positive] if _is_conditioning(positive) else positive
+    if not isinstance(conds, list) or not conds or not all(_is_conditioning(c) for c in conds):
+        raise ValueError("TrainTriLoRA: positive is empty or not a CONDITIONING; connect the output of a text encoder")
+    _check_finite(conds)
+    entries, per_cond = [], []
+    for cond in conds:
         per_cond.append(tuple(range(len(entries), len(entries) + len(cond))))
         entries.extend(cond)
     num_batches = sources[-1] + 1
-    if len(conds) == 1:
+    if len(conds) == num_batches:
+        image_conds = [per_cond[s] for s in sources]
+        for batch, cond in enumerate(conds):
+            images = [i for i, s in enumerate(sources) if s == batch]
+            if _one_entry_per_image(cond, len(images)):
+                for image, entry in zip(images, per_cond[batch], strict=True):
+                    image_conds[image] = (entry,)
+    elif len(conds) == 1:
         image_conds = [per_cond[0]] * num_images
     elif len(conds) == num_images:
         image_conds = per_cond
-    elif len(conds) == num_batches:
-        image_conds = [per_cond[s] for s in sources]
     else:
         raise ValueError(f"TrainTriLoRA: got {len(conds)} conditionings for {num_images} images "
                          f"(in {num_batches} LATENT input{'s' if num_batches > 1 else ''}); give one "

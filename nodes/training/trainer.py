@@ -13,6 +13,7 @@ denoised error divided by the output's coefficient in model_sampling.calculate_d
 code path serves every family."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -83,6 +84,32 @@ def low_vram_settings(base, settings: FamilySettings) -> FamilySettings:
         return settings
     log.warning("TrainTriLoRA: the model is partially loaded (low VRAM), so gradient checkpointing is on")
     return dataclasses.replace(settings, checkpointing=True)
+
+
+# What ComfyUI's own trainer (TrainLoraNode) sets in comfy.model_management while its loop runs.
+# in_training: ComfyUI 0.33's models then take their differentiable paths (rope and norms without
+# comfy_kitchen's fused kernels, which have no backward). training_fp8_bwd off: quantized layers
+# take their backward in the compute dtype, whatever a TrainLoraNode run with quantized_backward left.
+TRAINING_FLAGS = {"in_training": True, "training_fp8_bwd": False}
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def training_flags():
+    """Sets TRAINING_FLAGS (also in a ComfyUI that has none yet, where nothing reads them) and
+    restores each one on every way out: done, cancel (a BaseException in ComfyUI 0.33), error."""
+    mm = comfy.model_management
+    before = {name: getattr(mm, name, _ABSENT) for name in TRAINING_FLAGS}
+    for name, value in TRAINING_FLAGS.items():
+        setattr(mm, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is _ABSENT:
+                delattr(mm, name)
+            else:
+                setattr(mm, name, value)
 
 
 class TriLoRATrainer:
@@ -160,7 +187,8 @@ class TriLoRATrainer:
         self.settings = low_vram_settings(base, self.settings)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
-            self._loop(model_wrap, extra_args)
+            with training_flags():
+                self._loop(model_wrap, extra_args)
             self.parallel.finish()
         except BaseException as err:  # a cancel too: data-parallel ranks must learn of it
             self.parallel.failed(err)
@@ -268,9 +296,8 @@ def make_adapters(targets, layers: dict[str, TriLoRALayer], device) -> dict[str,
     adapters = {}
     for target in targets:
         layer = layers[target.prefix]
-        # Contiguous factors: LAPACK returns column-major Q, and safetensors stores only dense rows.
         vt = layer.vt.reshape(layer.rank, *target.weight_shape[1:])
-        adapter = TriLoRATrainDiff(layer.u.contiguous(), layer.s.contiguous(), vt.contiguous(), layer.alpha)
+        adapter = TriLoRATrainDiff(layer.u, layer.s, vt, layer.alpha)
         adapters[target.prefix] = adapter.to(device)
     return adapters
 

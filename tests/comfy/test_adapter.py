@@ -1,11 +1,13 @@
 """The weight adapter's contract with ComfyUI beyond what 0.3.75 calls: bypass mode's h()/g()
 (newer releases), the rebuild as type(a)(a.loaded_keys, a.weights), half-precision patching,
-and the trainable module ComfyUI's own trainer gets from create_train."""
+and the trainable module ComfyUI's own trainer gets from create_train, through to a file saved by
+ComfyUI's Save LoRA and loaded by Load TriLoRA."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_node
 
 
 @pytest.fixture
@@ -88,3 +90,52 @@ def test_create_train_starts_from_the_unchanged_weight_and_learns(comfy_host, ad
         loss.backward()
         opt.step()
     assert loss.item() < first * 0.5
+
+
+def trained_lora_weights(result) -> dict:
+    """The LoRA state dict among TrainLoraNode's outputs: 0.3.75 returns (MODEL, LORA_MODEL,
+    LOSS_MAP, steps), 0.33 (LORA_MODEL, LOSS_MAP, steps)."""
+    return next(r for r in result if isinstance(r, dict) and r and all(isinstance(v, torch.Tensor) for v in r.values()))
+
+
+def test_comfyui_trainer_with_trilora_then_comfyui_save_lora_then_load_trilora(comfy_host, tiny):
+    # A user picks TriLoRA as TrainLoraNode's algorithm, saves with ComfyUI's Save LoRA (safetensors
+    # refuses non-contiguous tensors: LAPACK's column-major Q), and loads the file with Load TriLoRA.
+    import comfy.sd
+    from comfy_extras.nodes_train import SaveLoRA, TrainLoraNode
+
+    nodes = comfy_host.nodes
+    with torch.inference_mode():
+        latents = [nodes.VAEEncode().encode(tiny.vae, torch.full((1, 64, 64, 3), v))[0] for v in (0.3, 0.6)]
+        conds = [nodes.CLIPTextEncode().encode(tiny.clip, c)[0] for c in ("a dark square", "a light square")]
+    torch.manual_seed(0)  # TrainLoraNode draws its initialisation from the global generator
+    inputs = {i.id: [i.default] for i in TrainLoraNode.GET_SCHEMA().inputs if getattr(i, "default", None) is not None}
+    inputs.update(model=[tiny.model], latents=latents, positive=conds, steps=[2], learning_rate=[1e-2], rank=[4],
+                  algorithm=["TriLoRA"], training_dtype=["fp32"], lora_dtype=["fp32"], existing_lora=["[None]"],
+                  gradient_checkpointing=[False])
+    with torch.inference_mode():
+        lora = trained_lora_weights(TrainLoraNode.execute(**inputs).result)
+        SaveLoRA.execute(lora=lora, prefix="loras/core_trilora", steps=2)
+    saved = sorted((comfy_host.output / "loras").glob("core_trilora_2_steps_*.safetensors"))[-1]
+    us = [k for k in lora if k.endswith(".trilora_u")]
+    assert len(us) == 69 and all(lora[k].is_contiguous() for k in lora)
+    (comfy_host.loras / "core_trainer").mkdir(exist_ok=True)
+    (comfy_host.loras / "core_trainer" / saved.name).write_bytes(saved.read_bytes())  # into models/loras
+
+    with torch.inference_mode():
+        loaded = run_node(comfy_host, "TriLoRALoaderModelOnly", model=tiny.model,
+                          trilora_name=f"core_trainer/{saved.name}", strength_model=1.0)[0]
+        core = comfy.sd.load_lora_for_models(tiny.model, None, lora, 1.0, 0)[0]  # ComfyUI applying the dict
+    base, got, want = (patched(m) for m in (tiny.model, loaded, core))
+    changed = [k for k in base if not torch.equal(base[k], want[k])]
+    assert len(changed) > 69  # the TriLoRA layers and TrainLoraNode's norm and bias diffs
+    for key in base:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+    patched(tiny.model)  # leave the shared model unpatched
+
+
+def patched(model) -> dict[str, torch.Tensor]:
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model])
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
