@@ -26,7 +26,7 @@ test-e2e: setup
 	$(PY) -m pytest tests/e2e
 
 # tests/comfy against another ComfyUI tree, such as the release users run today (CI keeps 0.3.75):
-#   make test-newest COMFYUI_DIR=/path/to/ComfyUI NEWEST_PY=/path/to/its/venv/bin/python [PYTEST_ARGS=...]
+#   make test-newest COMFYUI_DIR=/path/to/ComfyUI NEWEST_PY=/path/to/its/venv/bin/python [TESTS=files] [PYTEST_ARGS=...]
 # NEWEST_PY's environment holds that ComfyUI's requirements.txt (torchaudio included) and our
 # requirements-dev.txt. The pack is linked into its custom_nodes/ as comfyui-trilora (an existing other
 # copy there stops the run); the tiny checkpoint and the drawing model are built into its models
@@ -40,7 +40,7 @@ test-newest:
 	elif [ "$$(readlink -f "$$link")" != "$$(readlink -f "$(CURDIR)")" ]; then \
 		echo "$$link is another copy of the pack: move it away or link it to $(CURDIR)"; exit 2; fi
 	"$(NEWEST_PY)" scripts/make_tiny_checkpoint.py --comfyui "$(COMFYUI_DIR)" --drawing
-	COMFYUI_DIR="$(COMFYUI_DIR)" "$(NEWEST_PY)" -m pytest tests/comfy -rs $(PYTEST_ARGS)
+	COMFYUI_DIR="$(COMFYUI_DIR)" "$(NEWEST_PY)" -m pytest $(or $(TESTS),tests/comfy) -rs $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)")

@@ -34,7 +34,8 @@ class _Panel:
         if self.log:
             lo, hi = math.log10(lo), math.log10(hi)
         pad = (hi - lo) * 0.05 or (abs(hi) * 0.1 or 1.0)
-        self.lo, self.hi = lo - pad, hi + pad
+        # Errors and drift are never negative: a linear axis of them starts at 0 at the lowest.
+        self.lo, self.hi = (lo - pad if self.log or lo < 0 else max(lo - pad, 0.0)), hi + pad
 
     def x(self, step: float) -> float:
         return self.x0 + step / self.x_max * (self.x1 - self.x0)

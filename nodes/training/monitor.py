@@ -98,6 +98,10 @@ def monitor_inputs(args: TrainArgs, images, entries, image_conds, validation_lat
     if args.early_stop_evaluations and args.keep_best == "off":
         raise ValueError(f"{NODE}: early_stop_evaluations stops when keep_best finds no better step; choose a "
                          "keep_best other than 'off' or set it to 0")
+    if args.validation_split > 0 and args.validate_every == 0:
+        log.warning("%s: validation_split %g holds images out of training, but validate_every is 0, so they are "
+                    "never scored; set validate_every, or validation_split 0 to train on every image",
+                    NODE, args.validation_split)
     return images, image_conds, entries, data
 
 

@@ -126,8 +126,7 @@ class TriLoRATrainer:
         self.processed: list = []  # the guider's processed cond entries, in input order
         self.batches, self.settings = ForwardBatches(images, image_conds, args.seed), settings
         self.base_meta = {**base_meta, **settings.metadata()}
-        self.dtype = TRAINING_DTYPES[args.training_dtype]
-        self.device = model_patcher.load_device
+        self.dtype, self.device = TRAINING_DTYPES[args.training_dtype], model_patcher.load_device
         self.batch = min(args.batch_size, len(images))
         self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
                                          args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
