@@ -17,7 +17,8 @@ from ..loras_folder import NONE_FILE, file_choice, prefix_location
 from .family import AUTO, DEFAULT_GUIDANCE
 
 NODE = "TrainTriLoRA"
-TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# None: the model's own dtype (precision.py), as TrainLoraNode's training_dtype "none".
+TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "none": None}
 TARGETS = ("attention", "attention+feedforward", "all linear", "all linear+conv")
 
 # Defaults (see docs/training-defaults.md for why).
@@ -111,7 +112,9 @@ class TrainArgs:
     batch_size: int = required(1, io.Int, "Images per forward pass.", at_least(1), min=1, max=10000)
     training_dtype: str = _choices("bf16", TRAINING_DTYPES, "Precision of the model's forward and backward "
                                    "(autocast); the adapter itself trains in fp32. fp16 uses loss scaling. Use "
-                                   "fp32 on a CPU.", optional=False)
+                                   "fp32 on a CPU. none: the model's own dtype, as ComfyUI's Train LoRA means it "
+                                   "(its compute dtype kept; fp16 with loss scaling for an fp16 model, else bf16). "
+                                   "A float8 base (UNETLoader fp8_e4m3fn) trains in any of them.", optional=False)
     gradient_checkpointing: bool = required(True, io.Boolean, "Recompute activations in the backward pass: much "
                                             "less memory, about a third slower. Always on for Flux, Chroma and "
                                             "HunyuanVideo, whose blocks need it.")
@@ -184,6 +187,11 @@ class TrainArgs:
     preview_every: int = setting(200, io.Int, "Every N steps, sample a preview from fixed noise with a training caption "
                                  "and the adapter at strength 1 (8 Euler steps, cfg 1) and show it on the node "
                                  "(the command line saves it). 0 = off.", zero_is_off, min=0, max=1_000_000)
+    # Where the base weights stay (precision.py), after all older inputs.
+    offloading: bool = setting(False, io.Boolean, "Keep the diffusion model's weights in CPU memory and stream "
+                               "each layer to the GPU when it runs (ComfyUI's low-VRAM partial load, as its "
+                               "Train LoRA's offloading): for a base larger than the card; slower. Gradient "
+                               "checkpointing is on while part of the model stays in CPU memory.")
 
     @classmethod
     def schema_inputs(cls) -> list:

@@ -44,10 +44,10 @@ from ...trilora_core import (
 )
 from ..adapter import TriLoRATrainDiff
 from ..families import base_model_metadata
-from . import family
+from . import family, precision
 from .batches import ForwardBatches, clone_tree
 from .checkpoints import StartState, fresh, read_start, resume_start, run_metadata, write_checkpoint
-from .config import NODE, TRAINING_DTYPES, TrainArgs
+from .config import NODE, TrainArgs
 from .failures import LastGood, RunFailures, is_out_of_memory, memory_hints
 from .family import FamilySettings
 from .monitor import Monitor, MonitorData, monitor_inputs
@@ -126,7 +126,7 @@ class TriLoRATrainer:
         self.processed: list = []  # the guider's processed cond entries, in input order
         self.batches, self.settings = ForwardBatches(images, image_conds, args.seed), settings
         self.base_meta = {**base_meta, **settings.metadata()}
-        self.dtype, self.device = TRAINING_DTYPES[args.training_dtype], model_patcher.load_device
+        self.dtype, self.device = precision.autocast_dtype(args, model_patcher), model_patcher.load_device
         self.batch = min(args.batch_size, len(images))
         self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
                                          args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
@@ -365,8 +365,9 @@ def train(args: TrainArgs, model, images, entries, image_conds, parallel: OnePro
     ``listeners``: called with (step, {name: value}) for each step's loss and each evaluation;
     ``validation``: validation_latents, validation_positive, preservation (monitor.monitor_inputs)."""
     images, image_conds, entries, data = monitor_inputs(args, images, entries, image_conds, **validation)
+    precision.check_base(args, model)
     mp = model.clone()
-    mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
+    precision.set_compute_dtype(args, mp)
     settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing,
                                       args.loss_weighting)
     images = family.fit_latents([img.detach().clone().float() for img in images], mp)
@@ -383,7 +384,7 @@ def train(args: TrainArgs, model, images, entries, image_conds, parallel: OnePro
                       listeners)
     trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings,
                              parallel, monitor)
-    comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+    precision.load(args, mp)
     guider = Guider_Basic(mp)
     guider.set_conds(entries)
     dummy = torch.zeros_like(images[0])

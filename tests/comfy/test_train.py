@@ -150,10 +150,10 @@ def test_nodes_are_registered_with_comfyui_names_tooltips_and_outputs(comfy_host
     # The names ComfyUI's own TrainLoraNode uses for the same things.
     for name in ("model", "latents", "positive", "steps", "rank", "learning_rate", "seed", "batch_size",
                  "grad_accumulation_steps", "optimizer", "loss_function", "training_dtype",
-                 "gradient_checkpointing", "existing_lora", "alpha"):
+                 "gradient_checkpointing", "existing_lora", "alpha", "offloading"):
         assert name in names, name
     assert names["existing_lora"][1]["default"] == "[None]" and "[None]" in names["existing_lora"][1]["options"]
-    assert names["training_dtype"][1]["options"] == ["bf16", "fp32", "fp16"]
+    assert names["training_dtype"][1]["options"] == ["bf16", "fp32", "fp16", "none"]
     assert (names["rank"][1]["default"], names["alpha"][1]["default"], names["learning_rate"][1]["default"],
             names["s_learning_rate_scale"][1]["default"], names["orthogonality_penalty"][1]["default"],
             names["target_layers"][1]["default"], names["checkpoint_every"][1]["default"],

@@ -73,15 +73,44 @@ def tiny_model(name: str) -> TinyModel:
     return TinyModel(family, path, load_with_config(family, path))
 
 
-def load_with_config(family: Family, path: Path):
+def load_with_config(family: Family, path: Path, dtype: torch.dtype | None = None):
     """A ModelPatcher of the file's weights in the family's own ComfyUI model (what
-    comfy.sd.load_diffusion_model_state_dict does once detection has found the config)."""
+    comfy.sd.load_diffusion_model_state_dict does once detection has found the config), stored in
+    ``dtype`` (its model_options "dtype": UNETLoader's weight_dtype) where given."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.utils
 
     sd = comfy.utils.load_torch_file(str(path))
-    model = fixtures.model_config(family).get_model(sd, "")
+    config = fixtures.model_config(family)
+    if dtype is not None:
+        config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device(),
+                                                                config.supported_inference_dtypes))
+    model = config.get_model(sd, "")
     model.load_model_weights(sd, "")
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def stored_as(name: str, dtype: torch.dtype):
+    """A fresh ModelPatcher of the named family's fixture with its diffusion model's weights stored
+    in ``dtype`` (float8, fp16 ...), loaded by ComfyUI's own path: UNETLoader's (load_diffusion_model
+    with model_options "dtype", which reads the SD1.5 checkpoint's UNet too), or for the families
+    whose width 0.3.75 fixes, the same steps on the family's config."""
+    import comfy.sd
+
+    family, path = FAMILIES[name], fixtures.ensure(name)
+    if family.full_width is not None:
+        return load_with_config(family, path, dtype)
+    return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})
+
+
+def upcast_copy(name: str, stored):
+    """The named family's fixture loaded in float32 with the weights of ``stored`` (a stored_as model)
+    cast up exactly: the same numbers in float32, the plain run a quantized base is compared with."""
+    model = stored_as(name, torch.float32)
+    values = stored.model.diffusion_model.state_dict()
+    with torch.no_grad():
+        for key, tensor in model.model.diffusion_model.state_dict().items():
+            tensor.copy_(values[key].to(tensor.dtype))
+    return model
