@@ -27,6 +27,9 @@ What is measured (see BENCHMARKS.md for what each figure means):
    under inference mode against plain weights, and its cost against rank and latent size.
    Its own worker process; `--set` sizes it (see BENCHMARKS.md for the settings run).
    `scripts/bench_gpu.py` (make bench-gpu) is the GPU run with Flux.
+7. quantized and offloaded bases (harness/bench_bases.py): TrainTriLoRA on a float8 base, with
+   offloading and with both, against the plain run; TrainLoraNode on the same bases where it has
+   the option. Step time and memory as ratios to the plain run, round robin in one process.
 
 Sides run alternately in ONE process (A B A B ...), and each figure is the median of the per-pair
 ratios ours / theirs: the machine is shared and noisy, ratios of neighbouring runs are stable
@@ -58,7 +61,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness
-from harness import REPO  # noqa: E402
+from harness import REPO, bench_bases  # noqa: E402
 from harness.bench import (  # noqa: E402
     BenchHost,
     analytic_adapter_bytes,
@@ -120,6 +123,7 @@ FULL = {
     "fs_scale_latents": [8, 32],
     "fs_scale_pairs": 1,
     "fs_scale_theirs": False,           # True: TrainLoraNode too (it costs ~5x our CPU time per run)
+    "bases_rounds": 5,                  # section 7: rounds of every variant
 }
 
 QUICK = {
@@ -129,7 +133,7 @@ QUICK = {
     "patch_ranks": [4], "patch_pairs": 1, "clip": False,
     "fs_models": [["tiny", "fp32", 8]], "fs_models_cuda": [["tiny", "bf16", 8]], "fs_rank": 4, "fs_steps": 2,
     "fs_pairs": 1, "fs_checkpointing": [True], "fs_executor_pairs": 1, "fs_scale_ranks": [8], "fs_scale_latents": [],
-    "fs_scale_theirs": True,
+    "fs_scale_theirs": True, "bases_rounds": 1,
 }
 
 
@@ -495,6 +499,9 @@ def worker_timing(host: Host, cfg: dict, sections: list[str]) -> dict:
     if "fullsize" in sections:
         say(f"[{host.device}] 6. full size")
         out["fullsize"] = section_fullsize(host, cfg)
+    if "bases" in sections:
+        say(f"[{host.device}] 7. quantized and offloaded bases")
+        out["bases"] = bench_bases.section_bases(host, cfg, say)
     out["elapsed_s"] = time.perf_counter() - t0
     return out
 
@@ -592,6 +599,8 @@ def summary_rows(results: dict) -> list[dict]:  # noqa: C901 - one branch per me
                 add(device, "patch_vs_rank", f"5. load+patch+unload (cold), rank {row['rank']}", row)
         if "fullsize" in res:
             fullsize_rows(res["fullsize"]["fullsize"], functools.partial(add, device))
+        if "bases" in timing:
+            bench_bases.summary(timing["bases"], functools.partial(add, device))
     return rows
 
 
@@ -711,8 +720,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one round (< 60 s)")
     parser.add_argument("--out", default=str(REPO / "bench_output"), help="folder for the results")
-    parser.add_argument("--sections", default="train,load,memory,scaling,fullsize",
-                        help="comma-separated subset of train,load,memory,scaling,fullsize")
+    parser.add_argument("--sections", default="train,load,memory,scaling,fullsize,bases",
+                        help="comma-separated subset of train,load,memory,scaling,fullsize,bases")
     parser.add_argument("--rounds", type=int, default=0, help="override the rounds of sections 1-2")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads in the workers (default 1: on a shared machine a single thread's "

@@ -16,7 +16,9 @@ an out-of-memory ending on a real CUDA allocation failure (the allocator capped 
 set_per_process_memory_fraction) that releases the run's memory, resume exactness on CUDA
 (4 steps straight = 2 steps, checkpoint, 2 resumed steps, bit for bit), and training with half
 the model offloaded as ComfyUI's low-VRAM loading leaves it (same factors as fully loaded,
-lower peak VRAM).
+lower peak VRAM), a float8 base against the same numbers in bf16 (same factors, stored float8
+untouched, lower peak VRAM) and the offloading input against the same run without it (same
+factors, lower peak VRAM).
 
     .venv/bin/python scripts/bench_gpu.py             # on a GPU (make bench-gpu)
     .venv/bin/python scripts/bench_gpu.py --dry-run   # the same code paths, tiny model, CPU
@@ -275,6 +277,75 @@ def check_low_vram(host, model, data, cfg) -> dict:
             "passed": a.keys() == b.keys() and diff <= 1e-2 and loss_diff <= 1e-2 and (not cuda or peaks[1] < peaks[0])}
 
 
+def _peak_run(host, model, data, cfg, **inputs) -> dict:
+    """One 3-step run from nothing loaded: its factors, losses and peak memory (CUDA: allocated
+    over what was allocated before the run, so the weights the run loads count; CPU: None)."""
+    torch, cuda = host.torch, host.device == "cuda"
+    host.settle()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    out = _train(host, model, *data, steps=3, seed=5, training_dtype=cfg["check_dtype"], **inputs)
+    peak = torch.cuda.max_memory_allocated() - before if cuda else None
+    host.settle()
+    return {"layers": out[1].layers, "losses": out[2]["loss"], "peak_bytes": peak}
+
+
+def _same_factors(a: dict, b: dict) -> float:
+    return max(float((getattr(a[k], f) - getattr(b[k], f)).abs().max()) for k in a for f in ("u", "s", "vt"))
+
+
+def check_float8(host, data, cfg) -> dict:
+    """A float8 (e4m3fn) base, loaded as UNETLoader's fp8_e4m3fn loads it, against the same numbers
+    stored in bf16 (fp32 on the CPU): the same factors (exact: every float8 value is exact in bf16,
+    and ComfyUI's manual cast is the only difference), the stored float8 tensors untouched, and
+    lower peak memory on CUDA (the weights it loads are half the size)."""
+    torch = host.torch
+    fp8 = host.load_tiny(dtype=torch.float8_e4m3fn)[0]
+    plain = host.load_tiny(dtype=torch.bfloat16 if host.device == "cuda" else torch.float32)[0]
+    values = fp8.model.diffusion_model.state_dict()
+    with torch.inference_mode():  # the loaded tensors are inference tensors, as the executor's are
+        for key, tensor in plain.model.diffusion_model.state_dict().items():
+            tensor.copy_(values[key].to(tensor.dtype))
+    stored = {k: t.clone() for k, t in values.items()}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = {"fp8": _peak_run(host, fp8, data, cfg), "plain": _peak_run(host, plain, data, cfg)}
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    untouched = all(torch.equal(t.view(torch.uint8), stored[k].view(torch.uint8))
+                    for k, t in fp8.model.diffusion_model.state_dict().items())
+    diff = _same_factors(runs["fp8"]["layers"], runs["plain"]["layers"])
+    peaks = [runs[n]["peak_bytes"] for n in ("fp8", "plain")]
+    return {"max_abs_diff": diff, "losses_equal": runs["fp8"]["losses"] == runs["plain"]["losses"],
+            "stored_untouched": untouched, "peak_fp8_bytes": peaks[0], "peak_plain_bytes": peaks[1],
+            "passed": diff == 0.0 and untouched and (host.device != "cuda" or peaks[0] < peaks[1])}
+
+
+def check_offloading(host, model, data, cfg) -> dict:
+    """TrainTriLoRA's offloading input against the same run without it: the same factors and
+    losses (the streamed weights are the same numbers) and, on CUDA, lower peak VRAM (the weights
+    stay in CPU memory: on NVIDIA ComfyUI streams every layer) at the step time recorded."""
+    torch = host.torch
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = {}
+        for name, offloading in (("whole", False), ("offloading", True)):
+            t0 = time.perf_counter()
+            runs[name] = _peak_run(host, model, data, cfg, offloading=offloading)
+            runs[name]["seconds"] = time.perf_counter() - t0
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    diff = _same_factors(runs["whole"]["layers"], runs["offloading"]["layers"])
+    peaks = [runs[n]["peak_bytes"] for n in ("whole", "offloading")]
+    return {"max_abs_diff": diff, "losses_equal": runs["whole"]["losses"] == runs["offloading"]["losses"],
+            "peak_whole_bytes": peaks[0], "peak_offloading_bytes": peaks[1],
+            "seconds_whole": runs["whole"]["seconds"], "seconds_offloading": runs["offloading"]["seconds"],
+            "passed": diff <= 1e-2 and (host.device != "cuda" or peaks[1] < peaks[0])}
+
+
 def run_checks(host: bench.BenchHost, cfg: dict) -> dict:
     model = host.load_tiny()[0]
     data = bench.family_data(host, "tiny", cfg["check_latent"])
@@ -283,7 +354,9 @@ def run_checks(host: bench.BenchHost, cfg: dict) -> dict:
                      ("fp16 with grad scaler", lambda: check_fp16(host, model, data)),
                      ("out of memory", lambda: check_out_of_memory(host, model, data, cfg, host.loras)),
                      ("resume exactness", lambda: check_resume(host, model, data, cfg, host.loras)),
-                     ("low-VRAM loading", lambda: check_low_vram(host, model, data, cfg))):
+                     ("low-VRAM loading", lambda: check_low_vram(host, model, data, cfg)),
+                     ("float8 base", lambda: check_float8(host, data, cfg)),
+                     ("offloading input", lambda: check_offloading(host, model, data, cfg))):
         t0 = time.perf_counter()
         try:
             out[name] = fn()

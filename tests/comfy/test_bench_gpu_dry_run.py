@@ -1,6 +1,6 @@
 """`scripts/bench_gpu.py --dry-run`: the GPU run's code paths (model rows, the measured runs, the
 CUDA checks: bf16, fp16 with its grad scaler, a real out-of-memory ending, resume exactness,
-low-VRAM loading) on the tiny model on the CPU, so `make bench-gpu` is known to run before a GPU
+low-VRAM loading, a float8 base, the offloading input) on the tiny model on the CPU, so `make bench-gpu` is known to run before a GPU
 is at hand."""
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ def test_gpu_bench_dry_run_passes_its_checks_and_writes_its_rows(tmp_path):
         assert abs(row["adapter_bytes"] / row["analytic_adapter_bytes"] - 1) <= 0.1, row
     checks = results["checks"]
     assert set(checks) == {"bf16 autocast", "fp16 with grad scaler", "out of memory", "resume exactness",
-                           "low-VRAM loading"}
+                           "low-VRAM loading", "float8 base", "offloading input"}
     assert all(c["passed"] for c in checks.values()), {k: c for k, c in checks.items() if not c["passed"]}
     assert "TrainingOutOfMemoryError" in checks["out of memory"]["mro"]
     assert len(checks["fp16 with grad scaler"]["grad_scaler_scales"]) == 3
     assert checks["resume exactness"]["max_abs_diff"] == 0.0
     assert checks["low-VRAM loading"]["max_abs_diff"] == 0.0  # on the CPU an offload moves no byte
-    assert (tmp_path / "latest-gpu-dry-run.md").read_text().count("| passed") == 5
+    assert checks["float8 base"]["max_abs_diff"] == 0.0 and checks["float8 base"]["stored_untouched"]
+    assert checks["offloading input"]["max_abs_diff"] == 0.0 and checks["offloading input"]["losses_equal"]
+    assert (tmp_path / "latest-gpu-dry-run.md").read_text().count("| passed") == 7
