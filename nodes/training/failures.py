@@ -123,8 +123,9 @@ class RunFailures:
         return "No step succeeded, so there is no trained adapter to keep."
 
 
-def memory_hints(batch: int, checkpointing: bool, dtype: torch.dtype) -> str:
-    """What to change to fit in memory, most effective first, as the error message says it."""
+def memory_hints(batch: int, checkpointing: bool, dtype: torch.dtype, can_offload: bool = False) -> str:
+    """What to change to fit in memory, most effective first, as the error message says it.
+    ``can_offload``: offloading is off and the run is on a GPU, where it would keep the weights out."""
     hints = []
     if batch > 1:
         hints.append("lower batch_size (raise grad_accumulation_steps to keep the effective batch)")
@@ -132,5 +133,7 @@ def memory_hints(batch: int, checkpointing: bool, dtype: torch.dtype) -> str:
         hints.append("turn gradient_checkpointing on")
     if dtype == torch.float32:
         hints.append("train in bf16")
+    if can_offload:
+        hints.append("turn offloading on (the base weights stay in CPU memory)")
     hints.append("use smaller latents or a lower rank")
     return ", ".join(hints[:-1]) + (" or " if len(hints) > 1 else "") + hints[-1]

@@ -85,6 +85,11 @@ def check_offloading(model_patcher) -> None:
                     "nothing to offload.", NODE)
 
 
+def can_offload(args: TrainArgs, device) -> bool:
+    """Whether turning offloading on would keep weights off ``device`` (the out-of-memory hint)."""
+    return not args.offloading and not mm.is_device_cpu(device)
+
+
 def _prepare_sampling_offloaded(executor, model, noise_shape, conds, model_options=None, **kwargs):
     """The guider's model loading as TrainLoraNode's offloading asks for it: every byte (0.33's
     ``force_offload``), so ComfyUI keeps loaded only what fits and streams the rest per layer. A

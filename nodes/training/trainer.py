@@ -279,7 +279,8 @@ def run_failures(run: TriLoRATrainer) -> RunFailures:
     writer, settings and where it started."""
     return RunFailures(run.last_good, run.optimizer, run.write_checkpoint, run.args.learning_rate, run.dtype,
                        run.device, run.total, run.start.step, run.start.source, before_save=run.parallel.saving,
-                       memory_hints=lambda: memory_hints(run.batch, run.settings.checkpointing, run.dtype))
+                       memory_hints=lambda: memory_hints(run.batch, run.settings.checkpointing, run.dtype,
+                                                         precision.can_offload(run.args, run.device)))
 
 
 def warn_unused(adapters: dict) -> None:

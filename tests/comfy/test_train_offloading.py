@@ -115,3 +115,17 @@ def test_offloading_where_comfyui_loads_models_whole_is_refused_before_anything_
             train(comfy_host, model, "sd15", offloading=True)
         assert state in str(err.value) and "--highvram" in str(err.value)
         assert "run" not in seen
+
+
+def test_an_out_of_memory_ending_on_a_gpu_suggests_offloading(comfy_host):
+    """The hint is offered where it would help: offloading off, on a GPU (the CPU has nothing to move)."""
+    from harness.host import pack_module
+
+    hints = pack_module(comfy_host, "nodes.training.failures").memory_hints
+    precision = pack_module(comfy_host, "nodes.training.precision")
+    args = pack_module(comfy_host, "nodes.training").TrainArgs
+    on, off = args(offloading=True), args()
+    assert precision.can_offload(off, torch.device("cuda", 0)) and not precision.can_offload(on, torch.device("cuda", 0))
+    assert not precision.can_offload(off, torch.device("cpu"))
+    assert "turn offloading on" in hints(1, True, torch.bfloat16, can_offload=True)
+    assert "offloading" not in hints(1, True, torch.bfloat16, can_offload=False)
