@@ -70,16 +70,13 @@ def check_base(args: TrainArgs, model_patcher) -> None:
 
 
 def check_offloading(model_patcher) -> None:
+    """Refuses offloading where ComfyUI never leaves weights in CPU memory; notes it on the CPU."""
     state = getattr(mm.vram_state, "name", str(mm.vram_state))
     if state in _WHOLE_LOAD_STATES or not mm.lowvram_available:
         raise ValueError(
             f"{NODE}: offloading is on, but ComfyUI runs with every model loaded whole (vram state "
             f"{state}: --highvram, --gpu-only or unified memory), so it cannot keep weights in CPU "
             "memory. Turn offloading off, or start ComfyUI without --highvram/--gpu-only.")
-    castable = any(hasattr(m, "comfy_cast_weights") for m in model_patcher.model.diffusion_model.modules())
-    if not castable:
-        raise ValueError(f"{NODE}: offloading is on, but this model has no layers ComfyUI can stream "
-                         "(comfy.ops layers), so ComfyUI cannot split it. Turn offloading off.")
     if mm.is_device_cpu(model_patcher.load_device):
         log.warning("%s: offloading is on, but the model runs on the CPU, where its weights already are: "
                     "nothing to offload.", NODE)
