@@ -93,9 +93,10 @@ def _theirs_offloading(host, offloading: bool):
         return
     real = host.theirs.execute
 
-    def execute(**kwargs):
-        return real(**kwargs, offloading=[True])
+    def execute(**kwargs):  # over the schema default run_theirs passes
+        return real(**{**kwargs, "offloading": [True]})
 
+    execute.__signature__ = inspect.signature(real)  # run_theirs passes what the node's execute accepts
     host.theirs.execute = execute
     try:
         yield
