@@ -6,6 +6,7 @@ delta W = (alpha / r) * U @ diag(s) @ Vt for each adapted weight; the file forma
 from __future__ import annotations
 
 from .blocks import GROUPS, TEXT_ENCODERS, DepthLayout, block_group, depth_layout
+from .buckets import bucket_batch, bucket_resolutions, group_buckets, select_bucket
 from .canonical import canonicalize, delta_energy, fix_signs, is_canonical, spectrum, truncate, truncation_limits
 from .checks import MAX_ALPHA
 from .convert import lora_to_trilora, trilora_to_lora
@@ -75,6 +76,10 @@ from .validation import (
 )
 
 __all__ = [
+    "bucket_batch",
+    "bucket_resolutions",
+    "group_buckets",
+    "select_bucket",
     "KEEP_BEST",
     "VALIDATION_LEVELS",
     "BestStep",
