@@ -30,8 +30,10 @@ from ...trilora_core import (
     TriLoRAFile,
     TriLoRALayer,
     all_finite,
+    bucket_batch,
     canonicalize,
     generator,
+    group_buckets,
     load_optimizer_state,
     loss_function,
     lr_lambda,
@@ -39,7 +41,6 @@ from ...trilora_core import (
     noise_level_weights,
     orthogonality_penalty,
     param_groups,
-    sample_indices,
     sample_noise_levels,
 )
 from ..adapter import TriLoRATrainDiff
@@ -112,6 +113,19 @@ def training_flags():
                 setattr(mm, name, value)
 
 
+def note_small_buckets(buckets: list[list[int]], images, batch_size: int) -> None:
+    """Logs the buckets (latent sizes) that hold fewer images than a batch: their batches are
+    smaller, as kohya's are, and a one-image bucket always trains alone."""
+    if len(buckets) < 2:
+        return
+    for items in buckets:
+        if len(items) < batch_size:
+            size = "x".join(str(d) for d in images[items[0]].shape[2:])
+            log.warning("TriLoRA: the bucket of latent size %s holds %d image%s (image %s); its batches hold %d, "
+                        "not batch_size %d", size, len(items), "s" if len(items) > 1 else "",
+                        ", ".join(str(i + 1) for i in items), len(items), batch_size)
+
+
 class TriLoRATrainer:
     """One training run; `run` is called by the sampler inside ComfyUI's guider. ``parallel``: how
     the run shares its work between processes (parallel.py; alone by default)."""
@@ -128,6 +142,8 @@ class TriLoRATrainer:
         self.base_meta = {**base_meta, **settings.metadata()}
         self.dtype, self.device = TRAINING_DTYPES[args.training_dtype], model_patcher.load_device
         self.batch = min(args.batch_size, len(images))
+        self.buckets = group_buckets([tuple(image.shape) for image in images])  # a batch draws from one
+        note_small_buckets(self.buckets, images, args.batch_size)
         self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
                                          args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
         self.total = start.step + args.steps
@@ -147,8 +163,8 @@ class TriLoRATrainer:
 
     def _micro(self, model_wrap, extra_args, step: int, micro: int) -> float:
         ms = model_wrap.inner_model.model_sampling
-        first = (step * self.args.grad_accumulation_steps + micro) * self.batch
-        batch = sample_indices(self.args.seed, len(self.images), first, self.batch)
+        batch = bucket_batch(self.args.seed, self.buckets, self.args.batch_size,
+                             step * self.args.grad_accumulation_steps + micro)
         gen = generator(self.args.seed, "noise", step, micro)
         levels = sample_noise_levels(self.settings.timestep_sampling, len(batch), gen)
         noises = [torch.randn(self.images[i].shape, generator=gen) for i in batch]
