@@ -10,6 +10,7 @@ from .buckets import bucket_batch, bucket_resolutions, group_buckets, select_buc
 from .canonical import canonicalize, delta_energy, fix_signs, is_canonical, spectrum, truncate, truncation_limits
 from .checks import MAX_ALPHA
 from .convert import lora_to_trilora, trilora_to_lora
+from .dataset_cache import read_dataset_cache, tensor_digest, text_digest, write_dataset_cache
 from .errors import TriLoRAFileError
 from .extract import SVD_METHODS, energy_rank, extract_layer, kept_energy
 from .fileformat import (
@@ -76,6 +77,10 @@ from .validation import (
 )
 
 __all__ = [
+    "read_dataset_cache",
+    "tensor_digest",
+    "text_digest",
+    "write_dataset_cache",
     "bucket_batch",
     "bucket_resolutions",
     "group_buckets",
