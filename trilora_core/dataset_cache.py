@@ -40,7 +40,7 @@ def tensor_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
     for name, tensor in tensors:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")  # the buffer, not a copy
     return digest.hexdigest()
 
 
