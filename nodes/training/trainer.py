@@ -113,17 +113,17 @@ def training_flags():
                 setattr(mm, name, value)
 
 
-def note_small_buckets(buckets: list[list[int]], images, batch_size: int) -> None:
-    """Logs the buckets (latent sizes) that hold fewer images than a batch: their batches are
-    smaller, as kohya's are, and a one-image bucket always trains alone."""
-    if len(buckets) < 2:
-        return
-    for items in buckets:
+def buckets_of(images, batch_size: int) -> list[list[int]]:
+    """The images of each bucket (latent size); logs the buckets that hold fewer images than a
+    batch: their batches are smaller, as kohya's are, and a one-image bucket always trains alone."""
+    buckets = group_buckets([tuple(image.shape) for image in images])
+    for items in buckets if len(buckets) > 1 else ():
         if len(items) < batch_size:
             size = "x".join(str(d) for d in images[items[0]].shape[2:])
             log.warning("TriLoRA: the bucket of latent size %s holds %d image%s (image %s); its batches hold %d, "
                         "not batch_size %d", size, len(items), "s" if len(items) > 1 else "",
                         ", ".join(str(i + 1) for i in items), len(items), batch_size)
+    return buckets
 
 
 class TriLoRATrainer:
@@ -142,8 +142,7 @@ class TriLoRATrainer:
         self.base_meta = {**base_meta, **settings.metadata()}
         self.dtype, self.device = TRAINING_DTYPES[args.training_dtype], model_patcher.load_device
         self.batch = min(args.batch_size, len(images))
-        self.buckets = group_buckets([tuple(image.shape) for image in images])  # a batch draws from one
-        note_small_buckets(self.buckets, images, args.batch_size)
+        self.buckets = buckets_of(images, args.batch_size)  # a batch draws from one
         self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
                                          args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
         self.total = start.step + args.steps
@@ -163,8 +162,7 @@ class TriLoRATrainer:
 
     def _micro(self, model_wrap, extra_args, step: int, micro: int) -> float:
         ms = model_wrap.inner_model.model_sampling
-        batch = bucket_batch(self.args.seed, self.buckets, self.args.batch_size,
-                             step * self.args.grad_accumulation_steps + micro)
+        batch = bucket_batch(self.args.seed, self.buckets, self.args.batch_size, step * self.args.grad_accumulation_steps + micro)
         gen = generator(self.args.seed, "noise", step, micro)
         levels = sample_noise_levels(self.settings.timestep_sampling, len(batch), gen)
         noises = [torch.randn(self.images[i].shape, generator=gen) for i in batch]

@@ -159,3 +159,21 @@ def test_our_buckets_and_comfyuis_resolution_bucket_train_the_same(comfy_host, t
     assert [lat["samples"].shape[0] for lat in bucketed[0]] == [2, 2, 2]
     theirs = train_loss(comfy_host, tiny.model, *bucketed, seed=5, steps=4)
     assert theirs == ours  # the same batches of the same latents and captions, to the bit
+
+
+def test_a_resumed_bucketed_run_draws_what_the_uninterrupted_run_drew(comfy_host, tiny):
+    # 3 buckets (square, wide, tall) of 2, 2 and 1 images, batch 2: the stream crosses an epoch.
+    latents, conds = bucketed_data(tiny)
+    latents.append({"samples": torch.randn(1, 4, 12, 8, generator=torch.Generator().manual_seed(9))})
+    conds.append(tiny.conditioning(seed=20))
+    inputs = {"rank": [2], "training_dtype": ["fp32"], "gradient_checkpointing": [False], "batch_size": [2],
+              "seed": [6], "learning_rate": [1e-3]}
+    with torch.inference_mode():
+        full = run_node(comfy_host, "TrainTriLoRA", model=[tiny.model], latents=latents, positive=conds, steps=[6],
+                        checkpoint_every=[3], checkpoint_prefix=["buckets/run"], **inputs)
+        checkpoint = next((comfy_host.loras / "buckets").glob("run_*_step000003.safetensors"))
+        rest = run_node(comfy_host, "TrainTriLoRA", model=[tiny.model], latents=latents, positive=conds, steps=[3],
+                        existing_lora=[f"buckets/{checkpoint.name}"], checkpoint_prefix=["buckets/again"], **inputs)
+    assert rest[2]["loss"] == full[2]["loss"][3:]
+    for prefix, layer in full[1].layers.items():
+        assert torch.equal(layer.s, rest[1].layers[prefix].s) and torch.equal(layer.u, rest[1].layers[prefix].u)
