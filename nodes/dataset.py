@@ -67,7 +67,7 @@ def bucketed(image: Image.Image, size: int, upscale: bool) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
-def load_image(path: Path, size: int, resize: str = SQUARE, upscale: bool = False) -> torch.Tensor:
+def load_image(path: Path, size: int, resize: str = BUCKETS, upscale: bool = False) -> torch.Tensor:
     """[1, H, W, 3] float32 in 0..1, as ComfyUI's IMAGE; ValueError naming the file when it has no bucket."""
     with Image.open(path) as image:
         try:
