@@ -67,15 +67,30 @@ def bucketed(image: Image.Image, size: int, upscale: bool) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
+def _no_bucket(path: Path, err: ValueError) -> ValueError:
+    return ValueError(f"TriLoRASampleImages: {path}: {err}; turn upscale on, or leave the picture out")
+
+
 def load_image(path: Path, size: int, resize: str = BUCKETS, upscale: bool = False) -> torch.Tensor:
     """[1, H, W, 3] float32 in 0..1, as ComfyUI's IMAGE; ValueError naming the file when it has no bucket."""
     with Image.open(path) as image:
         try:
             picture = square(image, size) if resize == SQUARE else bucketed(image, size, upscale)
         except ValueError as err:
-            raise ValueError(f"TriLoRASampleImages: {path}: {err}; turn upscale on, or leave the picture out") from None
+            raise _no_bucket(path, err) from None
         pixels = np.asarray(picture, dtype=np.float32) / 255.0
     return torch.from_numpy(pixels)[None]
+
+
+def check_picture(path: Path, size: int, resize: str = BUCKETS, upscale: bool = False) -> None:
+    """load_image's error for a picture without a bucket, from its header alone (its size: the
+    check does not depend on its orientation), so the command line stops before anything loads."""
+    if resize == BUCKETS:
+        with Image.open(path) as image:
+            try:
+                select_bucket(*image.size, size, upscale)
+            except ValueError as err:
+                raise _no_bucket(path, err) from None
 
 
 def note_lone_pictures(files: list[Path], images: list[torch.Tensor]) -> None:

@@ -30,7 +30,7 @@ import nodes as comfy_nodes  # ComfyUI's nodes.py (ComfyUI's root is on sys.path
 
 from ..trilora_core import TriLoRAFile, text_digest
 from . import curves_plot
-from .dataset import TriLoRASampleImages, image_files, resolve_folder
+from .dataset import TriLoRASampleImages, check_picture, image_files, resolve_folder
 from .dataset_cache import cache_path
 from .dataset_cache import encode_dataset as encode_items
 from .dataset_encode import TriLoRAEncodeDataset
@@ -252,8 +252,9 @@ def resolve(ns: argparse.Namespace, known: dict[str, Option]) -> dict:
 def setup_folders(values: dict) -> str:
     """Checks the image folder, registers loras_dir and the checkpoint's folder with ComfyUI;
     returns the checkpoint's name. Raises ConfigError before anything loads."""
-    try:  # the dataset node's own rules, so a wrong folder fails before the checkpoint loads
-        image_files(resolve_folder(values["folder"]))
+    try:  # the dataset node's own rules, so a wrong folder or picture fails before the checkpoint loads
+        for path in image_files(resolve_folder(values["folder"])):
+            check_picture(path, values["size"], values["resize"], values["upscale"])
     except ValueError as err:
         raise ConfigError(f"folder {values['folder']!r}: {err}") from None
     if values["loras_dir"]:

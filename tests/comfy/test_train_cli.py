@@ -339,6 +339,10 @@ def test_checks_before_loading_anything(cli, comfy_host, tmp_path):
     (tmp_path / "captions.txt").write_text("no image beside it")
     with pytest.raises(cli.ConfigError, match="no images"):
         cli.setup_folders(_parse(cli, "--checkpoint", TINY, "--folder", str(tmp_path)))
+    Image.new("RGB", (300, 40)).save(tmp_path / "thin.png")  # under the smallest bucket, without upscale
+    with pytest.raises(cli.ConfigError, match=r"thin\.png: a picture of 300 x 40 px is smaller than the smallest bucket"):
+        cli.setup_folders(_parse(cli, "--checkpoint", TINY, "--folder", str(tmp_path)))
+    cli.setup_folders(_parse(cli, "--checkpoint", TINY, "--folder", str(tmp_path), "--upscale", "true"))
     values = _parse(cli, "--checkpoint", TINY, "--batch_size", "3")
     assert cli.train_args(values, ranks=4).batch_size == 12  # the global batch
     with pytest.raises(cli.ConfigError, match="existing_lora: 'gone.safetensors' is not in the loras folder"):
