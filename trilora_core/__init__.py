@@ -6,6 +6,7 @@ delta W = (alpha / r) * U @ diag(s) @ Vt for each adapted weight; the file forma
 from __future__ import annotations
 
 from .blocks import GROUPS, TEXT_ENCODERS, DepthLayout, block_group, depth_layout
+from .captions import step_caption
 from .canonical import canonicalize, delta_energy, fix_signs, is_canonical, spectrum, truncate, truncation_limits
 from .checks import MAX_ALPHA
 from .convert import lora_to_trilora, trilora_to_lora
@@ -153,6 +154,7 @@ __all__ = [
     "sample_indices",
     "sample_noise_levels",
     "spectrum",
+    "step_caption",
     "sum_layers",
     "target_of",
     "trilora_to_lora",
