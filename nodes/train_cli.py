@@ -182,7 +182,8 @@ def node_options() -> list[tuple[str, list[Option]]]:
         inputs = node.INPUT_TYPES()
         specs = {**inputs.get("required", {}), **inputs.get("optional", {})}
         groups.append((title, [Option(name, kind, dict(spec[1] if len(spec) > 1 else {}))
-                               for name, spec in specs.items() if (kind := spec[0]) in WIDGETS]))
+                               for name, spec in specs.items()
+                               if (kind := spec[0]) in WIDGETS and not (len(spec) > 1 and spec[1].get("forceInput"))]))
     return groups
 
 
@@ -278,14 +279,14 @@ def train_args(values: dict, ranks: int) -> TrainArgs:
     return args
 
 
-def encode_dataset(folder: str, size: int, clip, vae) -> tuple[list, list]:
-    """(one LATENT, one CONDITIONING) per image, as the training graph makes them: the dataset
-    node, then VAE Encode and CLIP Text Encode; run under inference mode, as ComfyUI's executor does."""
+def encode_dataset(folder: str, size: int, clip, vae) -> tuple[list, list, list[str]]:
+    """(one LATENT, one CONDITIONING, one caption) per image, as the training graph makes them: the
+    dataset node, then VAE Encode and CLIP Text Encode; run under inference mode, as ComfyUI's executor does."""
     with torch.inference_mode():
         images, captions = TriLoRASampleImages.execute(folder, size).result
         latents = [comfy_nodes.VAEEncode().encode(vae, image)[0] for image in images]
         positive = [comfy_nodes.CLIPTextEncode().encode(clip, caption)[0] for caption in captions]
-    return latents, positive
+    return latents, positive, captions
 
 
 def start_ranks() -> None:
@@ -303,10 +304,11 @@ def run(values: dict) -> str:
     args = train_args(values, ranks)
     with torch.inference_mode():
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint)[:3]
-    latents, positive = encode_dataset(values["folder"], values["size"], clip, vae)
+    latents, positive, captions = encode_dataset(values["folder"], values["size"], clip, vae)
     with torch.inference_mode():
         empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]  # the preservation prompt of base drift
-    del clip
+    if not args.encodes_captions:  # else the run encodes the captions at every step with it
+        clip = captions = None
     images, sources = split_latents(latents)
     entries, image_conds = split_conditioning(positive, len(images), sources)
     if args.batch_size > len(images):
@@ -317,7 +319,8 @@ def run(values: dict) -> str:
         with torch.inference_mode(False), torch.enable_grad():
             parallel = DataParallel()
             trainer = train(args, model, images, entries, image_conds, parallel=parallel,
-                            listeners=[run_log] if run_log else (), preservation=[empty])
+                            listeners=[run_log] if run_log else (), preservation=[empty], clip=clip,
+                            captions=captions)
             trilora = TriLoRAFile(trainer.layers(), trainer.metadata(trainer.total))
     finally:
         if run_log is not None:

@@ -6,8 +6,8 @@ delta W = (alpha / r) * U @ diag(s) @ Vt for each adapted weight; the file forma
 from __future__ import annotations
 
 from .blocks import GROUPS, TEXT_ENCODERS, DepthLayout, block_group, depth_layout
-from .captions import step_caption
 from .canonical import canonicalize, delta_energy, fix_signs, is_canonical, spectrum, truncate, truncation_limits
+from .captions import step_caption
 from .checks import MAX_ALPHA
 from .convert import lora_to_trilora, trilora_to_lora
 from .errors import TriLoRAFileError

@@ -53,6 +53,7 @@ from .family import FamilySettings
 from .monitor import Monitor, MonitorData, monitor_inputs
 from .parallel import OneProcess
 from .targets import attach, find_targets
+from .text_encoder import CaptionEncoder, check_captions
 
 try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
     from comfy_extras.nodes_custom_sampler import Guider_Basic
@@ -118,8 +119,9 @@ class TriLoRATrainer:
 
     def __init__(self, args: TrainArgs, model_patcher, targets, start: StartState, images, image_conds,
                  base_meta: dict, settings: FamilySettings, parallel: OneProcess | None = None,
-                 monitor: Monitor | None = None):
+                 monitor: Monitor | None = None, text: CaptionEncoder | None = None):
         self.args, self.mp, self.targets, self.start = args, model_patcher, targets, start
+        self.text = text  # captions encoded at every step, and the text encoders' adapters
         self.parallel = parallel or OneProcess()
         self.monitor = monitor or Monitor(args, MonitorData(), list)
         self.images, self.image_conds = images, image_conds
@@ -133,8 +135,10 @@ class TriLoRATrainer:
         self.total = start.step + args.steps
         self.losses: list[float] = []
         self.checkpoints: list[str] = []
-        self.adapters = make_adapters(targets, start.layers, self.device)
-        self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets, start.optimizer_tensors)
+        text_targets = text.targets if text else []
+        self.adapters = make_adapters(targets + text_targets, start.layers, self.device)
+        self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets + text_targets,
+                                                         start.optimizer_tensors, {t.prefix for t in text_targets})
         self.params = [p for g in self.groups for p in g["params"]]
         self.step = self.done = start.step  # the step under way; the updates completed
         self.schedule = lr_lambda(args.lr_schedule, self.total, args.warmup_steps)
@@ -156,7 +160,9 @@ class TriLoRATrainer:
         sigmas = [float(ms.percent_to_sigma(1.0 - float(t))) for t in levels]
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         total = 0.0
-        for positions, conds in self.batches.groups(batch, self.parallel.share(len(batch))):
+        share = self.parallel.share(len(batch))
+        groups = (self.text.groups(batch, share, step, micro) if self.text else self.batches.groups(batch, share))
+        for positions, conds in groups:
             x0 = torch.cat([self.images[batch[p]] for p in positions])
             noise = torch.cat([noises[p] for p in positions]).to(self.device)
             sigma = torch.tensor([sigmas[p] for p in positions], device=self.device, dtype=torch.float32)
@@ -186,6 +192,8 @@ class TriLoRATrainer:
         self.settings = low_vram_settings(base, self.settings)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
+            if self.text:
+                self.text.start(base, self.processed, self.batches, self.adapters)
             with training_flags():
                 self._loop(model_wrap, extra_args)
             self.parallel.finish()
@@ -193,6 +201,8 @@ class TriLoRATrainer:
             self.parallel.failed(err)
         finally:
             att.detach()
+            if self.text:
+                self.text.detach()
             model_wrap.conds["positive"] = self.processed
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -301,11 +311,16 @@ def make_adapters(targets, layers: dict[str, TriLoRALayer], device) -> dict[str,
     return adapters
 
 
-def make_optimizer_for(args: TrainArgs, adapters: dict, targets, state: dict | None):
-    """(param groups, optimizer) of the adapters' factors, with a resumed optimizer state where it fits."""
-    factors = {p: (a.trilora_u, a.trilora_s, a.trilora_vt) for p, a in adapters.items()}
+def make_optimizer_for(args: TrainArgs, adapters: dict, targets, state: dict | None, text_prefixes=frozenset()):
+    """(param groups, optimizer) of the adapters' factors, with a resumed optimizer state where it fits;
+    the text encoders' (``text_prefixes``) in groups of their own at text_encoder_lr."""
+    def factors(text: bool) -> dict:
+        return {p: (a.trilora_u, a.trilora_s, a.trilora_vt) for p, a in adapters.items() if (p in text_prefixes) == text}
+
     shapes = {t.prefix: t.weight_shape for t in targets}
-    groups = param_groups(factors, shapes, args.learning_rate, args.s_learning_rate_scale)
+    groups = param_groups(factors(False), shapes, args.learning_rate, args.s_learning_rate_scale)
+    if text_prefixes:
+        groups += param_groups(factors(True), shapes, args.text_encoder_lr, args.s_learning_rate_scale)
     optimizer = make_optimizer(args.optimizer, groups)
     if state is not None:
         try:
@@ -358,14 +373,21 @@ class TrainSampler(comfy.samplers.Sampler):
 
 
 def train(args: TrainArgs, model, images, entries, image_conds, parallel: OneProcess | None = None,
-          select_targets=find_targets, listeners=(), **validation) -> TriLoRATrainer:
+          select_targets=find_targets, listeners=(), clip=None, captions=None, **validation) -> TriLoRATrainer:
     """Trains on a clone of ``model``; returns the finished trainer (factors, losses, curves).
     ``parallel``: how the run is shared between processes (the CLI's DataParallel; alone by default);
     ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts;
     ``listeners``: called with (step, {name: value}) for each step's loss and each evaluation;
+    ``clip``, ``captions`` (one per image): the text encoder and captions a run encodes at every step
+    (text_encoder_lr, caption_dropout_rate, shuffle_caption), checked before anything loads;
     ``validation``: validation_latents, validation_positive, preservation (monitor.monitor_inputs)."""
+    captions = check_captions(args, clip, captions, len(images))
     images, image_conds, entries, data = monitor_inputs(args, images, entries, image_conds, **validation)
     mp = model.clone()
+    text = None if captions is None else CaptionEncoder(args, clip, captions, mp.load_device)
+    if text:
+        text.keep(data.held_out)
+        text.check_fits(entries, image_conds)
     mp.set_model_compute_dtype(TRAINING_DTYPES[args.training_dtype])
     settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing,
                                       args.loss_weighting)
@@ -378,11 +400,13 @@ def train(args: TrainArgs, model, images, entries, image_conds, parallel: OnePro
                              "choose 'all linear' or 'all linear+conv'")
         start = read_start(args, targets)
     else:
-        targets, start = resume_start(args, mp)
+        targets, start = resume_start(args, mp, keep_text_encoders=bool(text and text.trains))
+    if text:
+        start.layers.update(text.start_layers(start.text_layers))
     monitor = Monitor(args, data, lambda latents: family.fit_latents([x.detach().clone().float() for x in latents], mp),
                       listeners)
     trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings,
-                             parallel, monitor)
+                             parallel, monitor, text)
     comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
     guider = Guider_Basic(mp)
     guider.set_conds(entries)
