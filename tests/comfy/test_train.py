@@ -75,7 +75,8 @@ def train(comfy_host, data, **inputs):
     inputs.setdefault("seed", 0)
     inputs.setdefault("gradient_checkpointing", False)  # faster here; tests that need it turn it on
     listed = {k: v if k in LINKS else [v] for k, v in inputs.items()}
-    return run(comfy_host, "TrainTriLoRA", model=[data.model], **listed)
+    # MODEL, TRILORA, LOSS_MAP, steps; the CLIP output: test_train_text_encoder.py
+    return run(comfy_host, "TrainTriLoRA", model=[data.model], **listed)[:4]
 
 
 def single(latent, i):
