@@ -23,7 +23,7 @@ from ...trilora_core import TriLoRALayer, generator, init_layer, layers_by_weigh
 from .batches import concat_entries
 from .config import NODE, TrainArgs
 from .family import conds_for_shape
-from .targets import Attachment, Target, attach, layer_kind_ok
+from .targets import Attachment, Target, layer_kind_ok
 
 _EMBEDDING_KEYS = ("cross_attn", "pooled_output")  # what encode_model_conds turns into model inputs
 _ENCODERS = ("clip_l.", "clip_g.")  # CLIP-L and CLIP-G (not the T5 of SD3/Flux checkpoints)
@@ -77,7 +77,20 @@ def find_text_encoder_targets(clip, target_layers: str) -> list[Target]:
     return sorted(found, key=lambda t: t.prefix)
 
 
-class CaptionEncoder:
+class GivenCaptions:
+    """A run that encodes no captions: each image trains with its conditioning as given
+    (ForwardBatches), and no text-encoder layer trains. CaptionEncoder's interface."""
+
+    targets: list[Target] = []
+
+    def start(self, base, processed: list, batches, adapters: dict, attachment: Attachment) -> None:
+        self.batches = batches
+
+    def groups(self, batch: list[int], share: list[int], step: int, micro: int) -> list[tuple[list[int], list]]:
+        return self.batches.groups(batch, share)
+
+
+class CaptionEncoder(GivenCaptions):
     """The run's captions, encoded at each step through ``clip`` (a clone: patches added to it never
     reach the input), with the text encoders' adapters when ``args.text_encoder_lr`` > 0."""
 
@@ -85,8 +98,6 @@ class CaptionEncoder:
         self.args, self.clip, self.captions, self.device = args, clip.clone(), captions, device
         self.trains = args.text_encoder_lr > 0
         self.targets: list[Target] = []
-        self.adapters: dict = {}
-        self.attachment: Attachment | None = None
         self.base, self.batches, self.processed = None, None, []
         model = self.clip.cond_stage_model
         self.key_map = comfy.lora.model_lora_keys_clip(model, {})
@@ -144,23 +155,20 @@ class CaptionEncoder:
 
     # ---- during the run
 
-    def start(self, base, processed: list, batches, adapters: dict) -> None:
+    def start(self, base, processed: list, batches, adapters: dict, attachment: Attachment) -> None:
         """Once the guider has run: loads the CLIP and attaches the adapters (``adapters``: the run's,
-        by prefix) to its layers; ``detach`` removes them."""
+        by prefix) to its layers, recorded in the run's ``attachment``, whose detach removes them."""
         self.base, self.processed, self.batches = base, processed, batches
         self.clip.load_model()
         if self.trains:
-            self.adapters = {t.prefix: adapters[t.prefix] for t in self.targets}
             model = self.clip.cond_stage_model
-            self.attachment = attach(model, self.targets, self.adapters, False)
+            attachment.freeze(model)
+            attachment.alias_inference_tensors(model)
+            for target in self.targets:
+                attachment.add_adapter(target.module, adapters[target.prefix])
             # ComfyUI's CLIP layers add their residuals in place (x += ...) after a layer norm kept x
             # for the backward pass: with gradients they train only with recomputed activations.
-            self.attachment.checkpoint(model, [m for m in model.modules() if isinstance(m, comfy.clip_model.CLIPLayer)])
-
-    def detach(self) -> None:
-        if self.attachment is not None:
-            self.attachment.detach()
-            self.attachment = None
+            attachment.checkpoint(model, [m for m in model.modules() if isinstance(m, comfy.clip_model.CLIPLayer)])
 
     def step_captions(self, batch: list[int], step: int, micro: int) -> list[str]:
         """The caption of each image of the micro-step's batch (all positions: every data-parallel

@@ -53,7 +53,7 @@ from .family import FamilySettings
 from .monitor import Monitor, MonitorData, monitor_inputs
 from .parallel import OneProcess
 from .targets import attach, find_targets
-from .text_encoder import CaptionEncoder, check_captions
+from .text_encoder import CaptionEncoder, GivenCaptions, check_captions
 
 try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
     from comfy_extras.nodes_custom_sampler import Guider_Basic
@@ -121,8 +121,7 @@ class TriLoRATrainer:
                  base_meta: dict, settings: FamilySettings, parallel: OneProcess | None = None,
                  monitor: Monitor | None = None, text: CaptionEncoder | None = None):
         self.args, self.mp, self.targets, self.start = args, model_patcher, targets, start
-        self.text = text  # captions encoded at every step, and the text encoders' adapters
-        self.parallel = parallel or OneProcess()
+        self.parallel, self.text = parallel or OneProcess(), text or GivenCaptions()  # text: each step's captions
         self.monitor = monitor or Monitor(args, MonitorData(), list)
         self.images, self.image_conds = images, image_conds
         self.processed: list = []  # the guider's processed cond entries, in input order
@@ -135,10 +134,7 @@ class TriLoRATrainer:
         self.total = start.step + args.steps
         self.losses: list[float] = []
         self.checkpoints: list[str] = []
-        text_targets = text.targets if text else []
-        self.adapters = make_adapters(targets + text_targets, start.layers, self.device)
-        self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets + text_targets,
-                                                         start.optimizer_tensors, {t.prefix for t in text_targets})
+        self.adapters, self.groups, self.optimizer = make_factors(args, targets, self.text, start, self.device)
         self.params = [p for g in self.groups for p in g["params"]]
         self.step = self.done = start.step  # the step under way; the updates completed
         self.schedule = lr_lambda(args.lr_schedule, self.total, args.warmup_steps)
@@ -160,9 +156,7 @@ class TriLoRATrainer:
         sigmas = [float(ms.percent_to_sigma(1.0 - float(t))) for t in levels]
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         total = 0.0
-        share = self.parallel.share(len(batch))
-        groups = (self.text.groups(batch, share, step, micro) if self.text else self.batches.groups(batch, share))
-        for positions, conds in groups:
+        for positions, conds in self.text.groups(batch, self.parallel.share(len(batch)), step, micro):
             x0 = torch.cat([self.images[batch[p]] for p in positions])
             noise = torch.cat([noises[p] for p in positions]).to(self.device)
             sigma = torch.tensor([sigmas[p] for p in positions], device=self.device, dtype=torch.float32)
@@ -192,17 +186,14 @@ class TriLoRATrainer:
         self.settings = low_vram_settings(base, self.settings)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
-            if self.text:
-                self.text.start(base, self.processed, self.batches, self.adapters)
+            self.text.start(base, self.processed, self.batches, self.adapters, att)
             with training_flags():
                 self._loop(model_wrap, extra_args)
             self.parallel.finish()
         except BaseException as err:  # a cancel too: data-parallel ranks must learn of it
             self.parallel.failed(err)
         finally:
-            att.detach()
-            if self.text:
-                self.text.detach()
+            att.detach()  # the text encoders' too
             model_wrap.conds["positive"] = self.processed
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -311,23 +302,27 @@ def make_adapters(targets, layers: dict[str, TriLoRALayer], device) -> dict[str,
     return adapters
 
 
-def make_optimizer_for(args: TrainArgs, adapters: dict, targets, state: dict | None, text_prefixes=frozenset()):
-    """(param groups, optimizer) of the adapters' factors, with a resumed optimizer state where it fits;
-    the text encoders' (``text_prefixes``) in groups of their own at text_encoder_lr."""
-    def factors(text: bool) -> dict:
-        return {p: (a.trilora_u, a.trilora_s, a.trilora_vt) for p, a in adapters.items() if (p in text_prefixes) == text}
+def make_factors(args: TrainArgs, targets, text: GivenCaptions, start: StartState, device):
+    """(adapters by prefix, param groups, optimizer) of the diffusion model's ``targets`` and the text
+    encoders' (``text.targets``: groups of their own at text_encoder_lr) from the start layers, with
+    a resumed optimizer state where it fits."""
+    adapters = make_adapters(targets + text.targets, start.layers, device)
+    shapes = {t.prefix: t.weight_shape for t in targets + text.targets}
 
-    shapes = {t.prefix: t.weight_shape for t in targets}
-    groups = param_groups(factors(False), shapes, args.learning_rate, args.s_learning_rate_scale)
-    if text_prefixes:
-        groups += param_groups(factors(True), shapes, args.text_encoder_lr, args.s_learning_rate_scale)
+    def groups_of(chosen, lr: float) -> list[dict]:
+        factors = {t.prefix: (adapters[t.prefix].trilora_u, adapters[t.prefix].trilora_s, adapters[t.prefix].trilora_vt)
+                   for t in chosen}
+        return param_groups(factors, shapes, lr, args.s_learning_rate_scale)
+
+    groups = groups_of(targets, args.learning_rate) + (groups_of(text.targets, args.text_encoder_lr)
+                                                       if text.targets else [])
     optimizer = make_optimizer(args.optimizer, groups)
-    if state is not None:
+    if start.optimizer_tensors is not None:
         try:
-            load_optimizer_state(optimizer, state)
+            load_optimizer_state(optimizer, start.optimizer_tensors)
         except ValueError as err:
             log.warning("TriLoRA: optimizer state not restored: %s", err)
-    return groups, optimizer
+    return adapters, groups, optimizer
 
 
 def adapter_layer(adapter, canonical: bool = True) -> TriLoRALayer:

@@ -12,9 +12,11 @@ import comfy.model_management as mm
 import comfy.utils
 import pytest
 import torch
-from conftest import TINY
+from conftest import COMFY, TINY
 from test_train import CAPTIONS, make_images, run
 from tiny_models import tiny_model
+
+from harness.fixtures import workflow_models
 
 NONE = "[None]"
 TE = {"text_encoder_lr": 1e-3}
@@ -215,3 +217,36 @@ def test_a_clip_the_model_has_no_text_encoder_for_is_refused(comfy_host, sd):
             clip=[sd.clip], captions=["a caption"], steps=[1], training_dtype=["fp32"], checkpoint_every=[1],
             checkpoint_prefix=["te_bad/sdxl"], **{k: [v] for k, v in TE.items()})
     assert not (comfy_host.loras / "te_bad").exists()
+
+
+def test_sdxl_trains_clip_l_and_clip_g_under_kohyas_te1_and_te2_names(comfy_host):
+    # The SDXL checkpoint of the workflow tests: the tiny SDXL UNet with full-size random CLIP-L and
+    # CLIP-G (694M parameters: one step, one image).
+    path = workflow_models.ensure(workflow_models.SDXL_CHECKPOINT, COMFY / "models")
+    nodes = comfy_host.nodes
+    with torch.inference_mode():
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
+        latent = nodes.VAEEncode().encode(vae, make_images(1, seed=0))[0]
+        positive = nodes.CLIPTextEncode().encode(clip, CAPTIONS[0])[0]
+    before = clip_state(clip)
+    _, trilora, _, _, out_clip = run(comfy_host, "TrainTriLoRA", model=[model], latents=[latent], positive=[positive],
+                                     clip=[clip], captions=CAPTIONS[:1], steps=[1], rank=[2], alpha=[2.0],
+                                     training_dtype=["fp32"], gradient_checkpointing=[False], validate_every=[0],
+                                     preview_every=[0], **{k: [v] for k, v in TE.items()})
+    te = te_layers(trilora)
+    te1 = {p: layer for p, layer in te.items() if p.startswith("lora_te1_")}
+    te2 = {p: layer for p, layer in te.items() if p.startswith("lora_te2_")}
+    assert (len(te1), len(te2), len(te)) == (48, 128, 176)  # q, k, v, out of CLIP-L's 12 and CLIP-G's 32 layers
+    te_weight_keys(clip, te)  # every name is in ComfyUI's SDXL CLIP key map
+    # CLIP-G: every layer learns, its last one through the pooled output alone (SDXL's y); CLIP-L:
+    # SDXL takes its penultimate layer, so its last layer gets no gradient (as in kohya's SDXL runs).
+    assert all(float(layer.s.abs().max()) > 0 for layer in te2.values())
+    last = {p for p in te1 if "_layers_11_" in p}
+    assert len(last) == 4 and all(float(te1[p].s.abs().max()) == 0 for p in last)
+    assert all(float(layer.s.abs().max()) > 0 for p, layer in te1.items() if p not in last)
+    after = clip_state(clip)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    keys = te_weight_keys(clip, {p: te2[p] for p in sorted(te2)[:4]})
+    originals = clip_weights(clip, keys.values())
+    assert_weights(clip_weights(out_clip, keys.values()),
+                   {keys[p]: expected(originals[keys[p]], te2[p], 1.0) for p in keys})
