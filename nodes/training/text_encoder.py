@@ -142,7 +142,7 @@ class CaptionEncoder(GivenCaptions):
                 found = layers_by_weight(resumed, self.key_map, self.weights)
             except ValueError as err:
                 raise ValueError(f"{NODE}: existing_lora {self.args.existing_lora!r}: {err}") from None
-            missing = [p for p in found.unknown]
+            missing = list(found.unknown)
             missing += [w for w in found.layers if w not in self.all_targets]
             if missing:
                 raise ValueError(f"{NODE}: existing_lora {self.args.existing_lora!r} has {len(missing)} text-encoder "
