@@ -192,6 +192,18 @@ def test_caption_dropout_1_trains_on_the_empty_caption(comfy_host, sd):
     assert dropped[1].metadata["ss_caption_dropout_rate"] == "1.0"
 
 
+def test_captions_encoded_at_every_step_pair_with_their_images_after_a_validation_split(comfy_host, sd):
+    # shuffle_caption with every tag kept in place encodes each caption unchanged at every step: the run
+    # of the conditionings as given, image by image, also when validation_split holds one image out.
+    split = dict(steps=2, validation_split=0.25, seed=3)
+    encoded = train(comfy_host, sd, clip=sd.clip, captions=CAPTIONS, shuffle_caption=True, keep_tokens=100, **split)
+    given = train(comfy_host, sd, **split)
+    assert encoded[2]["loss"] == pytest.approx(given[2]["loss"], rel=1e-6)
+    swapped = train(comfy_host, sd, clip=sd.clip, captions=CAPTIONS[::-1], shuffle_caption=True, keep_tokens=100,
+                    **split)
+    assert swapped[2]["loss"] != pytest.approx(given[2]["loss"], rel=1e-4)
+
+
 def test_bad_inputs_are_named_before_step_1_and_nothing_is_trained(comfy_host, sd):
     cases = [
         (dict(**TE, captions=CAPTIONS), "text_encoder_lr 0.001 encodes the captions at every step, but clip is "
