@@ -170,6 +170,14 @@ def test_resize_merge_and_spectrum_carry_the_te_layers(comfy_host, te_run):
     assert any(line.startswith("Text encoder ") and line.split()[2] == "48" for line in text.splitlines()), text
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_the_text_encoders_train_in_the_half_precision_training_dtypes(comfy_host, sd, dtype):
+    # fp16: the grad scaler scales the text encoders' gradients with the UNet's and unscales both.
+    out = train(comfy_host, sd, steps=2, clip=sd.clip, captions=CAPTIONS, training_dtype=dtype, **TE)
+    assert all(v == v for v in out[2]["loss"])
+    assert all(float(layer.s.abs().max()) > 0 for layer in te_layers(out[1]).values())
+
+
 def test_text_encoder_lr_0_is_the_unet_only_run_bit_for_bit(comfy_host, sd):
     plain = train(comfy_host, sd, steps=2)
     linked = train(comfy_host, sd, steps=2, clip=sd.clip, captions=CAPTIONS)
