@@ -299,8 +299,8 @@ def dataset_cache(values: dict, ranks: int) -> tuple[str | None, bool]:
     return os.path.join(folder_paths.get_temp_directory(), f"trilora_dataset_{text_digest(repr(what))[:16]}.safetensors"), True
 
 
-def encode_dataset(values: dict, clip, vae) -> tuple[list, list]:
-    """(one LATENT, one CONDITIONING) per image, as the training graph makes them: Load Training
+def encode_dataset(values: dict, clip, vae) -> tuple[list, list, list[str]]:
+    """(one LATENT, one CONDITIONING, one caption) per image, as the training graph makes them: Load Training
     Images, then Encode Training Dataset (VAE Encode and CLIP Text Encode) with its cache; run
     under inference mode, as ComfyUI's executor does. Under torchrun rank 0 encodes and writes the
     cache, the other ranks wait, then read it (encoding nothing)."""
@@ -320,7 +320,7 @@ def encode_dataset(values: dict, clip, vae) -> tuple[list, list]:
                 os.remove(path)
     if path is not None and not own:
         log.info("TriLoRA dataset cache %s: %d image(s) and caption(s) read, %d encoded", path, done.read, done.encoded)
-    return done.latents, done.conditioning
+    return done.latents, done.conditioning, captions
 
 
 def start_ranks() -> None:
@@ -338,10 +338,11 @@ def run(values: dict) -> str:
     args = train_args(values, ranks)
     with torch.inference_mode():
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint)[:3]
-    latents, positive = encode_dataset(values, clip, vae)
+    latents, positive, captions = encode_dataset(values, clip, vae)
     with torch.inference_mode():
         empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]  # the preservation prompt of base drift
-    del clip
+    if not args.encodes_captions:  # else the run encodes the captions at every step with it
+        clip = captions = None
     images, sources = split_latents(latents)
     entries, image_conds = split_conditioning(positive, len(images), sources)
     if args.batch_size > len(images):
@@ -352,7 +353,8 @@ def run(values: dict) -> str:
         with torch.inference_mode(False), torch.enable_grad():
             parallel = DataParallel()
             trainer = train(args, model, images, entries, image_conds, parallel=parallel,
-                            listeners=[run_log] if run_log else (), preservation=[empty])
+                            listeners=[run_log] if run_log else (), preservation=[empty], clip=clip,
+                            captions=captions)
             trilora = TriLoRAFile(trainer.layers(), trainer.metadata(trainer.total))
     finally:
         if run_log is not None:

@@ -178,6 +178,33 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_exactly(runs):
     assert (meta["trilora_steps"], args["resumed_from_step"]) == (str(STEPS), 2)
 
 
+def test_text_encoder_training_on_two_ranks_gives_the_file_of_one_process(tmp_path):
+    # The CLI encodes the folder's captions at every step with the checkpoint's CLIP; the text encoders'
+    # gradients are all-reduced with the UNet's, so 2 ranks of batch 1 make the 1-process batch-2 file.
+    flags = ("--steps", "2", "--text_encoder_lr", "1e-3", "--shuffle_caption", "true", "--keep_tokens", "1",
+             "--caption_dropout_rate", "0.25", "--validation_split", "0", "--validate_every", "0",
+             "--preview_every", "0", "--checkpoint_every", "0")
+    procs = {"two": start(2, tmp_path / "two", "--batch_size", "1", *flags),
+             "one": start(None, tmp_path / "one", "--batch_size", "2", *flags)}
+    done = {name: finish(proc, tmp_path / name) for name, proc in procs.items()}
+    for run in done.values():
+        assert run.rc == 0, report(run)
+    two, two_meta = read(final_file(done["two"]))
+    one, one_meta = read(final_file(done["one"]))
+    assert two.keys() == one.keys()
+    te = [k for k in one if k.startswith("lora_te_") and k.endswith(".trilora_s")]
+    assert len(te) == 48 and all(float(one[k].abs().max()) > 0 for k in te)
+    # The CPU's CLIP runs in fp16, whose backward rounds differently for a batch split over ranks: the
+    # text encoders' updates, and through the captions they encode the UNet's, agree to fp16's rounding
+    # (2^-11; measured: 2.4e-4 of the largest entry). A rank updating from its own image alone would
+    # miss half of the gradient: an error of the update's size.
+    for prefix in (k.removesuffix(".trilora_s") for k in one if k.endswith(".trilora_s")):
+        delta_two, delta_one = ((f[f"{prefix}.trilora_u"] * f[f"{prefix}.trilora_s"]) @ f[f"{prefix}.trilora_vt"].flatten(1)
+                                for f in (two, one))
+        torch.testing.assert_close(delta_two, delta_one, rtol=0, atol=1e-3 * float(delta_one.abs().max()), msg=prefix)
+    assert (one_meta["ss_text_encoder_lr"], one_meta["ss_caption_dropout_rate"]) == ("0.001", "0.25")
+
+
 def _rank_pid(torchrun: subprocess.Popen, local_rank: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
