@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import curves, dataset, load, save, tools, train
+from . import curves, dataset, dataset_encode, load, save, tools, train
 
 # In the order ComfyUI has always listed them (/object_info keeps it).
 NODES = [load.TriLoRALoader, load.TriLoRALoaderModelOnly, load.TriLoRALoaderBlockWeights,
          dataset.TriLoRASampleImages, train.TrainTriLoRA, load.ApplyTriLoRA, save.SaveTriLoRA, *tools.NODES,
-         *curves.NODES]
+         *curves.NODES, *dataset_encode.NODES]
 
 
 class TriLoRAExtension(ComfyExtension):

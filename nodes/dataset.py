@@ -1,7 +1,10 @@
 """Training images with captions from a folder: by default the small sample set that ships with
-the pack (workflows/sample_style/), so the training workflow runs with nothing to download."""
+the pack (workflows/sample_style/), so the training workflow runs with nothing to download. Each
+picture keeps its aspect in a bucket (trilora_core/buckets.py, kohya's bucketing), or is
+centre-cropped to a square."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,10 +14,14 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageOps
 
+from ..trilora_core import group_buckets, select_bucket
 from .file_cache import file_signature
+
+log = logging.getLogger("comfyui-trilora")
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "workflows" / "sample_style"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BUCKETS, SQUARE = "aspect buckets", "square crop"
 
 
 def resolve_folder(folder: str) -> Path:
@@ -50,10 +57,51 @@ def square(image: Image.Image, size: int) -> Image.Image:
     return image
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
+def bucketed(image: Image.Image, size: int, upscale: bool) -> Image.Image:
+    """Scaled to cover its bucket (select_bucket) and centre-cropped to it."""
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    (width, height), resized = select_bucket(image.width, image.height, size, upscale)
+    if resized != image.size:
+        image = image.resize(resized, Image.Resampling.LANCZOS)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def _no_bucket(path: Path, err: ValueError) -> ValueError:
+    return ValueError(f"TriLoRASampleImages: {path}: {err}; turn upscale on, or leave the picture out")
+
+
+def load_image(path: Path, size: int, resize: str = BUCKETS, upscale: bool = False) -> torch.Tensor:
+    """[1, H, W, 3] float32 in 0..1, as ComfyUI's IMAGE; ValueError naming the file when it has no bucket."""
     with Image.open(path) as image:
-        pixels = np.asarray(square(image, size), dtype=np.float32) / 255.0
-    return torch.from_numpy(pixels)[None]  # [1, H, W, 3], as ComfyUI's IMAGE
+        try:
+            picture = square(image, size) if resize == SQUARE else bucketed(image, size, upscale)
+        except ValueError as err:
+            raise _no_bucket(path, err) from None
+        pixels = np.asarray(picture, dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels)[None]
+
+
+def check_picture(path: Path, size: int, resize: str = BUCKETS, upscale: bool = False) -> None:
+    """load_image's error for a picture without a bucket, from its header alone (its size: the
+    check does not depend on its orientation), so the command line stops before anything loads."""
+    if resize == BUCKETS:
+        with Image.open(path) as image:
+            try:
+                select_bucket(*image.size, size, upscale)
+            except ValueError as err:
+                raise _no_bucket(path, err) from None
+
+
+def note_lone_pictures(files: list[Path], images: list[torch.Tensor]) -> None:
+    """A note for each picture alone in its bucket: it trains in batches of one, as in kohya's trainer."""
+    groups = group_buckets([tuple(image.shape) for image in images])
+    if len(groups) > 1:
+        for items in groups:
+            if len(items) == 1:
+                _, height, width, _ = images[items[0]].shape
+                log.warning("TriLoRA: %s is the only picture in its bucket (%d x %d px): it trains alone, in "
+                            "batches of one", files[items[0]].name, width, height)
 
 
 def read_caption(path: Path) -> str:
@@ -83,8 +131,20 @@ class TriLoRASampleImages(io.ComfyNode):
                             "ComfyUI's input directory. Captions come from .txt files beside the images."),
                 io.Int.Input(
                     id="size", default=512, min=64, max=2048, step=64,
-                    tooltip="Every image is centre-cropped to a square and resized to size x size, so all "
-                            "of them train together. 512 suits SD1.5; use less for quick tests."),
+                    tooltip="The training resolution: with aspect buckets, each picture keeps its aspect within "
+                            "an area of size x size (sides in steps of 64); with square crop, it is centre-cropped "
+                            "to a square and resized to size x size. 512 suits SD1.5, 1024 SDXL and Flux; use less "
+                            "for quick tests."),
+                io.Combo.Input(
+                    id="resize", options=[BUCKETS, SQUARE], default=BUCKETS, optional=True,
+                    tooltip="aspect buckets: each picture keeps its aspect ratio, as kohya's bucketing does (a "
+                            "batch draws from pictures of one size). square crop: the centre square of each."),
+                io.Boolean.Input(
+                    id="upscale", default=False, optional=True,
+                    tooltip="Aspect buckets only. Off (kohya's bucket_no_upscale): a picture larger than the area "
+                            "is scaled down to it, a smaller one trains at its own size (cropped to steps of 64), "
+                            "one under 64 px a side is an error. On: every picture is scaled, up or down, to the "
+                            "bucket of the nearest aspect ratio (kohya's default)."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", is_output_list=True,
@@ -96,7 +156,7 @@ class TriLoRASampleImages(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, size):
+    def fingerprint_inputs(cls, folder, size, resize=BUCKETS, upscale=False):
         """Re-run when an image or caption is added, removed or changed, not only when the inputs
         do: each file's file_signature, the loaders' change check, so a caption rewritten in place
         with its old size and modification time (cp -p, rsync -t) is seen by its ctime."""
@@ -104,13 +164,15 @@ class TriLoRASampleImages(io.ComfyNode):
             files = image_files(resolve_folder(folder))
             signatures = [(file_signature(str(f)), caption_signature(f)) for f in files]
         except (OSError, ValueError):
-            return f"{folder}|{size}"
-        return f"{size}|{signatures}"
+            return f"{folder}|{size}|{resize}|{upscale}"
+        return f"{size}|{resize}|{upscale}|{signatures}"
 
     @classmethod
-    def execute(cls, folder, size):
+    def execute(cls, folder, size, resize=BUCKETS, upscale=False):
         files = image_files(resolve_folder(folder))
-        return io.NodeOutput([load_image(f, size) for f in files], [read_caption(f) for f in files])
+        images = [load_image(f, size, resize, upscale) for f in files]
+        note_lone_pictures(files, images)
+        return io.NodeOutput(images, [read_caption(f) for f in files])
 
 
 NODES = [TriLoRASampleImages]

@@ -44,6 +44,15 @@ class TrainTriLoRA(io.ComfyNode):
                                       "change (e.g. CLIP Text Encode of \"\" and of the captions without the "
                                       "trigger word): base drift is measured on them. Default: the first caption "
                                       "zeroed out (ConditioningZeroOut)."),
+                io.Clip.Input(id="clip", optional=True, tooltip="The CLIP that encoded positive (the "
+                              "checkpoint's): with text_encoder_lr above 0 its text encoders train too, and with "
+                              "text-encoder training, caption dropout or shuffle the captions are encoded with it "
+                              "at every step."),
+                io.String.Input(id="captions", optional=True, force_input=True, tooltip="The images' captions as "
+                                "text, one per image in the images' order (Load Training Images' captions "
+                                "output): what the CLIP encodes at every step. positive still gives each image's "
+                                "conditioning options."),
+                *TrainArgs.schema_inputs(text_encoder=True),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained TriLoRA applied "
@@ -55,6 +64,9 @@ class TrainTriLoRA(io.ComfyNode):
                                 "Curves)."),
                 io.Int.Output(display_name="steps", tooltip="Total steps the TriLoRA has been trained for "
                               "(including a resumed file's)."),
+                io.Clip.Output(display_name="CLIP", tooltip="The clip input with the trained text-encoder adapters "
+                               "applied (strength 1); the clip input as it is when the text encoders did not "
+                               "train."),
             ],
         )
 
@@ -69,21 +81,23 @@ class TrainTriLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latents, positive, validation_latents=None, validation_positive=None, preservation=None,
-                **settings):
+                clip=None, captions=None, **settings):
         args = TrainArgs.from_inputs(settings)
         args.check()
         model = single_input(model)
         images, sources = split_latents(latents)
         entries, image_conds = split_conditioning(positive, len(images), sources)
+        clip = single_input(clip)
         with torch.inference_mode(False), torch.enable_grad():
             trainer = train(args, model, images, entries, image_conds, select_targets=cls.select_targets,
-                            validation_latents=validation_latents, validation_positive=validation_positive,
-                            preservation=preservation)
+                            clip=clip, captions=captions, validation_latents=validation_latents,
+                            validation_positive=validation_positive, preservation=preservation)
             layers = trainer.layers()
             trilora = TriLoRAFile(layers, trainer.metadata(trainer.total))
-        out_model, _, _ = apply_trilora(model, None, layers, 1.0, 0.0, "TrainTriLoRA")
+        te_trained = args.text_encoder_lr > 0
+        out_model, out_clip, _ = apply_trilora(model, clip if te_trained else None, layers, 1.0, 1.0, "TrainTriLoRA")
         loss_map = {"loss": list(trainer.losses), **trainer.monitor.curves()}
-        return io.NodeOutput(out_model, trilora, loss_map, trainer.total)
+        return io.NodeOutput(out_model, trilora, loss_map, trainer.total, out_clip if te_trained else clip)
 
 
 NODES = [TrainTriLoRA]

@@ -28,9 +28,12 @@ import torch.distributed as dist
 
 import nodes as comfy_nodes  # ComfyUI's nodes.py (ComfyUI's root is on sys.path)
 
-from ..trilora_core import TriLoRAFile
+from ..trilora_core import TriLoRAFile, text_digest
 from . import curves_plot
-from .dataset import TriLoRASampleImages, image_files, resolve_folder
+from .dataset import TriLoRASampleImages, check_picture, image_files, resolve_folder
+from .dataset_cache import cache_path
+from .dataset_cache import encode_dataset as encode_items
+from .dataset_encode import TriLoRAEncodeDataset
 from .loras_folder import NONE_FILE, prefix_location
 from .run_log import RunLog
 from .save import SaveTriLoRA
@@ -54,11 +57,14 @@ log = logging.getLogger("comfyui-trilora")
 
 PROG = "train_trilora.py"
 NODES = (("data (Load Training Images (TriLoRA))", TriLoRASampleImages),
+         ("encoding (Encode Training Dataset (TriLoRA))", TriLoRAEncodeDataset),
          ("training (Train TriLoRA)", TrainTriLoRA),
          ("file (Save TriLoRA)", SaveTriLoRA))
 WIDGETS = ("INT", "FLOAT", "BOOLEAN", "STRING", "COMBO")  # inputs set by value, not by a link
 CLI_NOTES = {"batch_size": " Per rank: under torchrun the global batch is batch_size x ranks, and a run with "
-                           "batch_size x ranks on one process is the same run."}
+                           "batch_size x ranks on one process is the same run.",
+             "cache": " Under torchrun rank 0 encodes and writes it, the other ranks read it (with no name, through a "
+                      "file of the run in ComfyUI's temp folder, deleted once read)."}
 DESCRIPTION = """\
 Trains a TriLoRA with the Train TriLoRA node's own trainer, without the ComfyUI window:
 one process, or one process per GPU under torchrun (data parallel, as DDP: every rank takes
@@ -182,7 +188,8 @@ def node_options() -> list[tuple[str, list[Option]]]:
         inputs = node.INPUT_TYPES()
         specs = {**inputs.get("required", {}), **inputs.get("optional", {})}
         groups.append((title, [Option(name, kind, dict(spec[1] if len(spec) > 1 else {}))
-                               for name, spec in specs.items() if (kind := spec[0]) in WIDGETS]))
+                               for name, spec in specs.items()
+                               if (kind := spec[0]) in WIDGETS and not (spec[1:] and spec[1].get("forceInput"))]))
     return groups
 
 
@@ -245,8 +252,9 @@ def resolve(ns: argparse.Namespace, known: dict[str, Option]) -> dict:
 def setup_folders(values: dict) -> str:
     """Checks the image folder, registers loras_dir and the checkpoint's folder with ComfyUI;
     returns the checkpoint's name. Raises ConfigError before anything loads."""
-    try:  # the dataset node's own rules, so a wrong folder fails before the checkpoint loads
-        image_files(resolve_folder(values["folder"]))
+    try:  # the dataset node's own rules, so a wrong folder or picture fails before the checkpoint loads
+        for path in image_files(resolve_folder(values["folder"])):
+            check_picture(path, values["size"], values["resize"], values["upscale"])
     except ValueError as err:
         raise ConfigError(f"folder {values['folder']!r}: {err}") from None
     if values["loras_dir"]:
@@ -278,14 +286,41 @@ def train_args(values: dict, ranks: int) -> TrainArgs:
     return args
 
 
-def encode_dataset(folder: str, size: int, clip, vae) -> tuple[list, list]:
-    """(one LATENT, one CONDITIONING) per image, as the training graph makes them: the dataset
-    node, then VAE Encode and CLIP Text Encode; run under inference mode, as ComfyUI's executor does."""
+def dataset_cache(values: dict, ranks: int) -> tuple[str | None, bool]:
+    """(the cache file, whether it is the run's own): the one named; with several ranks and no
+    name, a file of this run in ComfyUI's temp folder, which rank 0 deletes once every rank read it."""
+    name = values["cache"].strip()
+    if name:
+        return cache_path(name), False
+    if ranks == 1:
+        return None, False
+    what = [os.path.abspath(str(resolve_folder(values["folder"]))), values["size"], values["resize"],
+            values["upscale"], values["checkpoint"], os.environ.get("TORCHELASTIC_RUN_ID", "")]
+    return os.path.join(folder_paths.get_temp_directory(), f"trilora_dataset_{text_digest(repr(what))[:16]}.safetensors"), True
+
+
+def encode_dataset(values: dict, clip, vae) -> tuple[list, list, list[str]]:
+    """(one LATENT, one CONDITIONING, one caption) per image, as the training graph makes them: Load Training
+    Images, then Encode Training Dataset (VAE Encode and CLIP Text Encode) with its cache; run
+    under inference mode, as ComfyUI's executor does. Under torchrun rank 0 encodes and writes the
+    cache, the other ranks wait, then read it (encoding nothing)."""
+    rank, ranks = world()
+    path, own = dataset_cache(values, ranks)
     with torch.inference_mode():
-        images, captions = TriLoRASampleImages.execute(folder, size).result
-        latents = [comfy_nodes.VAEEncode().encode(vae, image)[0] for image in images]
-        positive = [comfy_nodes.CLIPTextEncode().encode(clip, caption)[0] for caption in captions]
-    return latents, positive
+        images, captions = TriLoRASampleImages.execute(values["folder"], values["size"], values["resize"],
+                                                       values["upscale"]).result
+        if rank > 0:
+            dist.barrier()  # rank 0 has written the cache
+        done = encode_items(images, captions, vae, clip, path, encode=rank == 0)
+        if rank == 0 and ranks > 1:
+            dist.barrier()
+        if own:
+            dist.barrier()  # every rank has read it
+            if rank == 0:
+                os.remove(path)
+    if path is not None and not own:
+        log.info("TriLoRA dataset cache %s: %d image(s) and caption(s) read, %d encoded", path, done.read, done.encoded)
+    return done.latents, done.conditioning, captions
 
 
 def start_ranks() -> None:
@@ -303,10 +338,11 @@ def run(values: dict) -> str:
     args = train_args(values, ranks)
     with torch.inference_mode():
         model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint)[:3]
-    latents, positive = encode_dataset(values["folder"], values["size"], clip, vae)
+    latents, positive, captions = encode_dataset(values, clip, vae)
     with torch.inference_mode():
         empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]  # the preservation prompt of base drift
-    del clip
+    if not args.encodes_captions:  # else the run encodes the captions at every step with it
+        clip = captions = None
     images, sources = split_latents(latents)
     entries, image_conds = split_conditioning(positive, len(images), sources)
     if args.batch_size > len(images):
@@ -317,7 +353,8 @@ def run(values: dict) -> str:
         with torch.inference_mode(False), torch.enable_grad():
             parallel = DataParallel()
             trainer = train(args, model, images, entries, image_conds, parallel=parallel,
-                            listeners=[run_log] if run_log else (), preservation=[empty])
+                            listeners=[run_log] if run_log else (), preservation=[empty], clip=clip,
+                            captions=captions)
             trilora = TriLoRAFile(trainer.layers(), trainer.metadata(trainer.total))
     finally:
         if run_log is not None:

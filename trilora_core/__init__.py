@@ -6,9 +6,12 @@ delta W = (alpha / r) * U @ diag(s) @ Vt for each adapted weight; the file forma
 from __future__ import annotations
 
 from .blocks import GROUPS, TEXT_ENCODERS, DepthLayout, block_group, depth_layout
+from .buckets import bucket_batch, bucket_resolutions, group_buckets, select_bucket
 from .canonical import canonicalize, delta_energy, fix_signs, is_canonical, spectrum, truncate, truncation_limits
+from .captions import step_caption
 from .checks import MAX_ALPHA
 from .convert import lora_to_trilora, trilora_to_lora
+from .dataset_cache import read_dataset_cache, tensor_digest, text_digest, write_dataset_cache
 from .errors import TriLoRAFileError
 from .extract import SVD_METHODS, energy_rank, extract_layer, kept_energy
 from .fileformat import (
@@ -75,6 +78,14 @@ from .validation import (
 )
 
 __all__ = [
+    "read_dataset_cache",
+    "tensor_digest",
+    "text_digest",
+    "write_dataset_cache",
+    "bucket_batch",
+    "bucket_resolutions",
+    "group_buckets",
+    "select_bucket",
     "KEEP_BEST",
     "VALIDATION_LEVELS",
     "BestStep",
@@ -153,6 +164,7 @@ __all__ = [
     "sample_indices",
     "sample_noise_levels",
     "spectrum",
+    "step_caption",
     "sum_layers",
     "target_of",
     "trilora_to_lora",

@@ -138,22 +138,7 @@ class ForwardBatches:
             return [processed[j] for j in next(iter(keys))]
         if any(len(k) != 1 for k in keys):
             return None
-        entries = [processed[self.image_conds[i][0]] for i in images]
-        first = entries[0]
-        for other in entries[1:]:
-            if other.keys() != first.keys() or other["model_conds"].keys() != first["model_conds"].keys():
-                return None
-            for key, value in first.items():
-                if key not in ("model_conds", "uuid") and not _same(value, other[key]):
-                    return None
-            for key, cond in first["model_conds"].items():
-                if not (_batch_of_one(cond) and _batch_of_one(other["model_conds"][key])
-                        and cond.can_concat(other["model_conds"][key])):
-                    return None
-        merged = dict(first)
-        merged["model_conds"] = {k: c._copy_with(c.concat([e["model_conds"][k] for e in entries[1:]]))
-                                 for k, c in first["model_conds"].items()}
-        return [merged]
+        return concat_entries([processed[self.image_conds[i][0]] for i in images])
 
     def groups(self, batch: list[int], share: list[int] | None = None) -> list[tuple[list[int], list]]:
         """[(positions in ``batch``, cond entries)] per forward pass of the positions ``share`` (this
@@ -172,6 +157,26 @@ class ForwardBatches:
                 groups.extend(([p], [self.processed_for(batch[p])[j] for j in self.image_conds[batch[p]]])
                               for p in positions)
         return groups
+
+
+def concat_entries(entries: list[dict]) -> list | None:
+    """One processed entry for a forward of several images, one entry each, as ComfyUI batches
+    conditionings (CONDRegular.concat), or None when they differ in more than their model inputs."""
+    first = entries[0]
+    for other in entries[1:]:
+        if other.keys() != first.keys() or other["model_conds"].keys() != first["model_conds"].keys():
+            return None
+        for key, value in first.items():
+            if key not in ("model_conds", "uuid") and not _same(value, other[key]):
+                return None
+        for key, cond in first["model_conds"].items():
+            if not (_batch_of_one(cond) and _batch_of_one(other["model_conds"][key])
+                    and cond.can_concat(other["model_conds"][key])):
+                return None
+    merged = dict(first)
+    merged["model_conds"] = {k: c._copy_with(c.concat([e["model_conds"][k] for e in entries[1:]]))
+                             for k, c in first["model_conds"].items()}
+    return [merged]
 
 
 def _same(a, b) -> bool:

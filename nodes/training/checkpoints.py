@@ -45,6 +45,7 @@ class StartState:
     optimizer_tensors: dict | None = None
     source: str | None = None
     held: dict = field(default_factory=dict)  # a resumed file's rank, alpha and targets, for the record
+    text_layers: dict = field(default_factory=dict)  # a resumed file's text-encoder layers, by file prefix
 
 
 def fresh(args: TrainArgs) -> bool:
@@ -96,10 +97,12 @@ def held_arguments(adapter: TriLoRAFile) -> dict:
     return {"rank": rank, "alpha": alpha, "target_layers": targets if isinstance(targets, str) else "existing_lora"}
 
 
-def resume_start(args: TrainArgs, model_patcher) -> tuple[list[Target], StartState]:
+def resume_start(args: TrainArgs, model_patcher, keep_text_encoders: bool = False) -> tuple[list[Target], StartState]:
     """(targets, start) from existing_lora in any naming ComfyUI's key map knows: each layer is
     resolved to the weight it adapts (aliases and slices folded exactly, trilora_core.key_map) and
-    trained under the pack's name for that weight. Raises ValueError naming what does not fit."""
+    trained under the pack's name for that weight. The file's text-encoder layers go to
+    ``start.text_layers`` when ``keep_text_encoders`` (text_encoder.py resolves them against the
+    CLIP). Raises ValueError naming what does not fit."""
     name = f"{NODE}: existing_lora {args.existing_lora!r}"
     everything = {f"{t.name}.weight": t for t in find_targets(model_patcher, ANY_LAYER)}
     start = read_start(args, [])
@@ -109,9 +112,12 @@ def resume_start(args: TrainArgs, model_patcher) -> tuple[list[Target], StartSta
     except ValueError as err:
         raise ValueError(f"{name}: {err}; was it made for another base model?") from None
     te = [p for p in resolved.unknown if block_group(p) in TEXT_ENCODERS]
-    if te:
-        raise ValueError(f"{name} holds {len(te)} text-encoder layers (first: {te[0]}); {NODE} trains the "
-                         "diffusion model only, so it would drop them. Resume from a file without them")
+    if te and not keep_text_encoders:
+        raise ValueError(f"{name} holds {len(te)} text-encoder layers (first: {te[0]}); with text_encoder_lr 0 "
+                         f"{NODE} trains the diffusion model only, so it would drop them. Set text_encoder_lr above "
+                         "0 and connect clip and captions to continue them, or resume from a file without them")
+    start.text_layers = {p: start.layers[p] for p in te}
+    resolved.unknown = [p for p in resolved.unknown if p not in start.text_layers]
     if resolved.unknown:
         raise ValueError(f"{name} has {len(resolved.unknown)} layers this model does not have (first: "
                          f"{resolved.unknown[0]}); was it made for another base model?")
@@ -137,6 +143,10 @@ def run_metadata(args: TrainArgs, start: StartState, losses: list[float], num_im
         "ss_num_train_images": str(num_images),
         "ss_optimizer": args.optimizer,
     }
+    if args.encodes_captions:  # kohya's names for them
+        meta.update(ss_text_encoder_lr=repr(float(args.text_encoder_lr)),
+                    ss_caption_dropout_rate=repr(float(args.caption_dropout_rate)),
+                    ss_shuffle_caption=str(args.shuffle_caption), ss_keep_tokens=str(args.keep_tokens))
     meta.update(base_meta)
     return meta
 

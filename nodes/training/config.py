@@ -19,6 +19,9 @@ from .family import AUTO, DEFAULT_GUIDANCE
 NODE = "TrainTriLoRA"
 # None: the model's own dtype (precision.py), as TrainLoraNode's training_dtype "none".
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "none": None}
+TEXT_ENCODER_SETTINGS = ("text_encoder_lr", "caption_dropout_rate", "shuffle_caption", "keep_tokens")
+# The settings the node shows after its clip and captions inputs: the text encoder's, then newer ones.
+AFTER_CLIP_SETTINGS = (*TEXT_ENCODER_SETTINGS, "offloading")
 TARGETS = ("attention", "attention+feedforward", "all linear", "all linear+conv")
 
 # Defaults (see docs/training-defaults.md for why).
@@ -54,6 +57,10 @@ def zero_or_more(name: str, v) -> str | None:
 
 def fraction_below_one(name: str, v) -> str | None:
     return None if math.isfinite(v) and 0 <= v < 1 else f"{name} must be at least 0 and below 1, got {v}"
+
+
+def fraction_up_to_one(name: str, v) -> str | None:
+    return None if math.isfinite(v) and 0 <= v <= 1 else f"{name} must be between 0 and 1, got {v}"
 
 
 def one_of(choices) -> Rule:
@@ -187,16 +194,41 @@ class TrainArgs:
     preview_every: int = setting(200, io.Int, "Every N steps, sample a preview from fixed noise with a training caption "
                                  "and the adapter at strength 1 (8 Euler steps, cfg 1) and show it on the node "
                                  "(the command line saves it). 0 = off.", zero_is_off, min=0, max=1_000_000)
-    # Where the base weights stay (precision.py), after all older inputs.
+
+    # Text-encoder training (nodes/training/text_encoder.py), after all older inputs; on the node they
+    # follow its clip and captions inputs (TEXT_ENCODER_SETTINGS).
+    text_encoder_lr: float = setting(0.0, io.Float, "Learning rate of the text encoders' adapters (CLIP-L; SDXL: "
+                                     "CLIP-L and CLIP-G), trained beside the diffusion model's as kohya's "
+                                     "--text_encoder_lr. 0 (off) trains the diffusion model only. Needs clip and "
+                                     "captions connected: the captions are encoded again at every step.",
+                                     zero_or_more, min=0.0, max=10.0, step=1e-6)
+    caption_dropout_rate: float = setting(0.0, io.Float, "Share of the images that train with the empty caption "
+                                          "at a step (kohya's caption_dropout_rate). Needs clip and captions "
+                                          "connected.", fraction_up_to_one, min=0.0, max=1.0, step=0.05)
+    shuffle_caption: bool = setting(False, io.Boolean, "Shuffle each caption's comma-separated tags at every step "
+                                    "(kohya's shuffle_caption); keep_tokens tags stay first. Needs clip and "
+                                    "captions connected.")
+    keep_tokens: int = setting(0, io.Int, "With shuffle_caption: how many tags at the start of each caption stay in "
+                               "place (kohya's keep_tokens, e.g. 1 for a trigger word).", not_negative, min=0,
+                               max=1000)
+    # Where the base weights stay (precision.py), after all older inputs (on the node: last).
     offloading: bool = setting(False, io.Boolean, "Keep the diffusion model's weights in CPU memory and stream "
                                "each layer to the GPU when it runs (ComfyUI's low-VRAM partial load, as its "
                                "Train LoRA's offloading): for a base larger than the card; slower. Gradient "
                                "checkpointing is on while part of the model stays in CPU memory.")
 
     @classmethod
-    def schema_inputs(cls) -> list:
-        """The node's setting inputs, in field order (built when the schema is: file lists are fresh)."""
-        return [f.metadata["widget"].build(f.name, f.default) for f in fields(cls)]
+    def schema_inputs(cls, text_encoder: bool = False) -> list:
+        """The node's setting inputs, in field order (built when the schema is: file lists are fresh):
+        with ``text_encoder`` those it shows after clip and captions (the text-encoder settings, then
+        newer ones: AFTER_CLIP_SETTINGS), else all others."""
+        return [f.metadata["widget"].build(f.name, f.default) for f in fields(cls)
+                if (f.name in AFTER_CLIP_SETTINGS) == text_encoder]
+
+    @property
+    def encodes_captions(self) -> bool:
+        """Whether the run encodes its captions at every step (text-encoder training, dropout or shuffle)."""
+        return self.text_encoder_lr > 0 or self.caption_dropout_rate > 0 or self.shuffle_caption
 
     @classmethod
     def from_inputs(cls, inputs: dict) -> TrainArgs:

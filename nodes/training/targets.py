@@ -26,7 +26,7 @@ class Target:
     weight_shape: tuple[int, ...]
 
 
-def _layer_kind_ok(name: str, module: torch.nn.Module, target: str, fused_attention: re.Pattern | None = None) -> bool:
+def layer_kind_ok(name: str, module: torch.nn.Module, target: str, fused_attention: re.Pattern | None = None) -> bool:
     if target == ANY_LAYER:
         return True
     is_linear = isinstance(module, torch.nn.Linear)
@@ -54,7 +54,7 @@ def find_targets(model_patcher, target: str) -> list[Target]:
         key = f"{name}.weight"
         if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or key not in by_weight:
             continue
-        if _layer_kind_ok(name, module, target, fused):
+        if layer_kind_ok(name, module, target, fused):
             found.append(Target(name, module, by_weight[key], tuple(weight.shape)))
     return sorted(found, key=lambda t: t.prefix)
 
@@ -129,8 +129,9 @@ class Attachment:
             adapter.calls = None  # counted only for hooks
             self.add_function(module, "weight_function", adapter)
 
-    def checkpoint(self, model: torch.nn.Module) -> None:
-        for module in _checkpoint_units(model):
+    def checkpoint(self, model: torch.nn.Module, units: list[torch.nn.Module] | None = None) -> None:
+        """Gradient checkpointing on ``units`` (default: the model's highest submodules)."""
+        for module in _checkpoint_units(model) if units is None else units:
             self.forwards.append((module, module.__dict__.get("forward")))
             _checkpoint(module)
 

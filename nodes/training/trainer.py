@@ -30,8 +30,10 @@ from ...trilora_core import (
     TriLoRAFile,
     TriLoRALayer,
     all_finite,
+    bucket_batch,
     canonicalize,
     generator,
+    group_buckets,
     load_optimizer_state,
     loss_function,
     lr_lambda,
@@ -39,7 +41,6 @@ from ...trilora_core import (
     noise_level_weights,
     orthogonality_penalty,
     param_groups,
-    sample_indices,
     sample_noise_levels,
 )
 from ..adapter import TriLoRATrainDiff
@@ -53,6 +54,7 @@ from .family import FamilySettings
 from .monitor import Monitor, MonitorData, monitor_inputs
 from .parallel import OneProcess
 from .targets import attach, find_targets
+from .text_encoder import CaptionEncoder, GivenCaptions, check_captions
 
 try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
     from comfy_extras.nodes_custom_sampler import Guider_Basic
@@ -112,15 +114,28 @@ def training_flags():
                 setattr(mm, name, value)
 
 
+def buckets_of(images, batch_size: int) -> list[list[int]]:
+    """The images of each bucket (latent size); logs the buckets that hold fewer images than a
+    batch: their batches are smaller, as kohya's are, and a one-image bucket always trains alone."""
+    buckets = group_buckets([tuple(image.shape) for image in images])
+    for items in buckets if len(buckets) > 1 else ():
+        if len(items) < batch_size:
+            size = "x".join(str(d) for d in images[items[0]].shape[2:])
+            log.warning("TriLoRA: the bucket of latent size %s holds %d image%s (image %s); its batches hold %d, "
+                        "not batch_size %d", size, len(items), "s" if len(items) > 1 else "",
+                        ", ".join(str(i + 1) for i in items), len(items), batch_size)
+    return buckets
+
+
 class TriLoRATrainer:
     """One training run; `run` is called by the sampler inside ComfyUI's guider. ``parallel``: how
     the run shares its work between processes (parallel.py; alone by default)."""
 
     def __init__(self, args: TrainArgs, model_patcher, targets, start: StartState, images, image_conds,
                  base_meta: dict, settings: FamilySettings, parallel: OneProcess | None = None,
-                 monitor: Monitor | None = None):
+                 monitor: Monitor | None = None, text: CaptionEncoder | None = None):
         self.args, self.mp, self.targets, self.start = args, model_patcher, targets, start
-        self.parallel = parallel or OneProcess()
+        self.parallel, self.text = parallel or OneProcess(), text or GivenCaptions()  # text: each step's captions
         self.monitor = monitor or Monitor(args, MonitorData(), list)
         self.images, self.image_conds = images, image_conds
         self.processed: list = []  # the guider's processed cond entries, in input order
@@ -128,13 +143,13 @@ class TriLoRATrainer:
         self.base_meta = {**base_meta, **settings.metadata()}
         self.dtype, self.device = precision.autocast_dtype(args, model_patcher), model_patcher.load_device
         self.batch = min(args.batch_size, len(images))
+        self.buckets = buckets_of(images, args.batch_size)  # a batch draws from one
         self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
                                          args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
         self.total = start.step + args.steps
         self.losses: list[float] = []
         self.checkpoints: list[str] = []
-        self.adapters = make_adapters(targets, start.layers, self.device)
-        self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets, start.optimizer_tensors)
+        self.adapters, self.groups, self.optimizer = make_factors(args, targets, self.text, start, self.device)
         self.params = [p for g in self.groups for p in g["params"]]
         self.step = self.done = start.step  # the step under way; the updates completed
         self.schedule = lr_lambda(args.lr_schedule, self.total, args.warmup_steps)
@@ -147,8 +162,7 @@ class TriLoRATrainer:
 
     def _micro(self, model_wrap, extra_args, step: int, micro: int) -> float:
         ms = model_wrap.inner_model.model_sampling
-        first = (step * self.args.grad_accumulation_steps + micro) * self.batch
-        batch = sample_indices(self.args.seed, len(self.images), first, self.batch)
+        batch = bucket_batch(self.args.seed, self.buckets, self.args.batch_size, step * self.args.grad_accumulation_steps + micro)
         gen = generator(self.args.seed, "noise", step, micro)
         levels = sample_noise_levels(self.settings.timestep_sampling, len(batch), gen)
         noises = [torch.randn(self.images[i].shape, generator=gen) for i in batch]
@@ -156,7 +170,7 @@ class TriLoRATrainer:
         sigmas = [float(ms.percent_to_sigma(1.0 - float(t))) for t in levels]
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         total = 0.0
-        for positions, conds in self.batches.groups(batch, self.parallel.share(len(batch))):
+        for positions, conds in self.text.groups(batch, self.parallel.share(len(batch)), step, micro):
             x0 = torch.cat([self.images[batch[p]] for p in positions])
             noise = torch.cat([noises[p] for p in positions]).to(self.device)
             sigma = torch.tensor([sigmas[p] for p in positions], device=self.device, dtype=torch.float32)
@@ -186,13 +200,14 @@ class TriLoRATrainer:
         self.settings = low_vram_settings(base, self.settings)
         att = attach(base.diffusion_model, self.targets, self.adapters, self.settings.checkpointing)
         try:
+            self.text.start(base, self.processed, self.batches, self.adapters, att)
             with training_flags():
                 self._loop(model_wrap, extra_args)
             self.parallel.finish()
         except BaseException as err:  # a cancel too: data-parallel ranks must learn of it
             self.parallel.failed(err)
         finally:
-            att.detach()
+            att.detach()  # the text encoders' too
             model_wrap.conds["positive"] = self.processed
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -302,18 +317,27 @@ def make_adapters(targets, layers: dict[str, TriLoRALayer], device) -> dict[str,
     return adapters
 
 
-def make_optimizer_for(args: TrainArgs, adapters: dict, targets, state: dict | None):
-    """(param groups, optimizer) of the adapters' factors, with a resumed optimizer state where it fits."""
-    factors = {p: (a.trilora_u, a.trilora_s, a.trilora_vt) for p, a in adapters.items()}
-    shapes = {t.prefix: t.weight_shape for t in targets}
-    groups = param_groups(factors, shapes, args.learning_rate, args.s_learning_rate_scale)
+def make_factors(args: TrainArgs, targets, text: GivenCaptions, start: StartState, device):
+    """(adapters by prefix, param groups, optimizer) of the diffusion model's ``targets`` and the text
+    encoders' (``text.targets``: groups of their own at text_encoder_lr) from the start layers, with
+    a resumed optimizer state where it fits."""
+    adapters = make_adapters(targets + text.targets, start.layers, device)
+    shapes = {t.prefix: t.weight_shape for t in targets + text.targets}
+
+    def groups_of(chosen, lr: float) -> list[dict]:
+        factors = {t.prefix: (adapters[t.prefix].trilora_u, adapters[t.prefix].trilora_s, adapters[t.prefix].trilora_vt)
+                   for t in chosen}
+        return param_groups(factors, shapes, lr, args.s_learning_rate_scale)
+
+    groups = groups_of(targets, args.learning_rate) + (groups_of(text.targets, args.text_encoder_lr)
+                                                       if text.targets else [])
     optimizer = make_optimizer(args.optimizer, groups)
-    if state is not None:
+    if start.optimizer_tensors is not None:
         try:
-            load_optimizer_state(optimizer, state)
+            load_optimizer_state(optimizer, start.optimizer_tensors)
         except ValueError as err:
             log.warning("TriLoRA: optimizer state not restored: %s", err)
-    return groups, optimizer
+    return adapters, groups, optimizer
 
 
 def adapter_layer(adapter, canonical: bool = True) -> TriLoRALayer:
@@ -359,15 +383,22 @@ class TrainSampler(comfy.samplers.Sampler):
 
 
 def train(args: TrainArgs, model, images, entries, image_conds, parallel: OneProcess | None = None,
-          select_targets=find_targets, listeners=(), **validation) -> TriLoRATrainer:
+          select_targets=find_targets, listeners=(), clip=None, captions=None, **validation) -> TriLoRATrainer:
     """Trains on a clone of ``model``; returns the finished trainer (factors, losses, curves).
     ``parallel``: how the run is shared between processes (the CLI's DataParallel; alone by default);
     ``select_targets(model_patcher, target_layers)``: the layers a fresh run adapts;
     ``listeners``: called with (step, {name: value}) for each step's loss and each evaluation;
+    ``clip``, ``captions`` (one per image): the text encoder and captions a run encodes at every step
+    (text_encoder_lr, caption_dropout_rate, shuffle_caption), checked before anything loads;
     ``validation``: validation_latents, validation_positive, preservation (monitor.monitor_inputs)."""
+    captions = check_captions(args, clip, captions, len(images))
     images, image_conds, entries, data = monitor_inputs(args, images, entries, image_conds, **validation)
     precision.check_base(args, model)
     mp = model.clone()
+    text = None if captions is None else CaptionEncoder(args, clip, captions, mp.load_device)
+    if text:
+        text.keep(data.held_out)
+        text.check_fits(entries, image_conds)
     precision.set_compute_dtype(args, mp)
     settings = FamilySettings.resolve(mp, args.timestep_sampling, args.guidance, args.gradient_checkpointing,
                                       args.loss_weighting)
@@ -380,11 +411,13 @@ def train(args: TrainArgs, model, images, entries, image_conds, parallel: OnePro
                              "choose 'all linear' or 'all linear+conv'")
         start = read_start(args, targets)
     else:
-        targets, start = resume_start(args, mp)
+        targets, start = resume_start(args, mp, keep_text_encoders=bool(text and text.trains))
+    if text:
+        start.layers.update(text.start_layers(start.text_layers))
     monitor = Monitor(args, data, lambda latents: family.fit_latents([x.detach().clone().float() for x in latents], mp),
                       listeners)
     trainer = TriLoRATrainer(args, mp, targets, start, images, image_conds, base_model_metadata(mp), settings,
-                             parallel, monitor)
+                             parallel, monitor, text)
     precision.load(args, mp)
     guider = Guider_Basic(mp)
     guider.set_conds(entries)

@@ -52,7 +52,7 @@ def test_a_folder_of_any_images_is_cropped_square_with_missing_captions_empty(co
     Image.new("RGB", (80, 80), (0, 255, 0)).save(tmp_path / "a_green.jpg")
     (tmp_path / "a_green.txt").write_text("  a green square \n", encoding="utf-8")
     (tmp_path / "notes.md").write_text("not an image")
-    images, captions = run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=64)
+    images, captions = run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=64, resize="square crop")
     assert captions == ["a green square", ""]
     assert [tuple(i.shape) for i in images] == [(1, 64, 64, 3), (1, 64, 64, 3)]
     torch.testing.assert_close(images[1][0].mean(dim=(0, 1)), torch.tensor([0.0, 0.0, 1.0]), atol=0.01, rtol=0)
@@ -127,3 +127,61 @@ def test_committed_sample_set_is_what_the_script_draws():
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "make_sample_images.py"), "--check"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def picture(path, width: int, height: int, colour=(200, 40, 40)) -> None:
+    """A flat picture with a white centre mark and a dark left edge, so crops and scales show."""
+    image = Image.new("RGB", (width, height), colour)
+    image.paste((0, 0, 0), (0, 0, max(1, width // 16), height))
+    image.paste((255, 255, 255), (width // 2 - 4, height // 2 - 4, width // 2 + 4, height // 2 + 4))
+    image.save(path)
+
+
+def test_aspect_buckets_keep_each_pictures_aspect_at_most_size_squared(comfy_host, tmp_path):
+    picture(tmp_path / "a_wide.png", 384, 128)
+    picture(tmp_path / "b_tall.png", 150, 300)
+    picture(tmp_path / "c_small.png", 100, 70)
+    picture(tmp_path / "d_square.png", 256, 256)
+    images, _ = run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=128)
+    # No upscale (the default): larger pictures scaled down to the 128 x 128 area, kohya's rounding,
+    # then cut to steps of 64; the small one at its own size, cut down to 64 x 64.
+    assert [tuple(i.shape[1:3]) for i in images] == [(64, 192), (128, 64), (64, 64), (128, 128)]
+    # The wide one scaled to 192 x 64 whole; the small one cropped about its centre (its white mark).
+    wide, small = images[0][0], images[2][0]
+    assert wide[32, 96].min() > 0.9 and wide[32, 0].max() < 0.1
+    assert small[32, 32].min() > 0.9 and small[32, 0].max() > 0.1  # the dark left edge is cropped off
+    upscaled, _ = run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=128, upscale=True)
+    # Upscale on: kohya's predefined buckets for 128 (sides 64..256), the nearest aspect, the small one enlarged.
+    assert [tuple(i.shape[1:3]) for i in upscaled] == [(64, 192), (192, 64), (128, 128), (128, 128)]
+    assert upscaled[2][0, 64, 64].min() > 0.9
+    square, _ = run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=128, resize="square crop")
+    assert {tuple(i.shape[1:3]) for i in square} == {(128, 128)}
+
+
+def test_the_sample_set_is_the_same_in_buckets_and_square_crops(comfy_host):
+    # Square pictures: the bucket is the square, scaled the same way; saved workflows train as before.
+    buckets, _ = run_node(comfy_host, "TriLoRASampleImages", folder="", size=64)
+    square, _ = run_node(comfy_host, "TriLoRASampleImages", folder="", size=64, resize="square crop")
+    assert all(torch.equal(a, b) for a, b in zip(buckets, square, strict=True))
+
+
+def test_a_picture_under_the_smallest_bucket_names_the_file(comfy_host, tmp_path):
+    picture(tmp_path / "ok.png", 128, 128)
+    picture(tmp_path / "thin.png", 300, 40)
+    with pytest.raises(ValueError, match=r"thin\.png: a picture of 300 x 40 px is smaller than the smallest bucket "
+                                         r"\(64 px a side\); turn upscale on, or leave the picture out"):
+        run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=128)
+    images, _ = run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=128, upscale=True)
+    assert [tuple(i.shape[1:3]) for i in images] == [(128, 128), (64, 256)]
+
+
+def test_a_picture_alone_in_its_bucket_gets_a_note_naming_it(comfy_host, tmp_path, caplog):
+    for name in ("a.png", "b.png"):
+        picture(tmp_path / name, 128, 128)
+    picture(tmp_path / "lone.png", 256, 128)
+    with caplog.at_level("WARNING", logger="comfyui-trilora"):
+        images, _ = run_node(comfy_host, "TriLoRASampleImages", folder=str(tmp_path), size=128)
+    assert [tuple(i.shape[1:3]) for i in images] == [(128, 128), (128, 128), (64, 128)]
+    notes = [r.getMessage() for r in caplog.records]
+    assert notes == ["TriLoRA: lone.png is the only picture in its bucket (128 x 64 px): it trains alone, in "
+                     "batches of one"]

@@ -236,7 +236,7 @@ def train(comfy_host, tiny, model, **inputs):
                   **inputs)
     links = {k: inputs.pop(k) for k in ("validation_latents", "validation_positive") if k in inputs}
     return run(comfy_host, "TrainTriLoRA", model=[model], latents=[tiny.latent(seed=3)],
-               positive=[tiny.conditioning()], **links, **{k: [v] for k, v in inputs.items()})
+               positive=[tiny.conditioning()], **links, **{k: [v] for k, v in inputs.items()})[:4]
 
 
 def trained(comfy_host, case):
@@ -410,8 +410,8 @@ def test_training_at_the_nodes_defaults_adapts_the_attention_layers(comfy_host, 
     # Train TriLoRA as a user drops it in: target_layers "attention" and the default step sizes
     # (only fp32 for the CPU). The attention layers of each family are found, run and learn.
     tiny = tiny_model(case.family)
-    _, trilora, loss_map, _ = run(comfy_host, "TrainTriLoRA", model=[tiny.model], latents=[tiny.latent(seed=3)],
-                                  positive=[tiny.conditioning()], steps=[2], training_dtype=["fp32"])
+    _, trilora, loss_map, _, _ = run(comfy_host, "TrainTriLoRA", model=[tiny.model], latents=[tiny.latent(seed=3)],
+                                     positive=[tiny.conditioning()], steps=[2], training_dtype=["fp32"])
     assert len(loss_map["loss"]) == 2 and all(math.isfinite(v) for v in loss_map["loss"])
     every = {kohya(name) for name in adaptable(tiny)}
     assert trilora.layers and set(trilora.layers) < every  # a proper subset: attention only

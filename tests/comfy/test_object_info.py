@@ -63,5 +63,5 @@ def test_object_info_is_the_committed_one(comfy_host):
 def test_every_node_id_is_its_class_name(comfy_host):
     pack = comfy_host.pack.__name__
     ours = {k: c for k, c in comfy_host.nodes.NODE_CLASS_MAPPINGS.items() if c.__module__.startswith(pack)}
-    assert len(ours) == 14
+    assert len(ours) == 15
     assert all(node_id == cls.__name__ for node_id, cls in ours.items())

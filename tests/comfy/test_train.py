@@ -75,7 +75,8 @@ def train(comfy_host, data, **inputs):
     inputs.setdefault("seed", 0)
     inputs.setdefault("gradient_checkpointing", False)  # faster here; tests that need it turn it on
     listed = {k: v if k in LINKS else [v] for k, v in inputs.items()}
-    return run(comfy_host, "TrainTriLoRA", model=[data.model], **listed)
+    # MODEL, TRILORA, LOSS_MAP, steps; the CLIP output: test_train_text_encoder.py
+    return run(comfy_host, "TrainTriLoRA", model=[data.model], **listed)[:4]
 
 
 def single(latent, i):
@@ -144,7 +145,7 @@ def test_nodes_are_registered_with_comfyui_names_tooltips_and_outputs(comfy_host
         assert all(cls.OUTPUT_TOOLTIPS)
         assert "TriLoRA" in comfy_host.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id]
     train_cls = mappings["TrainTriLoRA"]
-    assert list(train_cls.RETURN_TYPES) == ["MODEL", "TRILORA", "LOSS_MAP", "INT"]
+    assert list(train_cls.RETURN_TYPES) == ["MODEL", "TRILORA", "LOSS_MAP", "INT", "CLIP"]
     info = train_cls.INPUT_TYPES()
     names = {**info["required"], **info["optional"]}
     # The names ComfyUI's own TrainLoraNode uses for the same things.

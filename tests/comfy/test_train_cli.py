@@ -178,6 +178,33 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_exactly(runs):
     assert (meta["trilora_steps"], args["resumed_from_step"]) == (str(STEPS), 2)
 
 
+def test_text_encoder_training_on_two_ranks_gives_the_file_of_one_process(tmp_path):
+    # The CLI encodes the folder's captions at every step with the checkpoint's CLIP; the text encoders'
+    # gradients are all-reduced with the UNet's, so 2 ranks of batch 1 make the 1-process batch-2 file.
+    flags = ("--steps", "2", "--text_encoder_lr", "1e-3", "--shuffle_caption", "true", "--keep_tokens", "1",
+             "--caption_dropout_rate", "0.25", "--validation_split", "0", "--validate_every", "0",
+             "--preview_every", "0", "--checkpoint_every", "0")
+    procs = {"two": start(2, tmp_path / "two", "--batch_size", "1", *flags),
+             "one": start(None, tmp_path / "one", "--batch_size", "2", *flags)}
+    done = {name: finish(proc, tmp_path / name) for name, proc in procs.items()}
+    for run in done.values():
+        assert run.rc == 0, report(run)
+    two, two_meta = read(final_file(done["two"]))
+    one, one_meta = read(final_file(done["one"]))
+    assert two.keys() == one.keys()
+    te = [k for k in one if k.startswith("lora_te_") and k.endswith(".trilora_s")]
+    assert len(te) == 48 and all(float(one[k].abs().max()) > 0 for k in te)
+    # The CPU's CLIP runs in fp16, whose backward rounds differently for a batch split over ranks: the
+    # text encoders' updates, and through the captions they encode the UNet's, agree to fp16's rounding
+    # (2^-11; measured: 2.4e-4 of the largest entry). A rank updating from its own image alone would
+    # miss half of the gradient: an error of the update's size.
+    for prefix in (k.removesuffix(".trilora_s") for k in one if k.endswith(".trilora_s")):
+        delta_two, delta_one = ((f[f"{prefix}.trilora_u"] * f[f"{prefix}.trilora_s"]) @ f[f"{prefix}.trilora_vt"].flatten(1)
+                                for f in (two, one))
+        torch.testing.assert_close(delta_two, delta_one, rtol=0, atol=1e-3 * float(delta_one.abs().max()), msg=prefix)
+    assert (one_meta["ss_text_encoder_lr"], one_meta["ss_caption_dropout_rate"]) == ("0.001", "0.25")
+
+
 def _rank_pid(torchrun: subprocess.Popen, local_rank: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -227,6 +254,48 @@ def test_a_rank_that_stops_ends_every_rank_with_the_last_good_adapter_saved_once
         assert "error" not in run.rank_logs[1]
 
 
+# ---- the dataset cache: written once by rank 0, read by every rank
+
+
+def cache_line(log: str) -> tuple[int, int]:
+    found = re.search(r"TriLoRA dataset cache .*: (\d+) image\(s\) and caption\(s\) read, (\d+) encoded", log)
+    assert found, log[-3000:]
+    return int(found[1]), int(found[2])
+
+
+def test_two_ranks_read_the_cache_rank_0_wrote_and_a_later_run_encodes_nothing(runs, tmp_path):
+    cache = tmp_path / "sample_set.safetensors"
+    two = finish(start(2, tmp_path / "two", "--batch_size", "1", "--cache", str(cache)), tmp_path / "two")
+    assert two.rc == 0, report(two)
+    n_read, encoded = cache_line(two.rank_logs[0])
+    assert n_read == 0 and encoded > 8 and cache.is_file()  # 8 images and their captions
+    assert two.rank_logs[1] == ""  # rank 1 read the file (it never encodes: a missing item is an error)
+    # The same file as the 2-rank run without a named cache, whose ranks shared a file of the run.
+    cached, _ = read(final_file(two))
+    plain, _ = read(final_file(runs.two))
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not list((COMFY / "temp").glob("trilora_dataset_*"))  # the run's own file, deleted once read
+    written = cache.read_bytes()
+    one = finish(start(None, tmp_path / "one", "--batch_size", "2", "--cache", str(cache)), tmp_path / "one")
+    assert one.rc == 0, report(one)
+    assert cache_line(one.out) == (encoded, 0) and cache.read_bytes() == written
+    again, _ = read(final_file(one))
+    for key in plain:
+        torch.testing.assert_close(again[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_foreign_cache_stops_the_run_naming_the_file_before_training(tmp_path):
+    lora = tmp_path / "some_lora.safetensors"
+    from safetensors.torch import save_file
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, str(lora))
+    run = finish(start(None, tmp_path, "--cache", str(lora)), tmp_path)
+    assert run.rc == 1
+    assert f"train_trilora.py: error: {lora}: not a TriLoRA dataset cache" in run.out
+    assert "Traceback" not in run.out
+    assert not (tmp_path / "loras" / "trilora").exists()
+
+
 # ---- options, in process: the parser and the checks, without a run
 
 
@@ -247,10 +316,11 @@ def test_every_widget_input_of_the_nodes_is_an_option_with_the_nodes_default_and
     text = parser.format_help()
     said = " ".join(text.split())
     assert "one process per GPU under torchrun" in said and "Use the Train TriLoRA node in a graph" in said
-    for node_id in ("TriLoRASampleImages", "TrainTriLoRA", "SaveTriLoRA"):
+    for node_id in ("TriLoRASampleImages", "TriLoRAEncodeDataset", "TrainTriLoRA", "SaveTriLoRA"):
         inputs = comfy_host.nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
         for name, spec in {**inputs["required"], **inputs.get("optional", {})}.items():
-            if spec[0] in ("MODEL", "LATENT", "CONDITIONING", "TRILORA"):
+            if spec[0] in ("MODEL", "LATENT", "CONDITIONING", "TRILORA", "IMAGE", "VAE", "CLIP") or \
+                    spec[1].get("forceInput"):
                 assert name not in known
                 continue
             assert f"--{name} " in text
@@ -260,6 +330,7 @@ def test_every_widget_input_of_the_nodes_is_an_option_with_the_nodes_default_and
     train_inputs = comfy_host.nodes.NODE_CLASS_MAPPINGS["TrainTriLoRA"].INPUT_TYPES()
     assert values["learning_rate"] == train_inputs["required"]["learning_rate"][1]["default"]
     assert values["existing_lora"] == "[None]" and values["size"] == 512 and values["filename_prefix"]
+    assert (values["resize"], values["upscale"], values["cache"]) == ("aspect buckets", False, "")
 
 
 def test_config_file_then_flags(cli, tmp_path):
@@ -295,6 +366,10 @@ def test_checks_before_loading_anything(cli, comfy_host, tmp_path):
     (tmp_path / "captions.txt").write_text("no image beside it")
     with pytest.raises(cli.ConfigError, match="no images"):
         cli.setup_folders(_parse(cli, "--checkpoint", TINY, "--folder", str(tmp_path)))
+    Image.new("RGB", (300, 40)).save(tmp_path / "thin.png")  # under the smallest bucket, without upscale
+    with pytest.raises(cli.ConfigError, match=r"thin\.png: a picture of 300 x 40 px is smaller than the smallest bucket"):
+        cli.setup_folders(_parse(cli, "--checkpoint", TINY, "--folder", str(tmp_path)))
+    cli.setup_folders(_parse(cli, "--checkpoint", TINY, "--folder", str(tmp_path), "--upscale", "true"))
     values = _parse(cli, "--checkpoint", TINY, "--batch_size", "3")
     assert cli.train_args(values, ranks=4).batch_size == 12  # the global batch
     with pytest.raises(cli.ConfigError, match="existing_lora: 'gone.safetensors' is not in the loras folder"):

@@ -53,7 +53,8 @@ NODE_MODULES = {module_name(p) for p in FILES if is_node_module(p)}
 
 
 def test_the_node_modules_are_found():
-    assert {"nodes.curves", "nodes.load", "nodes.train", "nodes.save", "nodes.dataset", "nodes.tools.convert",
+    assert {"nodes.curves", "nodes.load", "nodes.train", "nodes.save", "nodes.dataset", "nodes.dataset_encode",
+            "nodes.tools.convert",
             "nodes.tools.extract", "nodes.tools.resize", "nodes.tools.spectrum"} == NODE_MODULES
 
 
