@@ -44,8 +44,12 @@ def train(comfy_host, sd, **inputs):
     return run(comfy_host, "TrainTriLoRA", model=[sd.model], **listed, **{k: [v] for k, v in inputs.items()})
 
 
-def clip_state(clip) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in clip.cond_stage_model.state_dict().items()}
+def clip_state(clip) -> dict[str, bytes]:
+    """Each CLIP tensor's bytes: compared bit for bit, since a weight the checkpoint does not hold
+    (SD1.5's unused text_projection) keeps whatever memory ComfyUI gave it, NaN included, and NaN
+    is never torch.equal to itself."""
+    return {k: v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            for k, v in clip.cond_stage_model.state_dict().items()}
 
 
 def te_layers(trilora) -> dict:
@@ -97,7 +101,7 @@ def test_the_text_encoders_adapters_train_and_the_input_clip_stays_as_it_was(com
     assert len(trilora.layers) - len(te) == 32  # the UNet's attention layers beside them
     after = clip_state(sd.clip)
     assert after.keys() == te_run.before.keys()
-    assert all(torch.equal(after[k], te_run.before[k]) for k in after)
+    assert [k for k in after if after[k] != te_run.before[k]] == []
     assert te_run.out[3] == 2 and len(te_run.out[2]["loss"]) == 2
     meta = trilora.metadata
     assert (meta["ss_text_encoder_lr"], meta["ss_shuffle_caption"], meta["ss_keep_tokens"]) == ("0.001", "True", "1")
@@ -265,7 +269,7 @@ def test_sdxl_trains_clip_l_and_clip_g_under_kohyas_te1_and_te2_names(comfy_host
     assert len(last) == 4 and all(float(te1[p].s.abs().max()) == 0 for p in last)
     assert all(float(layer.s.abs().max()) > 0 for p, layer in te1.items() if p not in last)
     after = clip_state(clip)
-    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert [k for k in before if after[k] != before[k]] == []
     keys = te_weight_keys(clip, {p: te2[p] for p in sorted(te2)[:4]})
     originals = clip_weights(clip, keys.values())
     assert_weights(clip_weights(out_clip, keys.values()),
