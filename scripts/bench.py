@@ -30,6 +30,9 @@ What is measured (see BENCHMARKS.md for what each figure means):
 7. quantized and offloaded bases (harness/bench_bases.py): TrainTriLoRA on a float8 base, with
    offloading and with both, against the plain run; TrainLoraNode on the same bases where it has
    the option. Step time and memory as ratios to the plain run, round robin in one process.
+8. training data (harness/bench_data.py): Encode Training Dataset reading its cache, and encoding
+   while writing it, against encoding with no cache; the step that trains the text encoders
+   against the UNet-only step.
 
 Sides run alternately in ONE process (A B A B ...), and each figure is the median of the per-pair
 ratios ours / theirs: the machine is shared and noisy, ratios of neighbouring runs are stable
@@ -61,7 +64,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness
-from harness import REPO, bench_bases  # noqa: E402
+from harness import REPO, bench_bases, bench_data  # noqa: E402
 from harness.bench import (  # noqa: E402
     BenchHost,
     analytic_adapter_bytes,
@@ -124,6 +127,9 @@ FULL = {
     "fs_scale_pairs": 1,
     "fs_scale_theirs": False,           # True: TrainLoraNode too (it costs ~5x our CPU time per run)
     "bases_rounds": 5,                  # section 7: rounds of every variant
+    "data_rounds": 3,                   # section 8: rounds of the cache and text-encoder variants
+    "data_images": 8,
+    "data_side": 128,
 }
 
 QUICK = {
@@ -133,7 +139,7 @@ QUICK = {
     "patch_ranks": [4], "patch_pairs": 1, "clip": False,
     "fs_models": [["tiny", "fp32", 8]], "fs_models_cuda": [["tiny", "bf16", 8]], "fs_rank": 4, "fs_steps": 2,
     "fs_pairs": 1, "fs_checkpointing": [True], "fs_executor_pairs": 1, "fs_scale_ranks": [8], "fs_scale_latents": [],
-    "fs_scale_theirs": True, "bases_rounds": 1,
+    "fs_scale_theirs": True, "bases_rounds": 1, "data_rounds": 1, "data_images": 2, "data_side": 64,
 }
 
 
@@ -502,6 +508,9 @@ def worker_timing(host: Host, cfg: dict, sections: list[str]) -> dict:
     if "bases" in sections:
         say(f"[{host.device}] 7. quantized and offloaded bases")
         out["bases"] = bench_bases.section_bases(host, cfg, say)
+    if "data" in sections:
+        say(f"[{host.device}] 8. training data: dataset cache, text encoders")
+        out["data"] = bench_data.section_data(host, cfg, say)
     out["elapsed_s"] = time.perf_counter() - t0
     return out
 
@@ -601,6 +610,8 @@ def summary_rows(results: dict) -> list[dict]:  # noqa: C901 - one branch per me
             fullsize_rows(res["fullsize"]["fullsize"], functools.partial(add, device))
         if "bases" in timing:
             bench_bases.summary(timing["bases"], functools.partial(add, device))
+        if "data" in timing:
+            bench_data.summary(timing["data"], functools.partial(add, device))
     return rows
 
 
@@ -720,8 +731,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one round (< 60 s)")
     parser.add_argument("--out", default=str(REPO / "bench_output"), help="folder for the results")
-    parser.add_argument("--sections", default="train,load,memory,scaling,fullsize,bases",
-                        help="comma-separated subset of train,load,memory,scaling,fullsize,bases")
+    parser.add_argument("--sections", default="train,load,memory,scaling,fullsize,bases,data",
+                        help="comma-separated subset of train,load,memory,scaling,fullsize,bases,data")
     parser.add_argument("--rounds", type=int, default=0, help="override the rounds of sections 1-2")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads in the workers (default 1: on a shared machine a single thread's "

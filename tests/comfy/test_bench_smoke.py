@@ -25,12 +25,13 @@ def test_bench_quick_writes_well_formed_results(tmp_path):
     assert results["schema"] == 1 and results["quick"] is True
     assert {"cpu", "cores", "torch"} <= set(results["machine"])
     cpu = results["devices"]["cpu"]
-    assert {"train", "load", "scaling", "bases"} <= set(cpu["timing"])
+    assert {"train", "load", "scaling", "bases", "data"} <= set(cpu["timing"])
     names = {row["name"] for row in results["summary"]}
     assert {"train_step", "adapter_overhead", "load_patch_cold", "load_patch_warm", "train_memory",
             "step_vs_rank", "step_vs_latent", "overhead_vs_latent", "patch_vs_rank",
             "full_step", "full_memory", "full_adapter", "executor_step", "executor_memory",
-            "full_scale_step", "full_scale_memory", "bases_step", "bases_memory"} <= names
+            "full_scale_step", "full_scale_memory", "bases_step", "bases_memory", "cache_read", "cache_written",
+            "te_step"} <= names
     # section 7: every base against the plain run, and ours against TrainLoraNode on the plain and float8 bases
     bases = {(row["variant"], row["reference"]) for row in cpu["timing"]["bases"]["rows"]}
     assert {("fp8", "plain"), ("offloading", "plain"), ("fp8+offloading", "plain"), ("theirs fp8", "theirs plain"),
