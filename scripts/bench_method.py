@@ -35,8 +35,13 @@ models in the real ComfyUI, in eps and in x0 error.
    held-out eps fit <= 0.7x lora's frontier (its best learning rate there); issue 19's goal
    against TrainLoraNode at its defaults (reach its held-out fit, gap growth no larger, drift at
    matched held-out fit <= 0.7x).
-6. The thread check: one base, rank and seed again with 2 torch threads; the largest relative
-   change of any measured figure is reported.
+6. The thread check: the last base, rank and seed's default run and one LoRA run again with 2
+   torch threads (a subset: every other run has 1); the largest relative change of any measured
+   figure is reported, and whether any verdict changes.
+
+The runs are shared among --workers processes (default 2) of --threads torch threads (default 1):
+each run is seeded and starts from the base model's file, so the numbers do not depend on the
+number of workers or which worker ran what (tests/comfy/test_bench_method_smoke.py checks it).
 
     .venv/bin/python scripts/bench_method.py           # full run (make bench-method)
     .venv/bin/python scripts/bench_method.py --quick   # smoke run (tests/comfy/test_bench_method_smoke.py)
@@ -92,7 +97,7 @@ FULL = {
     "steps": 200,
     "checkpoints": [25, 50, 100, 200, 400],
     "ranks": [4, 16],
-    "seeds": [0, 1, 2],       # 0-4 (--seeds 0 1 2 3 4) takes ~40 min on 2 quiet cores, over the 30 min budget
+    "seeds": [0, 1, 2, 3, 4],
     "lr_ours": [0.5, 1.0, 2.0],       # times TrainTriLoRA's learning_rate (its default or --ours)
     "lr_lora": [1e-3, 3e-3, 1e-2],    # TrainLoraNode on the same layers
     "thread_check": True,
@@ -610,7 +615,10 @@ def report(results: dict) -> str:
     m = results["machine"]
     lines = [f"# bench-method ({results['label']}, {results['time']})", "",
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, {results['threads']} torch "
-             f"thread(s). Command: `{results['command']}`. Wall time {results['seconds']:.0f} s. TrainTriLoRA "
+             f"thread(s) in each of {results['workers']} worker process(es). Command: `{results['command']}`. "
+             f"Wall time {results['seconds']:.0f} s; CPU time {fmt(results['cpu_seconds'], 0)} s (all processes), of "
+             f"which the runs trained here {results['train_cpu_seconds']:.0f} s; load average "
+             f"{m['loadavg_start'][0]:.1f} at the start, {results['loadavg_end'][0]:.1f} at the end. TrainTriLoRA "
              f"overrides: {results['ours_overrides'] or 'none (defaults)'}; its learning rates "
              f"{', '.join(fmt(x, 6) for x in results['lr_ours'])} (default {fmt(results['default_lr'], 6)}); "
              f"LoRA on the same layers: {', '.join(fmt(x, 4) for x in results['config']['lr_lora'])}.", "",
@@ -626,7 +634,9 @@ def report(results: dict) -> str:
                   f"{tc['base']} rank {tc['rank']} seed {tc['seed']}, TrainTriLoRA at the default learning rate and "
                   f"LoRA on the same layers at {tc['lora_lr']}, again with 2 torch threads: largest relative change of "
                   f"any measured figure {tc['max_relative_change']:.2e}; verdicts "
-                  f"{'unchanged' if tc['verdicts_same'] else 'CHANGED: ' + json.dumps(tc['verdicts'])}.", ""]
+                  f"{'unchanged' if tc['verdicts_same'] else 'CHANGED: ' + json.dumps(tc['verdicts'])}. These two runs "
+                  f"of the bench's {sum(len(p['runs']) for p in results['pairs'])} are the subset rerun (every other "
+                  f"ran with 1 thread); 2-thread CPU time {tc['cpu_seconds']:.0f} s.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -641,11 +651,11 @@ def run_key(run: dict, cfg: dict, target: str) -> str:
 
 class RunCache:
     """LoRA's and TrainLoraNode's runs of one base model (they do not depend on TrainTriLoRA's
-    settings), so an experiment with --ours costs only its own runs. Merged on write: experiments
-    may run side by side."""
+    settings), so an experiment with --ours costs only its own runs. Only the main process reads
+    and writes it; merged on write."""
 
-    def __init__(self, path: Path, enabled: bool, wait: bool = False):
-        self.path, self.enabled, self.wait = path, enabled, wait
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
 
     def get(self, key: str):
         if not self.enabled or not self.path.exists():
@@ -659,19 +669,95 @@ class RunCache:
         os.replace(tmp, self.path)
 
 
-def run_side(host, run, model, data, probe, cfg, overrides, cache: RunCache, target: str) -> dict:
-    if run["side"] == "ours":
-        return train_run(host, run, model, data, probe, cfg, overrides)
-    key = run_key(run, cfg, target)
-    found = cache.get(key)
-    while found is None and cache.wait:  # another run of the bench computes it
-        time.sleep(10)
-        found = cache.get(key)
-    if found is not None:
-        return {**found, "cached": True}
-    result = train_run(host, run, model, data, probe, cfg, overrides)
-    cache.put(key, result)
-    return result
+# ---- the workers: each process holds its own ComfyUI, base models and probes. A run's figures
+# depend only on the run (seeded, the base model from its file, the probe's fixed noise), never on
+# the process or what it ran before, so any number of workers gives the same numbers.
+
+WORKER: dict = {}
+
+
+def worker_init(cfg: dict, ours_text: str, out: str, threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    host = Host("cpu", threads)
+    WORKER.update(host=host, cfg=cfg, overrides=parse_overrides(ours_text, host.ours), out=Path(out), bases={},
+                  threads=threads)
+
+
+def worker_base(name: str):
+    """(model, data, probe, pretrain info) of base ``name`` in this process, pretrained (or loaded
+    from the cache file) on first use."""
+    if name not in WORKER["bases"]:
+        host, cfg = WORKER["host"], WORKER["cfg"]
+        spec = base_spec(name, cfg)
+        model, data = build_base(host, spec["channels"]), Data(spec, cfg, host.torch)
+        info = pretrain(host, model, data, cfg, WORKER["out"] / f"base-{pretrain_key(spec, cfg)}.safetensors")
+        WORKER["bases"][name] = (model, data, Probe(model, data, host.torch), info)
+    return WORKER["bases"][name]
+
+
+def job_setup() -> dict:
+    """TrainTriLoRA's default learning rate and layers (with --ours applied)."""
+    host, overrides = WORKER["host"], WORKER["overrides"]
+    defaults = node_defaults(host.ours)
+    return {"default_lr": overrides.get("learning_rate", defaults["learning_rate"])[0],
+            "target": overrides.get("target_layers", defaults["target_layers"])[0]}
+
+
+def job_prepare(name: str) -> dict:
+    model, data, probe, info = worker_base(name)
+    say(f"base model {name}: {info}; {json.dumps({k: round(v, 4) for k, v in probe.start.items()})}")
+    return {**base_spec(name, WORKER["cfg"]), "pretrain": info, "start": probe.start,
+            "drift_pictures": len(probe.sets["base"][0]) // len(LEVELS)}
+
+
+def job_train(runs: list[dict]) -> list[dict]:
+    """Trains ``runs`` one after another (each: base, side, lr, rank, seed, threads)."""
+    host = WORKER["host"]
+    results = []
+    for run in runs:
+        model, data, probe, _ = worker_base(run["base"])
+        host.torch.set_num_threads(run["threads"])
+        try:
+            results.append(train_run(host, run, model, data, probe, WORKER["cfg"], WORKER["overrides"]))
+        finally:
+            host.torch.set_num_threads(WORKER["threads"])
+    return results
+
+
+class Workers:
+    """``n`` worker processes of one torch thread each (spawned: each imports its own ComfyUI), or,
+    for n = 1, this process."""
+
+    def __init__(self, n: int, cfg: dict, opts):
+        args = (cfg, opts.ours, opts.out, opts.threads)
+        if n > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                                               initializer=worker_init, initargs=args)
+        else:
+            self.pool = None
+            worker_init(*args)
+
+    def imap(self, fn, items: list):
+        """fn over items, all queued at once; yields the results in the items' order."""
+        if self.pool is None:
+            yield from (fn(*i) for i in items)
+            return
+        for future in [self.pool.submit(fn, *i) for i in items]:
+            yield future.result()
+
+    def map(self, fn, items: list) -> list:
+        return list(self.imap(fn, items))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def base_spec(name: str, cfg: dict) -> dict:
+    return {**BASES[name], "channels": cfg.get("quick_channels", BASES[name]["channels"])}
 
 
 def relative_change(a: list[dict], b: list[dict]) -> float:
@@ -690,23 +776,20 @@ def verdicts(d: dict) -> dict:
     return {**{f"frontier_{s}": d["frontier"][s]["holds"] for s in SPACES}, "defaults": d["defaults"]["all"]}
 
 
-def thread_check(host, pair, model, data, probe, cfg, overrides, default_lr, target) -> dict:
-    """The default run and one LoRA run of ``pair`` again with 2 torch threads."""
+def thread_check(workers: Workers, pair: dict, cfg: dict, default_lr: float) -> dict:
+    """The default run and one LoRA run of ``pair`` again with 2 torch threads, in one worker while
+    the others wait (2 threads beside busy workers would oversubscribe the cores)."""
     lora_lr = cfg["lr_lora"][len(cfg["lr_lora"]) // 2]
     picks = [i for i, r in enumerate(pair["runs"]) if (r["side"], r["lr"]) in (("ours", default_lr), ("lora", lora_lr))]
-    threads = host.torch.get_num_threads()
-    host.torch.set_num_threads(2)
-    try:
-        again = [train_run(host, {**pair["runs"][i], "threads": 2}, model, data, probe, cfg, overrides) for i in picks]
-    finally:
-        host.torch.set_num_threads(threads)
-    runs = list(pair["runs"])
+    again = workers.map(job_train, [([{**pair["runs"][i], "threads": 2} for i in picks],)])[0]
+    runs = [dict(r) for r in pair["runs"]]
     for i, run in zip(picks, again, strict=True):
         runs[i] = run
     v1, v2 = verdicts(pair["decide"]), verdicts(decide(runs, default_lr))
     return {"base": pair["base"], "rank": pair["rank"], "seed": pair["seed"], "lora_lr": lora_lr,
             "max_relative_change": relative_change([pair["runs"][i] for i in picks], again),
-            "verdicts_same": v1 == v2, "verdicts": {"1 thread": v1, "2 threads": v2}}
+            "verdicts_same": v1 == v2, "verdicts": {"1 thread": v1, "2 threads": v2},
+            "cpu_seconds": sum(r["cpu_seconds"] for r in again), "seconds": sum(r["seconds"] for r in again)}
 
 
 def options(argv):
@@ -722,10 +805,11 @@ def options(argv):
     parser.add_argument("--ours", default="", help="TrainTriLoRA inputs to override, e.g. loss_weighting=min_snr")
     parser.add_argument("--label", default="", help="a name for this run's result files")
     parser.add_argument("--fresh", action="store_true", help="re-run LoRA and TrainLoraNode even where cached")
-    parser.add_argument("--wait-cache", action="store_true",
-                        help="wait for another run to cache LoRA's and TrainLoraNode's runs instead of running them")
     parser.add_argument("--no-thread-check", action="store_true", help="skip the 2-thread rerun")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the figures are exact)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: the figures "
+                                                                 "are exact)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2, one per core of the "
+                                                                "machine it was sized for; 1: in this process)")
     opts = parser.parse_args(argv)
     cfg = dict(QUICK if opts.quick else FULL)
     for name in ("bases", "ranks", "seeds", "lr_ours", "lr_lora"):
@@ -737,48 +821,74 @@ def options(argv):
     return opts, cfg
 
 
+def plan(cfg: dict, lr_ours: list[float], threads: int) -> list[dict]:
+    """Every run of the bench, in report order: per base, rank and seed, ours at each learning
+    rate, lora at each, then TrainLoraNode at its defaults."""
+    sides = [("ours", lr) for lr in lr_ours] + [("lora", lr) for lr in cfg["lr_lora"]] + [("theirs", None)]
+    return [{"base": b, "side": side, "lr": lr, "rank": r, "seed": s, "threads": threads}
+            for b in cfg["bases"] for r in cfg["ranks"] for s in cfg["seeds"] for side, lr in sides]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts, cfg = options(argv)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    host = Host("cpu", opts.threads)
-    overrides = parse_overrides(opts.ours, host.ours)
-    default_lr = overrides.get("learning_rate", node_defaults(host.ours)["learning_rate"])[0]
-    lr_ours = sorted({default_lr * m for m in cfg["lr_ours"]} | {default_lr})
-    target = overrides.get("target_layers", node_defaults(host.ours)["target_layers"])[0]
-    state = {"pairs": [], "base_models": {}, "thread_check": None, "lr_ours": lr_ours, "default_lr": default_lr}
-    for base in cfg["bases"]:
-        spec = {**BASES[base], "channels": cfg.get("quick_channels", BASES[base]["channels"])}
-        model, data = build_base(host, spec["channels"]), Data(spec, cfg, host.torch)
-        key = pretrain_key(spec, cfg)
-        say(f"base model {base}: pretraining (or cache) in {out}")
-        info = pretrain(host, model, data, cfg, out / f"base-{key}.safetensors")
-        probe = Probe(model, data, host.torch)
-        state["base_models"][base] = {**spec, "pretrain": info, "start": probe.start,
-                                      "drift_pictures": len(probe.sets["base"][0]) // len(LEVELS)}
-        say(f"  {info}; {json.dumps({k: round(v, 4) for k, v in probe.start.items()})}")
-        cache = RunCache(out / f"runs-{key}.json", enabled=not opts.fresh and not opts.quick, wait=opts.wait_cache)
-        for rank in cfg["ranks"]:
-            for seed in cfg["seeds"]:
-                plan = [("ours", lr) for lr in lr_ours] + [("lora", lr) for lr in cfg["lr_lora"]] + [("theirs", None)]
-                runs = [run_side(host, {"side": side, "lr": lr, "rank": rank, "seed": seed, "threads": opts.threads},
-                                 model, data, probe, cfg, overrides, cache, target) for side, lr in plan]
-                pair = {"base": base, "rank": rank, "seed": seed, "runs": runs, "decide": decide(runs, default_lr)}
-                state["pairs"].append(pair)
-                d = pair["decide"]
-                say(f"{base} rank {rank} seed {seed}: frontier holds eps {d['frontier']['eps']['holds']}, x0 "
-                    f"{d['frontier']['x0']['holds']}; defaults' goals {'met' if d['defaults']['all'] else 'NOT met'}")
-                write_results(out, opts, argv, cfg, state, t_start, partial=True)
-        if cfg["thread_check"] and state["thread_check"] is None:
-            state["thread_check"] = thread_check(host, state["pairs"][-len(cfg["seeds"]) * len(cfg["ranks"])],
-                                                 model, data, probe, cfg, overrides, default_lr, target)
-    write_results(out, opts, argv, cfg, state, t_start)
+    t_start, c_start = time.perf_counter(), cpu_time()
+    workers = Workers(opts.workers, cfg, opts)
+    try:
+        setup = workers.map(job_setup, [()])[0]
+        default_lr, target = setup["default_lr"], setup["target"]
+        lr_ours = sorted({default_lr * m for m in cfg["lr_ours"]} | {default_lr})
+        state = {"pairs": [], "base_models": {}, "thread_check": None, "lr_ours": lr_ours, "default_lr": default_lr,
+                 "workers": opts.workers}
+        say(f"pretraining (or cache) in {out}: {', '.join(cfg['bases'])}")
+        state["base_models"] = dict(zip(cfg["bases"], workers.map(job_prepare, [(b,) for b in cfg["bases"]]),
+                                        strict=True))
+        caches = {b: RunCache(out / f"runs-{pretrain_key(base_spec(b, cfg), cfg)}.json",
+                              enabled=not opts.fresh and not opts.quick) for b in cfg["bases"]}
+        runs = plan(cfg, lr_ours, opts.threads)
+        keys = [run_key(r, cfg, target) if r["side"] != "ours" else None for r in runs]
+        found = [caches[r["base"]].get(k) if k else None for r, k in zip(runs, keys, strict=True)]
+        todo = {i for i, f in enumerate(found) if f is None}
+        say(f"{len(runs)} runs, {len(runs) - len(todo)} from the cache, {len(todo)} to train in {opts.workers} "
+            f"worker(s)")
+        per_pair = len(runs) // (len(cfg["bases"]) * len(cfg["ranks"]) * len(cfg["seeds"]))
+        trained = workers.imap(job_train, [([runs[i]],) for i in sorted(todo)])
+        for j in range(0, len(runs), per_pair):  # the pairs in order, each once its runs are in
+            for i in range(j, j + per_pair):
+                if found[i] is None:
+                    found[i] = next(trained)[0]
+                    if keys[i]:
+                        caches[runs[i]["base"]].put(keys[i], found[i])
+            state["pairs"].append(make_pair(runs[j:j + per_pair], found[j:j + per_pair], todo, j, default_lr))
+            write_results(out, opts, argv, cfg, state, t_start, c_start, partial=True)
+        if cfg["thread_check"]:
+            state["thread_check"] = thread_check(workers, state["pairs"][-1], cfg, default_lr)
+    finally:
+        workers.close()
+    write_results(out, opts, argv, cfg, state, t_start, c_start)
     return 0
 
 
-def write_results(out: Path, opts, argv, cfg, state: dict, t_start, partial=False) -> None:
+def make_pair(runs: list[dict], found: list[dict], todo: set[int], first: int, default_lr: float) -> dict:
+    """One base, rank and seed: its runs (marked cached or not) and the figures decided from them."""
+    pair_runs = [{**f, "cached": first + k not in todo} for k, f in enumerate(found)]
+    pair = {"base": runs[0]["base"], "rank": runs[0]["rank"], "seed": runs[0]["seed"], "runs": pair_runs,
+            "decide": decide(pair_runs, default_lr)}
+    d = pair["decide"]
+    say(f"{pair['base']} rank {pair['rank']} seed {pair['seed']}: frontier holds eps {d['frontier']['eps']['holds']}, "
+        f"x0 {d['frontier']['x0']['holds']}; defaults' goals {'met' if d['defaults']['all'] else 'NOT met'}")
+    return pair
+
+
+def cpu_time() -> float:
+    """CPU time of this process and its finished children (the workers, once shut down)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, partial=False) -> None:
     """The JSON and the markdown tables; after each base, rank and seed too (<label>-partial.*),
     so a run cut short keeps what it measured."""
     stamp = _dt.datetime.now(_dt.timezone.utc)
@@ -789,6 +899,10 @@ def write_results(out: Path, opts, argv, cfg, state: dict, t_start, partial=Fals
         "command": " ".join(["scripts/bench_method.py", *argv]), "threads": opts.threads,
         "machine": machine_info(), "config": cfg, "ours_overrides": opts.ours, **state,
         "seconds": time.perf_counter() - t_start,
+        # this process and its workers (counted once they have exited: the final results only)
+        "cpu_seconds": None if partial else cpu_time() - c_start,
+        "train_cpu_seconds": sum(r["cpu_seconds"] for p in pairs for r in p["runs"] if not r["cached"]),
+        "loadavg_end": os.getloadavg(),
         "frontier_holds": {s: all(p["decide"]["frontier"][s]["holds"] for p in pairs) for s in SPACES},
         "defaults_goals_met": all(p["decide"]["defaults"]["all"] for p in pairs),
     }
