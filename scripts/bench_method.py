@@ -627,7 +627,9 @@ def report(results: dict) -> str:
     for name, b in results["base_models"].items():
         lines.append(f"| {name} | {b['channels']} | {', '.join(b['kinds'])}; style {b['style']} | "
                      f"{fmt(b['start']['heldout_eps'])} | {fmt(b['start']['heldout_x0'])} | {b['drift_pictures']} |")
-    lines += ["", *report_frontier(results), *report_defaults(results), *report_curves(results)]
+    if results["sides"] == list(SIDES):
+        lines += ["", *report_frontier(results), *report_defaults(results)]
+    lines += ["", *report_curves(results)]
     tc = results.get("thread_check")
     if tc:
         lines += ["## Thread check", "",
@@ -808,6 +810,9 @@ def options(argv):
     parser.add_argument("--no-thread-check", action="store_true", help="skip the 2-thread rerun")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: the figures "
                                                                  "are exact)")
+    parser.add_argument("--sides", nargs="*", choices=SIDES, default=list(SIDES),
+                        help="train only these sides (--sides ours: a mechanism's runs for "
+                             "scripts/bench_method_compare.py; no frontier or goals without lora and theirs)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2, one per core of the "
                                                                 "machine it was sized for; 1: in this process)")
     opts = parser.parse_args(argv)
@@ -821,10 +826,11 @@ def options(argv):
     return opts, cfg
 
 
-def plan(cfg: dict, lr_ours: list[float], threads: int) -> list[dict]:
+def plan(cfg: dict, lr_ours: list[float], threads: int, only=SIDES) -> list[dict]:
     """Every run of the bench, in report order: per base, rank and seed, ours at each learning
-    rate, lora at each, then TrainLoraNode at its defaults."""
+    rate, lora at each, then TrainLoraNode at its defaults (the sides in ``only``)."""
     sides = [("ours", lr) for lr in lr_ours] + [("lora", lr) for lr in cfg["lr_lora"]] + [("theirs", None)]
+    sides = [(side, lr) for side, lr in sides if side in only]
     return [{"base": b, "side": side, "lr": lr, "rank": r, "seed": s, "threads": threads}
             for b in cfg["bases"] for r in cfg["ranks"] for s in cfg["seeds"] for side, lr in sides]
 
@@ -847,7 +853,7 @@ def main(argv=None) -> int:
                                         strict=True))
         caches = {b: RunCache(out / f"runs-{pretrain_key(base_spec(b, cfg), cfg)}.json",
                               enabled=not opts.fresh and not opts.quick) for b in cfg["bases"]}
-        runs = plan(cfg, lr_ours, opts.threads)
+        runs = plan(cfg, lr_ours, opts.threads, opts.sides)
         keys = [run_key(r, cfg, target) if r["side"] != "ours" else None for r in runs]
         found = [caches[r["base"]].get(k) if k else None for r, k in zip(runs, keys, strict=True)]
         todo = {i for i, f in enumerate(found) if f is None}
@@ -861,9 +867,10 @@ def main(argv=None) -> int:
                     found[i] = next(trained)[0]
                     if keys[i]:
                         caches[runs[i]["base"]].put(keys[i], found[i])
-            state["pairs"].append(make_pair(runs[j:j + per_pair], found[j:j + per_pair], todo, j, default_lr))
+            state["pairs"].append(make_pair(runs[j:j + per_pair], found[j:j + per_pair], todo, j,
+                                            default_lr if opts.sides == list(SIDES) else None))
             write_results(out, opts, argv, cfg, state, t_start, c_start, partial=True)
-        if cfg["thread_check"]:
+        if cfg["thread_check"] and opts.sides == list(SIDES):
             state["thread_check"] = thread_check(workers, state["pairs"][-1], cfg, default_lr)
     finally:
         workers.close()
@@ -875,8 +882,12 @@ def make_pair(runs: list[dict], found: list[dict], todo: set[int], first: int, d
     """One base, rank and seed: its runs (marked cached or not) and the figures decided from them."""
     pair_runs = [{**f, "cached": first + k not in todo} for k, f in enumerate(found)]
     pair = {"base": runs[0]["base"], "rank": runs[0]["rank"], "seed": runs[0]["seed"], "runs": pair_runs,
-            "decide": decide(pair_runs, default_lr)}
+            "decide": decide(pair_runs, default_lr) if default_lr is not None else None}
     d = pair["decide"]
+    if d is None:  # not every side ran: no figures to decide, the gap growth still for the curves
+        for r in pair_runs:
+            add_gaps(r["curve"], pair_runs[0]["curve"]["0"])
+        return pair
     say(f"{pair['base']} rank {pair['rank']} seed {pair['seed']}: frontier holds eps {d['frontier']['eps']['holds']}, "
         f"x0 {d['frontier']['x0']['holds']}; defaults' goals {'met' if d['defaults']['all'] else 'NOT met'}")
     return pair
@@ -897,14 +908,14 @@ def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, par
     results = {
         "schema": SCHEMA_VERSION, "quick": opts.quick, "label": label, "time": stamp.isoformat(timespec="seconds"),
         "command": " ".join(["scripts/bench_method.py", *argv]), "threads": opts.threads,
-        "machine": machine_info(), "config": cfg, "ours_overrides": opts.ours, **state,
+        "machine": machine_info(), "config": cfg, "ours_overrides": opts.ours, "sides": opts.sides, **state,
         "seconds": time.perf_counter() - t_start,
         # this process and its workers (counted once they have exited: the final results only)
         "cpu_seconds": None if partial else cpu_time() - c_start,
         "train_cpu_seconds": sum(r["cpu_seconds"] for p in pairs for r in p["runs"] if not r["cached"]),
         "loadavg_end": os.getloadavg(),
-        "frontier_holds": {s: all(p["decide"]["frontier"][s]["holds"] for p in pairs) for s in SPACES},
-        "defaults_goals_met": all(p["decide"]["defaults"]["all"] for p in pairs),
+        "frontier_holds": {s: all(p["decide"]["frontier"][s]["holds"] for p in pairs if p["decide"]) for s in SPACES},
+        "defaults_goals_met": all(p["decide"]["defaults"]["all"] for p in pairs if p["decide"]),
     }
     text = report(results)
     if partial:

@@ -52,6 +52,7 @@ from .failures import LastGood, RunFailures, is_out_of_memory, memory_hints
 from .family import FamilySettings
 from .monitor import Monitor, MonitorData, monitor_inputs
 from .parallel import OneProcess
+from .rank_control import RankControl
 from .targets import attach, find_targets
 
 try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
@@ -134,6 +135,7 @@ class TriLoRATrainer:
         self.losses: list[float] = []
         self.checkpoints: list[str] = []
         self.adapters = make_adapters(targets, start.layers, self.device)
+        self.rank_control = RankControl(args, self.adapters)
         self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets, start.optimizer_tensors)
         self.params = [p for g in self.groups for p in g["params"]]
         self.step = self.done = start.step  # the step under way; the updates completed
@@ -163,14 +165,15 @@ class TriLoRATrainer:
             xt = ms.noise_scaling(sigma, noise, x0, False)
             target = ms.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise), x0, False)
             model_wrap.conds["positive"] = conds
-            with autocast:
-                denoised = model_wrap(xt, sigma, **extra_args)
-            # The model's output enters calculate_denoised linearly: its coefficient turns the
-            # denoised error back into the error of the model's own prediction (eps, v, flow...).
-            coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-            loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
-            weight = len(positions) / len(batch)
-            self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
+            with self.rank_control.masks([float(levels[p]) for p in positions]):
+                with autocast:
+                    denoised = model_wrap(xt, sigma, **extra_args)
+                # The model's output enters calculate_denoised linearly: its coefficient turns the
+                # denoised error back into the error of the model's own prediction (eps, v, flow...).
+                coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
+                loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
+                weight = len(positions) / len(batch)
+                self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
             total += float(loss.detach()) * weight
         return total
 
@@ -249,9 +252,12 @@ class TriLoRATrainer:
         self.scaler.unscale_(self.optimizer)
         if self.dtype != torch.float16 and not all_finite(p.grad for p in self.params):
             self.failures.diverged(step + 1, "the gradients are not finite")
+        if self.rank_control.budget is not None and all_finite(p.grad for p in self.params):
+            self.rank_control.observe()  # (fp16: a step the scaler skips is not observed)
         self.last_good.take(step)  # the factors that gave this finite loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.rank_control.after_step(step - self.start.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.done = step + 1
         self.parallel.step_done(step)

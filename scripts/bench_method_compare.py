@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Compares two `make bench-method` results of TrainTriLoRA on the frontier: a mechanism's run
+(`--ours ...`) against the defaults' run, on the same bases, ranks and seeds. Per base, rank,
+seed and error space, at held-out levels 1/4, 1/2, 3/4 and all of the way from the base model's
+error to the best level both reach, the least drift of the mechanism (over its learning rates)
+over the least drift of the defaults, and its least gap growth minus theirs. Below 1 and below 0:
+the mechanism is better at that fit.
+
+    .venv/bin/python scripts/bench_method_compare.py bench_output/method/full-....json \
+        bench_output/method/tlora-....json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_method import SPACES, add_gaps, fmt, frontier_claim  # noqa: E402
+
+
+def ours_curves(results: dict) -> dict:
+    """{(base, rank, seed): [TrainTriLoRA's curves, one per learning rate]} with gap growth added."""
+    out = {}
+    for p in results["pairs"]:
+        start = p["runs"][0]["curve"]["0"]
+        curves = [r["curve"] for r in p["runs"] if r["side"] == "ours"]
+        for c in curves:
+            add_gaps(c, start)
+        out[(p["base"], p["rank"], p["seed"])] = curves
+    return out
+
+
+def compare(base_results: dict, mech_results: dict) -> list[dict]:
+    base, mech = ours_curves(base_results), ours_curves(mech_results)
+    rows = []
+    for key in sorted(set(base) & set(mech)):
+        for space in SPACES:
+            claim = frontier_claim(mech[key], base[key], space)
+            for r in claim["rows"]:
+                rows.append({"base": key[0], "rank": key[1], "seed": key[2], "space": space, **r,
+                             "gap_diff": r["gap_ours"] - r["gap_lora"]})
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    lines = ["| base | error | rank | runs | drift ratio mechanism / defaults: median [min-max] | cells below 1 | "
+             "gap growth mechanism - defaults: median | cells gap no larger |", "|---|---|---|---|---|---|---|---|"]
+    for base in sorted({r["base"] for r in rows}):
+        for space in SPACES:
+            for rank in sorted({r["rank"] for r in rows}):
+                cell = [r for r in rows if (r["base"], r["space"], r["rank"]) == (base, space, rank)]
+                ratios = [r["drift_ratio"] for r in cell if r["drift_ratio"] is not None]
+                if not cell:
+                    continue
+                lines.append(f"| {base} | {space} | {rank} | {len({r['seed'] for r in cell})} | "
+                             f"{fmt(statistics.median(ratios), 2)} [{fmt(min(ratios), 2)}-{fmt(max(ratios), 2)}] | "
+                             f"{sum(x < 1 for x in ratios)}/{len(ratios)} | "
+                             f"{fmt(statistics.median(r['gap_diff'] for r in cell), 4)} | "
+                             f"{sum(r['gap_diff'] <= 0 for r in cell)}/{len(cell)} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("defaults", help="results JSON of the defaults (make bench-method)")
+    parser.add_argument("mechanism", help="results JSON of the mechanism (--ours ...)")
+    opts = parser.parse_args(argv)
+    base, mech = (json.loads(Path(p).read_text()) for p in (opts.defaults, opts.mechanism))
+    print(f"Mechanism: --ours {mech['ours_overrides']} ({mech['time']}) against {base['ours_overrides'] or 'the defaults'}"
+          f" ({base['time']}).\n")
+    print("\n".join(summary(compare(base, mech))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
