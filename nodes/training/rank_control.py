@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from ...trilora_core import RankBudget, rank_mask
+from ...trilora_core import RankBudget, all_finite, rank_mask
 
 
 class RankControl:
@@ -38,12 +38,12 @@ class RankControl:
             for adapter in self.adapters.values():
                 adapter.rank_mask = None
 
-    def observe(self) -> None:
-        """After the step's backward, its gradients finite and unscaled."""
-        if self.budget is not None:
+    def after_step(self, k: int, params) -> None:
+        """After optimizer step k (0-based, of this run's steps), its gradients unscaled and still
+        there: AdaLoRA's sensitivities (from finite gradients only: fp16 steps the scaler skips
+        are not observed), then its mask, as AdaLoRA's RankAllocator runs after the optimizer."""
+        if self.budget is None:
+            return
+        if all_finite(p.grad for p in params):
             self.budget.observe()
-
-    def after_step(self, k: int) -> None:
-        """After optimizer step k (0-based, of this run's steps)."""
-        if self.budget is not None:
-            self.budget.apply(k)
+        self.budget.apply(k)

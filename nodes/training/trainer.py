@@ -131,9 +131,7 @@ class TriLoRATrainer:
         self.batch = min(args.batch_size, len(images))
         self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
                                          args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
-        self.total = start.step + args.steps
-        self.losses: list[float] = []
-        self.checkpoints: list[str] = []
+        self.total, self.losses, self.checkpoints = start.step + args.steps, [], []  # losses per step, files
         self.adapters = make_adapters(targets, start.layers, self.device)
         self.rank_control = RankControl(args, self.adapters)
         self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets, start.optimizer_tensors)
@@ -172,9 +170,8 @@ class TriLoRATrainer:
                 # denoised error back into the error of the model's own prediction (eps, v, flow...).
                 coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
                 loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
-                weight = len(positions) / len(batch)
-                self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
-            total += float(loss.detach()) * weight
+                self.scaler.scale(loss * (len(positions) / len(batch) / self.args.grad_accumulation_steps)).backward()
+            total += float(loss.detach()) * len(positions) / len(batch)
         return total
 
     # ---- the loop
@@ -252,12 +249,10 @@ class TriLoRATrainer:
         self.scaler.unscale_(self.optimizer)
         if self.dtype != torch.float16 and not all_finite(p.grad for p in self.params):
             self.failures.diverged(step + 1, "the gradients are not finite")
-        if self.rank_control.budget is not None and all_finite(p.grad for p in self.params):
-            self.rank_control.observe()  # (fp16: a step the scaler skips is not observed)
         self.last_good.take(step)  # the factors that gave this finite loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.rank_control.after_step(step - self.start.step)
+        self.rank_control.after_step(step - self.start.step, self.params)
         self.optimizer.zero_grad(set_to_none=True)
         self.done = step + 1
         self.parallel.step_done(step)
