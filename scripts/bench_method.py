@@ -858,12 +858,13 @@ def options(argv):
 
 
 def plan(cfg: dict, lr_ours: list[float], threads: int, only=SIDES) -> list[dict]:
-    """Every run of the bench, in report order: per base, rank and seed, ours at each learning
-    rate, lora at each, then TrainLoraNode at its defaults (the sides in ``only``)."""
+    """Every run of the bench, seed by seed (a run cut short has every base and rank for the seeds
+    it finished): per seed, base and rank, ours at each learning rate, lora at each, then
+    TrainLoraNode at its defaults (the sides in ``only``)."""
     sides = [("ours", lr) for lr in lr_ours] + [("lora", lr) for lr in cfg["lr_lora"]] + [("theirs", None)]
     sides = [(side, lr) for side, lr in sides if side in only]
     return [{"base": b, "side": side, "lr": lr, "rank": r, "seed": s, "threads": threads}
-            for b in cfg["bases"] for r in cfg["ranks"] for s in cfg["seeds"] for side, lr in sides]
+            for s in cfg["seeds"] for b in cfg["bases"] for r in cfg["ranks"] for side, lr in sides]
 
 
 def main(argv=None) -> int:
@@ -935,7 +936,9 @@ def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, par
     so a run cut short keeps what it measured."""
     stamp = _dt.datetime.now(_dt.timezone.utc)
     label = opts.label or ("quick" if opts.quick else "full")
-    pairs = state["pairs"]
+    order = {(b, r, s): i for i, (b, r, s) in enumerate((b, r, s) for b in cfg["bases"] for r in cfg["ranks"]
+                                                          for s in cfg["seeds"])}
+    pairs = state["pairs"] = sorted(state["pairs"], key=lambda p: order[(p["base"], p["rank"], p["seed"])])
     results = {
         "schema": SCHEMA_VERSION, "quick": opts.quick, "label": label, "time": stamp.isoformat(timespec="seconds"),
         "command": " ".join(["scripts/bench_method.py", *argv]), "threads": opts.threads,
