@@ -7,7 +7,7 @@ over the least drift of the defaults, and its least gap growth minus theirs. Bel
 the mechanism is better at that fit.
 
     .venv/bin/python scripts/bench_method_compare.py bench_output/method/full-....json \
-        bench_output/method/tlora-....json
+        bench_output/method/tlora-....json   # the defaults' results first (one or more), the mechanism's last
 """
 from __future__ import annotations
 
@@ -65,10 +65,16 @@ def summary(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("defaults", help="results JSON of the defaults (make bench-method)")
+    parser.add_argument("defaults", nargs="+", help="results JSON of the defaults (make bench-method; several: "
+                                                   "their pairs together, the first of each base, rank and seed)")
     parser.add_argument("mechanism", help="results JSON of the mechanism (--ours ...)")
     opts = parser.parse_args(argv)
-    base, mech = (json.loads(Path(p).read_text()) for p in (opts.defaults, opts.mechanism))
+    mech = json.loads(Path(opts.mechanism).read_text())
+    base = json.loads(Path(opts.defaults[0]).read_text())
+    for path in opts.defaults[1:]:
+        seen = {(p["base"], p["rank"], p["seed"]) for p in base["pairs"]}
+        base["pairs"] += [p for p in json.loads(Path(path).read_text())["pairs"]
+                          if (p["base"], p["rank"], p["seed"]) not in seen]
     print(f"Mechanism: --ours {mech['ours_overrides']} ({mech['time']}) against {base['ours_overrides'] or 'the defaults'}"
           f" ({base['time']}).\n")
     print("\n".join(summary(compare(base, mech))))
