@@ -21,20 +21,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_method import SPACES, add_gaps, fmt, frontier_claim  # noqa: E402
 
 
-def ours_curves(results: dict) -> dict:
-    """{(base, rank, seed): [TrainTriLoRA's curves, one per learning rate]} with gap growth added."""
+def side_curves(results: dict, side: str = "ours") -> dict:
+    """{(base, rank, seed): [the side's curves, one per learning rate]} with gap growth added."""
     out = {}
     for p in results["pairs"]:
         start = p["runs"][0]["curve"]["0"]
-        curves = [r["curve"] for r in p["runs"] if r["side"] == "ours"]
+        curves = [r["curve"] for r in p["runs"] if r["side"] == side]
         for c in curves:
             add_gaps(c, start)
         out[(p["base"], p["rank"], p["seed"])] = curves
     return out
 
 
-def compare(base_results: dict, mech_results: dict) -> list[dict]:
-    base, mech = ours_curves(base_results), ours_curves(mech_results)
+def compare(base_results: dict, mech_results: dict, against: str = "ours") -> list[dict]:
+    base, mech = side_curves(base_results, against), side_curves(mech_results)
     rows = []
     for key in sorted(set(base) & set(mech)):
         for space in SPACES:
@@ -46,8 +46,8 @@ def compare(base_results: dict, mech_results: dict) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> list[str]:
-    lines = ["| base | error | rank | runs | drift ratio mechanism / defaults: median [min-max] | cells below 1 | "
-             "gap growth mechanism - defaults: median | cells gap no larger |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| base | error | rank | runs | drift ratio mechanism / theirs: median [min-max] | cells below 1 | "
+             "gap growth mechanism - theirs: median | cells gap no larger |", "|---|---|---|---|---|---|---|---|"]
     for base in sorted({r["base"] for r in rows}):
         for space in SPACES:
             for rank in sorted({r["rank"] for r in rows}):
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("defaults", nargs="+", help="results JSON of the defaults (make bench-method; several: "
                                                    "their pairs together, the first of each base, rank and seed)")
     parser.add_argument("mechanism", help="results JSON of the mechanism (--ours ...)")
+    parser.add_argument("--against", choices=("ours", "lora"), default="ours",
+                        help="compare with TrainTriLoRA at its defaults (ours) or LoRA on the same layers (lora)")
     opts = parser.parse_args(argv)
     mech = json.loads(Path(opts.mechanism).read_text())
     base = json.loads(Path(opts.defaults[0]).read_text())
@@ -75,9 +77,10 @@ def main(argv=None) -> int:
         seen = {(p["base"], p["rank"], p["seed"]) for p in base["pairs"]}
         base["pairs"] += [p for p in json.loads(Path(path).read_text())["pairs"]
                           if (p["base"], p["rank"], p["seed"]) not in seen]
-    print(f"Mechanism: --ours {mech['ours_overrides']} ({mech['time']}) against {base['ours_overrides'] or 'the defaults'}"
-          f" ({base['time']}).\n")
-    print("\n".join(summary(compare(base, mech))))
+    them = "LoRA on the same layers" if opts.against == "lora" else base["ours_overrides"] or "the defaults"
+    print(f"Mechanism: --ours {mech['ours_overrides']} ({mech['time']}) against {them} ({base['time']}); drift ratio "
+          f"and gap difference: the mechanism's over / minus theirs.\n")
+    print("\n".join(summary(compare(base, mech, opts.against))))
     return 0
 
 
