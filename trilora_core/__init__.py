@@ -50,11 +50,8 @@ from .optimizer import (
     read_optimizer_file,
     write_optimizer_file,
 )
-from .rank_budget import RankBudget, top_directions
-from .rank_budget import budget as rank_budget_schedule
 from .safetensors_io import SafetensorsReader, atomic_write_bytes, content_hash, file_content_hash
 from .suffixes import TRILORA_PARTS
-from .timestep_rank import active_directions, rank_mask
 from .timesteps import TIMESTEP_SAMPLINGS, sample_noise_levels
 from .training import (
     LOSS_FUNCTIONS,
@@ -78,11 +75,6 @@ from .validation import (
 )
 
 __all__ = [
-    "RankBudget",
-    "active_directions",
-    "rank_budget_schedule",
-    "rank_mask",
-    "top_directions",
     "KEEP_BEST",
     "VALIDATION_LEVELS",
     "BestStep",

@@ -55,10 +55,6 @@ def fraction_below_one(name: str, v) -> str | None:
     return None if math.isfinite(v) and 0 <= v < 1 else f"{name} must be at least 0 and below 1, got {v}"
 
 
-def share_above_zero(name: str, v) -> str | None:
-    return None if math.isfinite(v) and 0 < v <= 1 else f"{name} must be above 0 and at most 1, got {v}"
-
-
 def one_of(choices) -> Rule:
     return lambda name, v: None if v in choices else f"{name} must be one of {', '.join(choices)}, got {v!r}"
 
@@ -188,17 +184,6 @@ class TrainArgs:
     preview_every: int = setting(200, io.Int, "Every N steps, sample a preview from fixed noise with a training caption "
                                  "and the adapter at strength 1 (8 Euler steps, cfg 1) and show it on the node "
                                  "(the command line saves it). 0 = off.", zero_is_off, min=0, max=1_000_000)
-    # Mechanisms on s during training only (make bench-method; files stay plain TriLoRA), after all older inputs.
-    timestep_min_rank: int = setting(0, io.Int, "T-LoRA's noise-level-dependent rank, while training only: at "
-                                     "noise level t (1 the noisiest) only the first floor((1 - t) x (rank - this)) "
-                                     "+ this directions of s are used, so the noisiest levels train the fewest. 0 = "
-                                     "off (every direction at every level). Sampling always uses every direction.",
-                                     not_negative, min=0, max=512)
-    rank_budget: float = setting(1.0, io.Float, "AdaLoRA's importance-driven rank budget, while training only: "
-                                 "the share of all directions (over all layers) kept; from 10 % of the steps the "
-                                 "least important ones (smoothed |s x grad|) get s = 0 on AdaLoRA's cubic schedule, "
-                                 "reaching this share with 30 % of the steps left. 1 = off.", share_above_zero,
-                                 min=0.01, max=1.0, step=0.01)
 
     @classmethod
     def schema_inputs(cls) -> list:

@@ -52,7 +52,6 @@ from .failures import LastGood, RunFailures, is_out_of_memory, memory_hints
 from .family import FamilySettings
 from .monitor import Monitor, MonitorData, monitor_inputs
 from .parallel import OneProcess
-from .rank_control import RankControl
 from .targets import attach, find_targets
 
 try:  # ComfyUI's basic guider (cfg 1, positive only); the same class is rebuilt if it moves
@@ -131,9 +130,10 @@ class TriLoRATrainer:
         self.batch = min(args.batch_size, len(images))
         self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
                                          args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
-        self.total, self.losses, self.checkpoints = start.step + args.steps, [], []  # losses per step, files
+        self.total = start.step + args.steps
+        self.losses: list[float] = []
+        self.checkpoints: list[str] = []
         self.adapters = make_adapters(targets, start.layers, self.device)
-        self.rank_control = RankControl(args, self.adapters)
         self.groups, self.optimizer = make_optimizer_for(args, self.adapters, targets, start.optimizer_tensors)
         self.params = [p for g in self.groups for p in g["params"]]
         self.step = self.done = start.step  # the step under way; the updates completed
@@ -163,15 +163,15 @@ class TriLoRATrainer:
             xt = ms.noise_scaling(sigma, noise, x0, False)
             target = ms.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise), x0, False)
             model_wrap.conds["positive"] = conds
-            with self.rank_control.masks([float(levels[p]) for p in positions]):
-                with autocast:
-                    denoised = model_wrap(xt, sigma, **extra_args)
-                # The model's output enters calculate_denoised linearly: its coefficient turns the
-                # denoised error back into the error of the model's own prediction (eps, v, flow...).
-                coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-                loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
-                self.scaler.scale(loss * (len(positions) / len(batch) / self.args.grad_accumulation_steps)).backward()
-            total += float(loss.detach()) * len(positions) / len(batch)
+            with autocast:
+                denoised = model_wrap(xt, sigma, **extra_args)
+            # The model's output enters calculate_denoised linearly: its coefficient turns the
+            # denoised error back into the error of the model's own prediction (eps, v, flow...).
+            coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
+            loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
+            weight = len(positions) / len(batch)
+            self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
+            total += float(loss.detach()) * weight
         return total
 
     # ---- the loop
@@ -252,7 +252,6 @@ class TriLoRATrainer:
         self.last_good.take(step)  # the factors that gave this finite loss
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.rank_control.after_step(step - self.start.step, self.params)
         self.optimizer.zero_grad(set_to_none=True)
         self.done = step + 1
         self.parallel.step_done(step)
