@@ -17,8 +17,14 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_method import SPACES, add_gaps, fmt, frontier_claim  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness
+from harness.method_frontier import SPACES, add_gaps, frontier_claim  # noqa: E402
+
+
+def fmt(value, digits=3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.1e}"
 
 
 def side_curves(results: dict, side: str = "ours") -> dict:
