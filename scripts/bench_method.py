@@ -72,6 +72,7 @@ from harness.bench import machine_info  # noqa: E402
 from harness.host import as_loader_made  # noqa: E402
 from harness.method_frontier import (  # noqa: E402
     FIT_FRACTIONS,
+    GOAL_DRIFT_RATIO,
     SIDES,
     SPACES,
     add_gaps,
@@ -503,7 +504,35 @@ def report_defaults(results: dict) -> list[str]:
                      f"{fmt(g['heldout_x0_base'])} / {fmt(g['heldout_x0_last'])} / {fmt(g['heldout_x0_theirs'])} | "
                      f"{fmt(g['drift_ratio_vs_lora'], 2)} | {fmt(g['drift_ratio_vs_theirs'], 2)} | "
                      f"{fmt(g['gap_ours'], 4)} / {fmt(g['gap_theirs'], 4)} | {marks} |")
-    return [*lines, ""]
+    return [*lines, "", *goals_not_met(results["pairs"]), ""]
+
+
+def goals_not_met(pairs: list[dict]) -> list[str]:
+    """Each goal of the defaults: in how many runs it holds, and where not, the figure that fails it."""
+    def why(g: dict, goal: str) -> str:
+        if goal == "x0_never_above_base":
+            return f"held-out x0 up to {fmt(g['heldout_x0_max'])} against the base's {fmt(g['heldout_x0_base'])}"
+        if goal == "x0_no_worse_than_theirs":
+            return f"held-out x0 {fmt(g['heldout_x0_last'])} against TrainLoraNode's {fmt(g['heldout_x0_theirs'])}"
+        if goal == "drift_vs_lora":
+            return f"drift {fmt(g['drift_ratio_vs_lora'], 2)}x LoRA's at matched held-out eps fit"
+        if g["drift_ratio_vs_theirs"] is None:
+            return f"TrainLoraNode's held-out fit {fmt(g['heldout_eps_theirs'])} not reached ({fmt(g['heldout_eps_last'])})"
+        return (f"drift {fmt(g['drift_ratio_vs_theirs'], 2)}x TrainLoraNode's at its fit, gap growth "
+                f"{fmt(g['gap_ours'], 4)} against its {fmt(g['gap_theirs'], 4)}")
+
+    names = {"x0_never_above_base": "held-out x0 never above the base model's",
+             "x0_no_worse_than_theirs": "held-out x0 at the last step no worse than TrainLoraNode's",
+             "drift_vs_lora": f"drift at matched fit <= {GOAL_DRIFT_RATIO}x LoRA's on the same layers",
+             "issue19": f"issue 19: drift <= {GOAL_DRIFT_RATIO}x TrainLoraNode's at its fit, gap no larger"}
+    lines = ["Goals of the defaults, and why each is not met where it is not:", ""]
+    for goal, name in names.items():
+        failed = [p for p in pairs if not p["decide"]["defaults"][goal]]
+        lines.append(f"- {name}: met in {len(pairs) - len(failed)}/{len(pairs)} runs" +
+                     ("" if not failed else "; not met: " + "; ".join(
+                         f"{p['base']} rank {p['rank']} seed {p['seed']}: {why(p['decide']['defaults'], goal)}"
+                         for p in failed)))
+    return lines
 
 
 def report_curves(results: dict) -> list[str]:
