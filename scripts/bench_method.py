@@ -790,7 +790,7 @@ def main(argv=None) -> int:
         default_lr, target = setup["default_lr"], setup["target"]
         lr_ours = sorted({default_lr * m for m in cfg["lr_ours"]} | {default_lr})
         state = {"pairs": [], "base_models": {}, "thread_check": None, "lr_ours": lr_ours, "default_lr": default_lr,
-                 "workers": opts.workers}
+                 "workers": opts.workers, "machine": machine_info()}  # its load average: at the start
         say(f"pretraining (or cache) in {out}: {', '.join(cfg['bases'])}")
         state["base_models"] = dict(zip(cfg["bases"], workers.map(job_prepare, [(b,) for b in cfg["bases"]]),
                                         strict=True))
@@ -853,7 +853,7 @@ def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, par
     results = {
         "schema": SCHEMA_VERSION, "quick": opts.quick, "label": label, "time": stamp.isoformat(timespec="seconds"),
         "command": " ".join(["scripts/bench_method.py", *argv]), "threads": opts.threads,
-        "machine": machine_info(), "config": cfg, "ours_overrides": opts.ours, "sides": opts.sides, **state,
+        "config": cfg, "ours_overrides": opts.ours, "sides": opts.sides, **state,
         "seconds": time.perf_counter() - t_start,
         # this process and its workers (counted once they have exited: the final results only)
         "cpu_seconds": None if partial else cpu_time() - c_start,
