@@ -35,8 +35,13 @@ models in the real ComfyUI, in eps and in x0 error.
    held-out eps fit <= 0.7x lora's frontier (its best learning rate there); issue 19's goal
    against TrainLoraNode at its defaults (reach its held-out fit, gap growth no larger, drift at
    matched held-out fit <= 0.7x).
-6. The thread check: one base, rank and seed again with 2 torch threads; the largest relative
-   change of any measured figure is reported.
+6. The thread check: the last base, rank and seed's default run and one LoRA run again with 2
+   torch threads (a subset: every other run has 1); the largest relative change of any measured
+   figure is reported, and whether any verdict changes.
+
+The runs are shared among --workers processes (default 2) of --threads torch threads (default 1):
+each run is seeded and starts from the base model's file, so the numbers do not depend on the
+number of workers or which worker ran what (tests/comfy/test_bench_method_smoke.py checks it).
 
     .venv/bin/python scripts/bench_method.py           # full run (make bench-method)
     .venv/bin/python scripts/bench_method.py --quick   # smoke run (tests/comfy/test_bench_method_smoke.py)
@@ -65,13 +70,17 @@ from harness import REPO  # noqa: E402
 from harness.bench import BenchHost as Host  # noqa: E402
 from harness.bench import machine_info  # noqa: E402
 from harness.host import as_loader_made  # noqa: E402
+from harness.method_frontier import (  # noqa: E402
+    FIT_FRACTIONS,
+    GOAL_DRIFT_RATIO,
+    SIDES,
+    SPACES,
+    add_gaps,
+    decide,
+)
 
 SCHEMA_VERSION = 2
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels, as ComfyUI's timestep percent
-SPACES = ("eps", "x0")
-SIDES = ("ours", "lora", "theirs")
-FIT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the way from the base model's held-out error to the common best
-GOAL_DRIFT_RATIO = 0.7
 
 BASES = {
     "b64": {"channels": 64, "kinds": ("stripes_h", "stripes_d", "blobs", "checks", "ramp", "stripes_v"),
@@ -92,7 +101,7 @@ FULL = {
     "steps": 200,
     "checkpoints": [25, 50, 100, 200, 400],
     "ranks": [4, 16],
-    "seeds": [0, 1, 2],       # 0-4 (--seeds 0 1 2 3 4) takes ~40 min on 2 quiet cores, over the 30 min budget
+    "seeds": [0, 1, 2, 3, 4],
     "lr_ours": [0.5, 1.0, 2.0],       # times TrainTriLoRA's learning_rate (its default or --ours)
     "lr_lora": [1e-3, 3e-3, 1e-2],    # TrainLoraNode on the same layers
     "thread_check": True,
@@ -434,96 +443,6 @@ def train_run(host: Host, run: dict, model, data: Data, probe: Probe, cfg: dict,
 # =========================================================================== the deciding figures
 
 
-def at_level(curve: dict, key: str, level: float, want: str):
-    """`want` interpolated (linearly, between checkpoints) where `key` first falls to `level`
-    along the curve; None if it never does."""
-    pts = [curve[s] for s in sorted(curve, key=int)]
-    if pts[0][key] <= level:
-        return pts[0][want]
-    for a, b in zip(pts, pts[1:], strict=False):
-        if b[key] <= level:
-            t = (a[key] - level) / (a[key] - b[key])
-            return a[want] + t * (b[want] - a[want])
-    return None
-
-
-def add_gaps(curve: dict, start: dict) -> None:
-    """gap_<space>: generalisation-gap growth, (held-out - train) now minus the base model's."""
-    for p in curve.values():
-        for space in SPACES:
-            p[f"gap_{space}"] = (p[f"heldout_{space}"] - p[f"train_{space}"]) - \
-                (start[f"heldout_{space}"] - start[f"train_{space}"])
-
-
-def frontier(curves: list[dict], space: str, level: float, want: str):
-    """The least `want` (drift or gap) with which any of a side's curves reaches held-out `level`."""
-    values = [v for c in curves if (v := at_level(c, f"heldout_{space}", level, f"{want}_{space}")) is not None]
-    return min(values) if values else None
-
-
-def frontier_claim(ours: list[dict], lora: list[dict], space: str) -> dict:
-    """Ours against lora on the frontier: at held-out levels FIT_FRACTIONS of the way from the
-    base model's error to the best level both sides reach, the ratio of least drifts and the
-    difference of least gaps. No level (empty rows) where a side never improves on the base."""
-    key = f"heldout_{space}"
-    start = ours[0]["0"][key]
-    common = max(min(p[key] for c in side for p in c.values()) for side in (ours, lora))
-    rows = []
-    if common < start:
-        for f in FIT_FRACTIONS:
-            level = start - f * (start - common)
-            d_o, d_l = frontier(ours, space, level, "drift"), frontier(lora, space, level, "drift")
-            g_o, g_l = frontier(ours, space, level, "gap"), frontier(lora, space, level, "gap")
-            rows.append({"fraction": f, "level": level, "drift_ours": d_o, "drift_lora": d_l,
-                         "drift_ratio": d_o / d_l if d_l else None, "gap_ours": g_o, "gap_lora": g_l})
-    ok = bool(rows) and all(r["drift_ratio"] is not None and r["drift_ratio"] <= GOAL_DRIFT_RATIO
-                            and r["gap_ours"] <= r["gap_lora"] for r in rows)
-    return {"start": start, "common_best": common, "rows": rows, "holds": ok,
-            "drift_holds": bool(rows) and all(r["drift_ratio"] is not None and r["drift_ratio"] <= GOAL_DRIFT_RATIO
-                                              for r in rows),
-            "gap_holds": bool(rows) and all(r["gap_ours"] <= r["gap_lora"] for r in rows)}
-
-
-def defaults_goals(default: dict, lora: list[dict], theirs: dict) -> dict:
-    """The goals of the defaults' run (issue 24, issue 19), eps fit unless named x0."""
-    cd, ct = default, theirs
-    last = str(max(int(s) for s in cd))
-    start = cd["0"]
-    h_ours = cd[last]["heldout_eps"]
-    lora_best = min(p["heldout_eps"] for c in lora for p in c.values())
-    level = max(h_ours, lora_best)  # where both get: ours' last fit, or lora's best if it never gets there
-    drift_ours_at = at_level(cd, "heldout_eps", level, "drift_eps")
-    drift_lora_at = frontier(lora, "eps", level, "drift")
-    h_theirs = ct[last]["heldout_eps"]
-    drift19 = at_level(cd, "heldout_eps", h_theirs, "drift_eps")
-    g = {
-        "heldout_x0_max": max(p["heldout_x0"] for p in cd.values()), "heldout_x0_base": start["heldout_x0"],
-        "heldout_x0_last": cd[last]["heldout_x0"], "heldout_x0_theirs": ct[last]["heldout_x0"],
-        "heldout_eps_last": h_ours, "heldout_eps_theirs": h_theirs, "heldout_eps_lora_best": lora_best,
-        "drift_ratio_vs_lora": None if not drift_lora_at or drift_ours_at is None else drift_ours_at / drift_lora_at,
-        "drift_ratio_vs_theirs": None if drift19 is None else drift19 / ct[last]["drift_eps"],
-        "gap_ours": cd[last]["gap_eps"], "gap_theirs": ct[last]["gap_eps"],
-    }
-    g["x0_never_above_base"] = g["heldout_x0_max"] <= g["heldout_x0_base"]
-    g["x0_no_worse_than_theirs"] = g["heldout_x0_last"] <= g["heldout_x0_theirs"]
-    g["drift_vs_lora"] = g["drift_ratio_vs_lora"] is not None and g["drift_ratio_vs_lora"] <= GOAL_DRIFT_RATIO
-    g["issue19"] = (drift19 is not None and g["drift_ratio_vs_theirs"] <= GOAL_DRIFT_RATIO
-                    and g["gap_ours"] <= g["gap_theirs"])
-    g["all"] = all(g[k] for k in ("x0_never_above_base", "x0_no_worse_than_theirs", "drift_vs_lora", "issue19"))
-    return g
-
-
-def decide(runs: list[dict], default_lr: float) -> dict:
-    """The figures of one base, rank and seed from its runs (every side and learning rate)."""
-    start = runs[0]["curve"]["0"]
-    for r in runs:
-        add_gaps(r["curve"], start)
-    side = {s: [r["curve"] for r in runs if r["side"] == s] for s in SIDES}
-    default = next(r["curve"] for r in runs if r["side"] == "ours" and r["lr"] == default_lr)
-    return {"frontier": {space: frontier_claim(side["ours"], side["lora"], space) for space in SPACES},
-            "defaults": defaults_goals(default, side["lora"], side["theirs"][0])}
-
-
 # =========================================================================== the report
 
 
@@ -585,7 +504,35 @@ def report_defaults(results: dict) -> list[str]:
                      f"{fmt(g['heldout_x0_base'])} / {fmt(g['heldout_x0_last'])} / {fmt(g['heldout_x0_theirs'])} | "
                      f"{fmt(g['drift_ratio_vs_lora'], 2)} | {fmt(g['drift_ratio_vs_theirs'], 2)} | "
                      f"{fmt(g['gap_ours'], 4)} / {fmt(g['gap_theirs'], 4)} | {marks} |")
-    return [*lines, ""]
+    return [*lines, "", *goals_not_met(results["pairs"]), ""]
+
+
+def goals_not_met(pairs: list[dict]) -> list[str]:
+    """Each goal of the defaults: in how many runs it holds, and where not, the figure that fails it."""
+    def why(g: dict, goal: str) -> str:
+        if goal == "x0_never_above_base":
+            return f"held-out x0 up to {fmt(g['heldout_x0_max'])} against the base's {fmt(g['heldout_x0_base'])}"
+        if goal == "x0_no_worse_than_theirs":
+            return f"held-out x0 {fmt(g['heldout_x0_last'])} against TrainLoraNode's {fmt(g['heldout_x0_theirs'])}"
+        if goal == "drift_vs_lora":
+            return f"drift {fmt(g['drift_ratio_vs_lora'], 2)}x LoRA's at matched held-out eps fit"
+        if g["drift_ratio_vs_theirs"] is None:
+            return f"TrainLoraNode's held-out fit {fmt(g['heldout_eps_theirs'])} not reached ({fmt(g['heldout_eps_last'])})"
+        return (f"drift {fmt(g['drift_ratio_vs_theirs'], 2)}x TrainLoraNode's at its fit, gap growth "
+                f"{fmt(g['gap_ours'], 4)} against its {fmt(g['gap_theirs'], 4)}")
+
+    names = {"x0_never_above_base": "held-out x0 never above the base model's",
+             "x0_no_worse_than_theirs": "held-out x0 at the last step no worse than TrainLoraNode's",
+             "drift_vs_lora": f"drift at matched fit <= {GOAL_DRIFT_RATIO}x LoRA's on the same layers",
+             "issue19": f"issue 19: drift <= {GOAL_DRIFT_RATIO}x TrainLoraNode's at its fit, gap no larger"}
+    lines = ["Goals of the defaults, and why each is not met where it is not:", ""]
+    for goal, name in names.items():
+        failed = [p for p in pairs if not p["decide"]["defaults"][goal]]
+        lines.append(f"- {name}: met in {len(pairs) - len(failed)}/{len(pairs)} runs" +
+                     ("" if not failed else "; not met: " + "; ".join(
+                         f"{p['base']} rank {p['rank']} seed {p['seed']}: {why(p['decide']['defaults'], goal)}"
+                         for p in failed)))
+    return lines
 
 
 def report_curves(results: dict) -> list[str]:
@@ -610,7 +557,10 @@ def report(results: dict) -> str:
     m = results["machine"]
     lines = [f"# bench-method ({results['label']}, {results['time']})", "",
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}, {results['threads']} torch "
-             f"thread(s). Command: `{results['command']}`. Wall time {results['seconds']:.0f} s. TrainTriLoRA "
+             f"thread(s) in each of {results['workers']} worker process(es). Command: `{results['command']}`. "
+             f"Wall time {results['seconds']:.0f} s; CPU time {fmt(results['cpu_seconds'], 0)} s (all processes), of "
+             f"which the runs trained here {results['train_cpu_seconds']:.0f} s; load average "
+             f"{m['loadavg_start'][0]:.1f} at the start, {results['loadavg_end'][0]:.1f} at the end. TrainTriLoRA "
              f"overrides: {results['ours_overrides'] or 'none (defaults)'}; its learning rates "
              f"{', '.join(fmt(x, 6) for x in results['lr_ours'])} (default {fmt(results['default_lr'], 6)}); "
              f"LoRA on the same layers: {', '.join(fmt(x, 4) for x in results['config']['lr_lora'])}.", "",
@@ -619,14 +569,18 @@ def report(results: dict) -> str:
     for name, b in results["base_models"].items():
         lines.append(f"| {name} | {b['channels']} | {', '.join(b['kinds'])}; style {b['style']} | "
                      f"{fmt(b['start']['heldout_eps'])} | {fmt(b['start']['heldout_x0'])} | {b['drift_pictures']} |")
-    lines += ["", *report_frontier(results), *report_defaults(results), *report_curves(results)]
+    if results["sides"] == list(SIDES):
+        lines += ["", *report_frontier(results), *report_defaults(results)]
+    lines += ["", *report_curves(results)]
     tc = results.get("thread_check")
     if tc:
         lines += ["## Thread check", "",
                   f"{tc['base']} rank {tc['rank']} seed {tc['seed']}, TrainTriLoRA at the default learning rate and "
                   f"LoRA on the same layers at {tc['lora_lr']}, again with 2 torch threads: largest relative change of "
                   f"any measured figure {tc['max_relative_change']:.2e}; verdicts "
-                  f"{'unchanged' if tc['verdicts_same'] else 'CHANGED: ' + json.dumps(tc['verdicts'])}.", ""]
+                  f"{'unchanged' if tc['verdicts_same'] else 'CHANGED: ' + json.dumps(tc['verdicts'])}. These two runs "
+                  f"of the bench's {sum(len(p['runs']) for p in results['pairs'])} are the subset rerun (every other "
+                  f"ran with 1 thread); 2-thread CPU time {tc['cpu_seconds']:.0f} s.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -641,11 +595,11 @@ def run_key(run: dict, cfg: dict, target: str) -> str:
 
 class RunCache:
     """LoRA's and TrainLoraNode's runs of one base model (they do not depend on TrainTriLoRA's
-    settings), so an experiment with --ours costs only its own runs. Merged on write: experiments
-    may run side by side."""
+    settings), so an experiment with --ours costs only its own runs. Only the main process reads
+    and writes it; merged on write."""
 
-    def __init__(self, path: Path, enabled: bool, wait: bool = False):
-        self.path, self.enabled, self.wait = path, enabled, wait
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
 
     def get(self, key: str):
         if not self.enabled or not self.path.exists():
@@ -659,19 +613,95 @@ class RunCache:
         os.replace(tmp, self.path)
 
 
-def run_side(host, run, model, data, probe, cfg, overrides, cache: RunCache, target: str) -> dict:
-    if run["side"] == "ours":
-        return train_run(host, run, model, data, probe, cfg, overrides)
-    key = run_key(run, cfg, target)
-    found = cache.get(key)
-    while found is None and cache.wait:  # another run of the bench computes it
-        time.sleep(10)
-        found = cache.get(key)
-    if found is not None:
-        return {**found, "cached": True}
-    result = train_run(host, run, model, data, probe, cfg, overrides)
-    cache.put(key, result)
-    return result
+# ---- the workers: each process holds its own ComfyUI, base models and probes. A run's figures
+# depend only on the run (seeded, the base model from its file, the probe's fixed noise), never on
+# the process or what it ran before, so any number of workers gives the same numbers.
+
+WORKER: dict = {}
+
+
+def worker_init(cfg: dict, ours_text: str, out: str, threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    host = Host("cpu", threads)
+    WORKER.update(host=host, cfg=cfg, overrides=parse_overrides(ours_text, host.ours), out=Path(out), bases={},
+                  threads=threads)
+
+
+def worker_base(name: str):
+    """(model, data, probe, pretrain info) of base ``name`` in this process, pretrained (or loaded
+    from the cache file) on first use."""
+    if name not in WORKER["bases"]:
+        host, cfg = WORKER["host"], WORKER["cfg"]
+        spec = base_spec(name, cfg)
+        model, data = build_base(host, spec["channels"]), Data(spec, cfg, host.torch)
+        info = pretrain(host, model, data, cfg, WORKER["out"] / f"base-{pretrain_key(spec, cfg)}.safetensors")
+        WORKER["bases"][name] = (model, data, Probe(model, data, host.torch), info)
+    return WORKER["bases"][name]
+
+
+def job_setup() -> dict:
+    """TrainTriLoRA's default learning rate and layers (with --ours applied)."""
+    host, overrides = WORKER["host"], WORKER["overrides"]
+    defaults = node_defaults(host.ours)
+    return {"default_lr": overrides.get("learning_rate", defaults["learning_rate"])[0],
+            "target": overrides.get("target_layers", defaults["target_layers"])[0]}
+
+
+def job_prepare(name: str) -> dict:
+    model, data, probe, info = worker_base(name)
+    say(f"base model {name}: {info}; {json.dumps({k: round(v, 4) for k, v in probe.start.items()})}")
+    return {**base_spec(name, WORKER["cfg"]), "pretrain": info, "start": probe.start,
+            "drift_pictures": len(probe.sets["base"][0]) // len(LEVELS)}
+
+
+def job_train(runs: list[dict]) -> list[dict]:
+    """Trains ``runs`` one after another (each: base, side, lr, rank, seed, threads)."""
+    host = WORKER["host"]
+    results = []
+    for run in runs:
+        model, data, probe, _ = worker_base(run["base"])
+        host.torch.set_num_threads(run["threads"])
+        try:
+            results.append(train_run(host, run, model, data, probe, WORKER["cfg"], WORKER["overrides"]))
+        finally:
+            host.torch.set_num_threads(WORKER["threads"])
+    return results
+
+
+class Workers:
+    """``n`` worker processes of one torch thread each (spawned: each imports its own ComfyUI), or,
+    for n = 1, this process."""
+
+    def __init__(self, n: int, cfg: dict, opts):
+        args = (cfg, opts.ours, opts.out, opts.threads)
+        if n > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                                               initializer=worker_init, initargs=args)
+        else:
+            self.pool = None
+            worker_init(*args)
+
+    def imap(self, fn, items: list):
+        """fn over items, all queued at once; yields the results in the items' order."""
+        if self.pool is None:
+            yield from (fn(*i) for i in items)
+            return
+        for future in [self.pool.submit(fn, *i) for i in items]:
+            yield future.result()
+
+    def map(self, fn, items: list) -> list:
+        return list(self.imap(fn, items))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def base_spec(name: str, cfg: dict) -> dict:
+    return {**BASES[name], "channels": cfg.get("quick_channels", BASES[name]["channels"])}
 
 
 def relative_change(a: list[dict], b: list[dict]) -> float:
@@ -690,23 +720,20 @@ def verdicts(d: dict) -> dict:
     return {**{f"frontier_{s}": d["frontier"][s]["holds"] for s in SPACES}, "defaults": d["defaults"]["all"]}
 
 
-def thread_check(host, pair, model, data, probe, cfg, overrides, default_lr, target) -> dict:
-    """The default run and one LoRA run of ``pair`` again with 2 torch threads."""
+def thread_check(workers: Workers, pair: dict, cfg: dict, default_lr: float) -> dict:
+    """The default run and one LoRA run of ``pair`` again with 2 torch threads, in one worker while
+    the others wait (2 threads beside busy workers would oversubscribe the cores)."""
     lora_lr = cfg["lr_lora"][len(cfg["lr_lora"]) // 2]
     picks = [i for i, r in enumerate(pair["runs"]) if (r["side"], r["lr"]) in (("ours", default_lr), ("lora", lora_lr))]
-    threads = host.torch.get_num_threads()
-    host.torch.set_num_threads(2)
-    try:
-        again = [train_run(host, {**pair["runs"][i], "threads": 2}, model, data, probe, cfg, overrides) for i in picks]
-    finally:
-        host.torch.set_num_threads(threads)
-    runs = list(pair["runs"])
+    again = workers.map(job_train, [([{**pair["runs"][i], "threads": 2} for i in picks],)])[0]
+    runs = [dict(r) for r in pair["runs"]]
     for i, run in zip(picks, again, strict=True):
         runs[i] = run
     v1, v2 = verdicts(pair["decide"]), verdicts(decide(runs, default_lr))
     return {"base": pair["base"], "rank": pair["rank"], "seed": pair["seed"], "lora_lr": lora_lr,
             "max_relative_change": relative_change([pair["runs"][i] for i in picks], again),
-            "verdicts_same": v1 == v2, "verdicts": {"1 thread": v1, "2 threads": v2}}
+            "verdicts_same": v1 == v2, "verdicts": {"1 thread": v1, "2 threads": v2},
+            "cpu_seconds": sum(r["cpu_seconds"] for r in again), "seconds": sum(r["seconds"] for r in again)}
 
 
 def options(argv):
@@ -722,10 +749,14 @@ def options(argv):
     parser.add_argument("--ours", default="", help="TrainTriLoRA inputs to override, e.g. loss_weighting=min_snr")
     parser.add_argument("--label", default="", help="a name for this run's result files")
     parser.add_argument("--fresh", action="store_true", help="re-run LoRA and TrainLoraNode even where cached")
-    parser.add_argument("--wait-cache", action="store_true",
-                        help="wait for another run to cache LoRA's and TrainLoraNode's runs instead of running them")
     parser.add_argument("--no-thread-check", action="store_true", help="skip the 2-thread rerun")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the figures are exact)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: the figures "
+                                                                 "are exact)")
+    parser.add_argument("--sides", nargs="*", choices=SIDES, default=list(SIDES),
+                        help="train only these sides (--sides ours: a mechanism's runs for "
+                             "scripts/bench_method_compare.py; no frontier or goals without lora and theirs)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2, one per core of the "
+                                                                "machine it was sized for; 1: in this process)")
     opts = parser.parse_args(argv)
     cfg = dict(QUICK if opts.quick else FULL)
     for name in ("bases", "ranks", "seeds", "lr_ours", "lr_lora"):
@@ -737,60 +768,99 @@ def options(argv):
     return opts, cfg
 
 
+def plan(cfg: dict, lr_ours: list[float], threads: int, only=SIDES) -> list[dict]:
+    """Every run of the bench, seed by seed (a run cut short has every base and rank for the seeds
+    it finished): per seed, base and rank, ours at each learning rate, lora at each, then
+    TrainLoraNode at its defaults (the sides in ``only``)."""
+    sides = [("ours", lr) for lr in lr_ours] + [("lora", lr) for lr in cfg["lr_lora"]] + [("theirs", None)]
+    sides = [(side, lr) for side, lr in sides if side in only]
+    return [{"base": b, "side": side, "lr": lr, "rank": r, "seed": s, "threads": threads}
+            for s in cfg["seeds"] for b in cfg["bases"] for r in cfg["ranks"] for side, lr in sides]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts, cfg = options(argv)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    host = Host("cpu", opts.threads)
-    overrides = parse_overrides(opts.ours, host.ours)
-    default_lr = overrides.get("learning_rate", node_defaults(host.ours)["learning_rate"])[0]
-    lr_ours = sorted({default_lr * m for m in cfg["lr_ours"]} | {default_lr})
-    target = overrides.get("target_layers", node_defaults(host.ours)["target_layers"])[0]
-    state = {"pairs": [], "base_models": {}, "thread_check": None, "lr_ours": lr_ours, "default_lr": default_lr}
-    for base in cfg["bases"]:
-        spec = {**BASES[base], "channels": cfg.get("quick_channels", BASES[base]["channels"])}
-        model, data = build_base(host, spec["channels"]), Data(spec, cfg, host.torch)
-        key = pretrain_key(spec, cfg)
-        say(f"base model {base}: pretraining (or cache) in {out}")
-        info = pretrain(host, model, data, cfg, out / f"base-{key}.safetensors")
-        probe = Probe(model, data, host.torch)
-        state["base_models"][base] = {**spec, "pretrain": info, "start": probe.start,
-                                      "drift_pictures": len(probe.sets["base"][0]) // len(LEVELS)}
-        say(f"  {info}; {json.dumps({k: round(v, 4) for k, v in probe.start.items()})}")
-        cache = RunCache(out / f"runs-{key}.json", enabled=not opts.fresh and not opts.quick, wait=opts.wait_cache)
-        for rank in cfg["ranks"]:
-            for seed in cfg["seeds"]:
-                plan = [("ours", lr) for lr in lr_ours] + [("lora", lr) for lr in cfg["lr_lora"]] + [("theirs", None)]
-                runs = [run_side(host, {"side": side, "lr": lr, "rank": rank, "seed": seed, "threads": opts.threads},
-                                 model, data, probe, cfg, overrides, cache, target) for side, lr in plan]
-                pair = {"base": base, "rank": rank, "seed": seed, "runs": runs, "decide": decide(runs, default_lr)}
-                state["pairs"].append(pair)
-                d = pair["decide"]
-                say(f"{base} rank {rank} seed {seed}: frontier holds eps {d['frontier']['eps']['holds']}, x0 "
-                    f"{d['frontier']['x0']['holds']}; defaults' goals {'met' if d['defaults']['all'] else 'NOT met'}")
-                write_results(out, opts, argv, cfg, state, t_start, partial=True)
-        if cfg["thread_check"] and state["thread_check"] is None:
-            state["thread_check"] = thread_check(host, state["pairs"][-len(cfg["seeds"]) * len(cfg["ranks"])],
-                                                 model, data, probe, cfg, overrides, default_lr, target)
-    write_results(out, opts, argv, cfg, state, t_start)
+    t_start, c_start = time.perf_counter(), cpu_time()
+    workers = Workers(opts.workers, cfg, opts)
+    try:
+        setup = workers.map(job_setup, [()])[0]
+        default_lr, target = setup["default_lr"], setup["target"]
+        lr_ours = sorted({default_lr * m for m in cfg["lr_ours"]} | {default_lr})
+        state = {"pairs": [], "base_models": {}, "thread_check": None, "lr_ours": lr_ours, "default_lr": default_lr,
+                 "workers": opts.workers, "machine": machine_info()}  # its load average: at the start
+        say(f"pretraining (or cache) in {out}: {', '.join(cfg['bases'])}")
+        state["base_models"] = dict(zip(cfg["bases"], workers.map(job_prepare, [(b,) for b in cfg["bases"]]),
+                                        strict=True))
+        caches = {b: RunCache(out / f"runs-{pretrain_key(base_spec(b, cfg), cfg)}.json",
+                              enabled=not opts.fresh and not opts.quick) for b in cfg["bases"]}
+        runs = plan(cfg, lr_ours, opts.threads, opts.sides)
+        keys = [run_key(r, cfg, target) if r["side"] != "ours" else None for r in runs]
+        found = [caches[r["base"]].get(k) if k else None for r, k in zip(runs, keys, strict=True)]
+        todo = {i for i, f in enumerate(found) if f is None}
+        say(f"{len(runs)} runs, {len(runs) - len(todo)} from the cache, {len(todo)} to train in {opts.workers} "
+            f"worker(s)")
+        per_pair = len(runs) // (len(cfg["bases"]) * len(cfg["ranks"]) * len(cfg["seeds"]))
+        trained = workers.imap(job_train, [([runs[i]],) for i in sorted(todo)])
+        for j in range(0, len(runs), per_pair):  # the pairs in order, each once its runs are in
+            for i in range(j, j + per_pair):
+                if found[i] is None:
+                    found[i] = next(trained)[0]
+                    if keys[i]:
+                        caches[runs[i]["base"]].put(keys[i], found[i])
+            state["pairs"].append(make_pair(runs[j:j + per_pair], found[j:j + per_pair], todo, j,
+                                            default_lr if opts.sides == list(SIDES) else None))
+            write_results(out, opts, argv, cfg, state, t_start, c_start, partial=True)
+        if cfg["thread_check"] and opts.sides == list(SIDES):
+            state["thread_check"] = thread_check(workers, state["pairs"][-1], cfg, default_lr)
+    finally:
+        workers.close()
+    write_results(out, opts, argv, cfg, state, t_start, c_start)
     return 0
 
 
-def write_results(out: Path, opts, argv, cfg, state: dict, t_start, partial=False) -> None:
+def make_pair(runs: list[dict], found: list[dict], todo: set[int], first: int, default_lr: float) -> dict:
+    """One base, rank and seed: its runs (marked cached or not) and the figures decided from them."""
+    pair_runs = [{**f, "cached": first + k not in todo} for k, f in enumerate(found)]
+    pair = {"base": runs[0]["base"], "rank": runs[0]["rank"], "seed": runs[0]["seed"], "runs": pair_runs,
+            "decide": decide(pair_runs, default_lr) if default_lr is not None else None}
+    d = pair["decide"]
+    if d is None:  # not every side ran: no figures to decide, the gap growth still for the curves
+        for r in pair_runs:
+            add_gaps(r["curve"], pair_runs[0]["curve"]["0"])
+        return pair
+    say(f"{pair['base']} rank {pair['rank']} seed {pair['seed']}: frontier holds eps {d['frontier']['eps']['holds']}, "
+        f"x0 {d['frontier']['x0']['holds']}; defaults' goals {'met' if d['defaults']['all'] else 'NOT met'}")
+    return pair
+
+
+def cpu_time() -> float:
+    """CPU time of this process and its finished children (the workers, once shut down)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, partial=False) -> None:
     """The JSON and the markdown tables; after each base, rank and seed too (<label>-partial.*),
     so a run cut short keeps what it measured."""
     stamp = _dt.datetime.now(_dt.timezone.utc)
     label = opts.label or ("quick" if opts.quick else "full")
-    pairs = state["pairs"]
+    order = {(b, r, s): i for i, (b, r, s) in enumerate((b, r, s) for b in cfg["bases"] for r in cfg["ranks"]
+                                                          for s in cfg["seeds"])}
+    pairs = state["pairs"] = sorted(state["pairs"], key=lambda p: order[(p["base"], p["rank"], p["seed"])])
     results = {
         "schema": SCHEMA_VERSION, "quick": opts.quick, "label": label, "time": stamp.isoformat(timespec="seconds"),
         "command": " ".join(["scripts/bench_method.py", *argv]), "threads": opts.threads,
-        "machine": machine_info(), "config": cfg, "ours_overrides": opts.ours, **state,
+        "config": cfg, "ours_overrides": opts.ours, "sides": opts.sides, **state,
         "seconds": time.perf_counter() - t_start,
-        "frontier_holds": {s: all(p["decide"]["frontier"][s]["holds"] for p in pairs) for s in SPACES},
-        "defaults_goals_met": all(p["decide"]["defaults"]["all"] for p in pairs),
+        # this process and its workers (counted once they have exited: the final results only)
+        "cpu_seconds": None if partial else cpu_time() - c_start,
+        "train_cpu_seconds": sum(r["cpu_seconds"] for p in pairs for r in p["runs"] if not r["cached"]),
+        "loadavg_end": os.getloadavg(),
+        "frontier_holds": {s: all(p["decide"]["frontier"][s]["holds"] for p in pairs if p["decide"]) for s in SPACES},
+        "defaults_goals_met": all(p["decide"]["defaults"]["all"] for p in pairs if p["decide"]),
     }
     text = report(results)
     if partial:

@@ -1,8 +1,9 @@
 """`scripts/bench_method.py --quick` runs end to end (a pretrained base model; TrainTriLoRA at two
 learning rates, TrainLoraNode restricted to the same layers at two, TrainLoraNode at its defaults,
 all in the real ComfyUI; measurements at the checkpoints; the frontier and the defaults' goals;
-the 2-thread check) and writes well-formed results. Figures are not judged: a few steps on a tiny
-model decide nothing; `make bench-method` does."""
+the 2-thread check) in 2 worker processes and writes well-formed results, the same numbers as in
+one process. Figures are not judged: a few steps on a tiny model decide nothing; `make
+bench-method` does."""
 from __future__ import annotations
 
 import json
@@ -52,6 +53,17 @@ def test_bench_method_quick_writes_well_formed_results(tmp_path):
     assert results["ours_overrides"] == "loss_weighting=min_snr"
     # the pretrained base model is cached for the next run
     assert list(out.glob("base-*.safetensors"))
+    assert results["workers"] == 2 and results["cpu_seconds"] > 0
+    # The same runs in this one process (1 worker) give the same numbers: the figures do not
+    # depend on how the runs are shared among workers.
+    alone = tmp_path / "alone"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_method.py"), "--quick", "--out", str(alone),
+                           "--ours", "loss_weighting=min_snr", "--workers", "1", "--no-thread-check"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = json.loads((alone / "latest-quick.json").read_text())
+    assert [[r["curve"] for r in p["runs"]] for p in one["pairs"]] == \
+        [[r["curve"] for r in p["runs"]] for p in results["pairs"]]
     text = (out / "latest-quick.md").read_text()
     assert "## The frontier claim" in text and "## The defaults' goals" in text and "## Thread check" in text
     assert text.count("| ours |") == len(cfg["ranks"]) * len(results["lr_ours"])
