@@ -3,12 +3,13 @@ a folder of images and captions, encoded as the graph does it, trained by TrainT
 trainer, saved as Save TriLoRA saves; one process, or one per device under torchrun
 (training/distributed.py).
 
-Every option but three is an input of a node, read from that node's definition (name, type,
-default, range, choices; its tooltip is the help): Load Training Images (TriLoRA) for the data,
-Train TriLoRA for the run, Save TriLoRA for the file. The CLI adds `checkpoint` (what to train
-on), `loras_dir` (where files go) and `log_dir` (the run's curves: run_log.py), and `batch_size`
+Every option but a few is an input of a node, read from that node's definition (name, type,
+default, range, choices; its tooltip is the help): Load Training Images (TriLoRA) and Encode
+Training Dataset (TriLoRA) for the data, Train TriLoRA for the run, Save TriLoRA for the file. The
+CLI adds what to train on (a `checkpoint`, or `unet` + `clip` + `vae` files: cli_models.py),
+`loras_dir` (where files go) and `log_dir` (the run's curves: run_log.py), and `batch_size`
 counts per rank, as accelerate's does. Base drift is measured on the empty prompt, encoded with the
-checkpoint's text encoder.
+model's text encoder.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch.distributed as dist
 import nodes as comfy_nodes  # ComfyUI's nodes.py (ComfyUI's root is on sys.path)
 
 from ..trilora_core import TriLoRAFile, text_digest
-from . import curves_plot
+from . import cli_models, curves_plot
 from .dataset import TriLoRASampleImages, check_picture, image_files, resolve_folder
 from .dataset_cache import cache_path
 from .dataset_cache import encode_dataset as encode_items
@@ -83,6 +84,9 @@ examples:
   torchrun --nproc_per_node 4 train_trilora.py --config run.toml --batch_size 2
 run.toml:
   checkpoint = "sd_xl_base_1.0.safetensors"   # in ComfyUI's checkpoints folder, or a path
+  # or separate files (Flux, SD3.5, Wan...):  unet = "flux1-dev.safetensors"
+  #   clip = "clip_l.safetensors, t5xxl_fp16.safetensors"  clip_type = "flux"  vae = "ae.safetensors"
+  #   weight_dtype = "fp8_e4m3fn"               # a float8 base, as Load Diffusion Model's
   folder = "/data/my_style"                   # images with .txt captions
   size = 1024
   steps = 2000
@@ -171,8 +175,7 @@ class Option:
         return "FILE" if self.names_a_file() else METAVARS[self.kind]
 
 
-OWN = [Option("checkpoint", "STRING", {"tooltip": "The model to train for: a file in ComfyUI's checkpoints "
-                                                  "folder, or a path to one. Required."}),
+OWN = [*cli_models.options(Option),
        Option("loras_dir", "STRING", {"default": "", "tooltip": "The folder for checkpoints, the finished file and "
                                       "existing_lora: empty is ComfyUI's loras folder."}),
        Option("log_dir", "STRING", {"default": "", "tooltip": "The folder for the run's log (log.jsonl: the loss "
@@ -249,9 +252,9 @@ def resolve(ns: argparse.Namespace, known: dict[str, Option]) -> dict:
     return values
 
 
-def setup_folders(values: dict) -> str:
-    """Checks the image folder, registers loras_dir and the checkpoint's folder with ComfyUI;
-    returns the checkpoint's name. Raises ConfigError before anything loads."""
+def setup_folders(values: dict) -> dict:
+    """Checks the image folder, registers loras_dir and the model files' folders with ComfyUI;
+    returns the model files (cli_models.resolve_files). Raises ConfigError before anything loads."""
     try:  # the dataset node's own rules, so a wrong folder or picture fails before the checkpoint loads
         for path in image_files(resolve_folder(values["folder"])):
             check_picture(path, values["size"], values["resize"], values["upscale"])
@@ -260,14 +263,7 @@ def setup_folders(values: dict) -> str:
     if values["loras_dir"]:
         os.makedirs(values["loras_dir"], exist_ok=True)
         folder_paths.add_model_folder_path("loras", os.path.abspath(values["loras_dir"]), is_default=True)
-    checkpoint = values["checkpoint"]
-    if os.path.isfile(checkpoint):  # a path: its folder becomes the first checkpoints folder
-        folder_paths.add_model_folder_path("checkpoints", os.path.dirname(os.path.abspath(checkpoint)), is_default=True)
-        return os.path.basename(checkpoint)
-    if folder_paths.get_full_path("checkpoints", checkpoint) is None:
-        raise ConfigError(f"checkpoint {checkpoint!r}: no such file, and not in ComfyUI's checkpoints folder "
-                          f"({', '.join(folder_paths.get_folder_paths('checkpoints'))})")
-    return checkpoint
+    return cli_models.resolve_files(values, ConfigError)
 
 
 def train_args(values: dict, ranks: int) -> TrainArgs:
@@ -294,8 +290,9 @@ def dataset_cache(values: dict, ranks: int) -> tuple[str | None, bool]:
         return cache_path(name), False
     if ranks == 1:
         return None, False
+    models = [values[k] for k in ("checkpoint", "unet", "weight_dtype", "clip", "clip_type", "vae")]
     what = [os.path.abspath(str(resolve_folder(values["folder"]))), values["size"], values["resize"],
-            values["upscale"], values["checkpoint"], os.environ.get("TORCHELASTIC_RUN_ID", "")]
+            values["upscale"], models, os.environ.get("TORCHELASTIC_RUN_ID", "")]
     return os.path.join(folder_paths.get_temp_directory(), f"trilora_dataset_{text_digest(repr(what))[:16]}.safetensors"), True
 
 
@@ -334,10 +331,10 @@ def start_ranks() -> None:
 def run(values: dict) -> str:
     """Trains and (on rank 0) saves; returns the saved file's name (rank 0) or ""."""
     rank, ranks = world()
-    checkpoint = setup_folders(values)
+    files = setup_folders(values)
     args = train_args(values, ranks)
     with torch.inference_mode():
-        model, clip, vae = comfy_nodes.CheckpointLoaderSimple().load_checkpoint(checkpoint)[:3]
+        model, clip, vae = cli_models.load(values, files)
     latents, positive, captions = encode_dataset(values, clip, vae)
     with torch.inference_mode():
         empty = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]  # the preservation prompt of base drift
