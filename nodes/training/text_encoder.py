@@ -129,6 +129,7 @@ class CaptionEncoder(GivenCaptions):
             raise ValueError(f"{NODE}: clip does not fit this model: it encodes captions {got[0]}-wide (pooled "
                              f"{got[1]}), but positive is {given[0]}-wide (pooled {given[1]}): this model has no such "
                              "text encoder. Connect the CLIP that encoded positive (the checkpoint's)")
+        check_pairing(self.clip, self.captions, entries, image_conds)
 
     def start_layers(self, resumed: dict[str, TriLoRALayer]) -> dict[str, TriLoRALayer]:
         """The text encoders' start layers: a resumed file's (``resumed``: its lora_te layers) where it
@@ -206,6 +207,32 @@ class CaptionEncoder(GivenCaptions):
             groups.extend([(positions, merged)] if merged is not None else
                           [([p], [e]) for p, e in zip(positions, entries, strict=True)])
         return groups
+
+
+def check_pairing(clip, captions: list[str], entries: list, image_conds: list) -> None:
+    """Raises ValueError when a caption is another image's: its encoding is not its own image's
+    positive but is another's (captions out of the images' order, as after ComfyUI's Resolution
+    Bucket, which regroups the images by size but has no captions to regroup). Captions that match
+    no positive (positive encoded from other text) are taken as given."""
+    first = [ic[0] for ic in image_conds]
+    with torch.no_grad():
+        encoded = [clip.encode_from_tokens(clip.tokenize(c), return_dict=True)["cond"].cpu() for c in captions]
+    for i, cond in enumerate(encoded):
+        if _same(cond, entries[first[i]][0]):
+            continue
+        other = next((j for j in range(len(first)) if first[j] != first[i] and _same(cond, entries[first[j]][0])),
+                     None)
+        if other is not None:
+            raise ValueError(f"{NODE}: captions are not in the images' order: caption {i + 1} ({captions[i]!r}) is "
+                             f"image {other + 1}'s positive, not image {i + 1}'s. Give one caption per image in the "
+                             "order of latents (Resolution Bucket reorders the images and not the captions: connect "
+                             "Make Training Dataset's outputs instead; Train TriLoRA buckets them itself)")
+
+
+def _same(cond: torch.Tensor, given) -> bool:
+    given = given.detach().cpu() if isinstance(given, torch.Tensor) else None
+    return given is not None and given.shape == cond.shape and torch.allclose(
+        cond.float(), given.float(), rtol=1e-3, atol=1e-4)
 
 
 def _width(pooled) -> int | None:

@@ -13,6 +13,7 @@ import comfy.utils
 import pytest
 import torch
 from conftest import COMFY, TINY
+from test_dataset_chain import resolution_bucket
 from test_train import CAPTIONS, make_images, run
 from tiny_models import tiny_model
 
@@ -30,7 +31,7 @@ def sd(comfy_host):
         latent = nodes.VAEEncode().encode(vae, make_images(4, seed=0))[0]
         conds = [nodes.CLIPTextEncode().encode(clip, c)[0] for c in CAPTIONS]
         empty = nodes.CLIPTextEncode().encode(clip, "")[0]
-    return SimpleNamespace(model=model, clip=clip, latent=latent, conds=conds, empty=empty)
+    return SimpleNamespace(model=model, clip=clip, vae=vae, latent=latent, conds=conds, empty=empty)
 
 
 def train(comfy_host, sd, **inputs):
@@ -211,9 +212,27 @@ def test_captions_encoded_at_every_step_pair_with_their_images_after_a_validatio
     encoded = train(comfy_host, sd, clip=sd.clip, captions=CAPTIONS, shuffle_caption=True, keep_tokens=100, **split)
     given = train(comfy_host, sd, **split)
     assert encoded[2]["loss"] == pytest.approx(given[2]["loss"], rel=1e-6)
-    swapped = train(comfy_host, sd, clip=sd.clip, captions=CAPTIONS[::-1], shuffle_caption=True, keep_tokens=100,
-                    **split)
-    assert swapped[2]["loss"] != pytest.approx(given[2]["loss"], rel=1e-4)
+    other = ["a cat in the rain", "a dog", "a tree", "a house"]  # positive encoded from other text: taken as given
+    retold = train(comfy_host, sd, clip=sd.clip, captions=other, shuffle_caption=True, keep_tokens=100, **split)
+    assert retold[2]["loss"] != pytest.approx(given[2]["loss"], rel=1e-4)
+
+
+def test_captions_out_of_the_images_order_are_refused(comfy_host, sd):
+    # ComfyUI's Resolution Bucket regroups Make Training Dataset's images by size but has no captions
+    # to regroup: the captions a user connects are then in the old order, another image's each.
+    nodes = comfy_host.nodes
+    with torch.inference_mode():
+        latents = [nodes.VAEEncode().encode(sd.vae, make_images(1, seed=i, width=w))[0]
+                   for i, w in enumerate([64, 128, 64])]
+    bucketed, positive = resolution_bucket(latents, [[c[0]] for c in sd.conds[:3]])  # images 0, 2, then 1
+    with pytest.raises(ValueError, match=r"captions are not in the images' order: caption 2 \('a green bar'\) is "
+                                         r"image 3's positive, not image 2's"):
+        train(comfy_host, sd, latents=bucketed, positive=positive, clip=sd.clip, captions=CAPTIONS[:3], **TE,
+              checkpoint_every=1, checkpoint_prefix="te_order/run")
+    assert not (comfy_host.loras / "te_order").exists()
+    in_order = [CAPTIONS[0], CAPTIONS[2], CAPTIONS[1]]
+    assert len(train(comfy_host, sd, latents=bucketed, positive=positive, clip=sd.clip, captions=in_order,
+                     **TE)[2]["loss"]) == 1
 
 
 def test_bad_inputs_are_named_before_step_1_and_nothing_is_trained(comfy_host, sd):
