@@ -61,7 +61,7 @@ class TriLoRAEncodeDataset(io.ComfyNode):
         path = cache_path(name) if name else None
         done = encode_dataset(images, captions_for(images, captions), vae[0], clip[0], path)
         if path is not None:
-            log.info("TriLoRA dataset cache %s: %d image(s) and caption(s) read, %d encoded", path, done.read,
+            log.info("TriLoRA dataset cache %s: %d items read, %d encoded (an item is an image or a caption)", path, done.read,
                      done.encoded)
         return io.NodeOutput(done.latents, done.conditioning)
 

@@ -120,8 +120,9 @@ def buckets_of(images, batch_size: int) -> list[list[int]]:
     buckets = group_buckets([tuple(image.shape) for image in images])
     for items in buckets if len(buckets) > 1 else ():
         if len(items) < batch_size:
-            size = "x".join(str(d) for d in images[items[0]].shape[2:])
-            log.warning("TriLoRA: the bucket of latent size %s holds %d image%s (image %s); its batches hold %d, "
+            height, width = images[items[0]].shape[-2:]
+            size = f"{width} x {height} latents (width x height, as Load Training Images names buckets)"
+            log.warning("TriLoRA: the bucket of %s holds %d image%s (image %s); its batches hold %d, "
                         "not batch_size %d", size, len(items), "s" if len(items) > 1 else "",
                         ", ".join(str(i + 1) for i in items), len(items), batch_size)
     return buckets

@@ -129,7 +129,8 @@ def test_a_batch_draws_from_one_bucket_every_step(comfy_host, caplog):
     assert all(len(set(shapes)) == 1 for shapes in seen)  # one size per batch
     assert sorted(len(s) for s in seen[:3]) == [1, 2, 2]  # an epoch: 2 + 2 + the tall one alone
     assert [r.getMessage() for r in caplog.records] == [
-        "TriLoRA: the bucket of latent size 12x8 holds 1 image (image 5); its batches hold 1, not batch_size 2"]
+        "TriLoRA: the bucket of 8 x 12 latents (width x height, as Load Training Images names buckets) holds 1 "
+        "image (image 5); its batches hold 1, not batch_size 2"]
 
 
 def pictures(folder) -> None:
