@@ -7,6 +7,8 @@ after the bucket resize), a caption by a digest of its text; a changed picture o
 re-encodes that item only, whatever its name, size or modification time. The file is tied to the
 encoders by a digest of their weights (sha256 over every tensor, computed once per loaded model in
 a process): for CLIP also its LoRA patches and its clip-skip layer, for the VAE its compute dtype.
+Left out: the CLIP tensors ComfyUI lets a checkpoint lack (UNSET_CLIP_KEYS), which then hold
+whatever memory they were given, so every process would digest the same CLIP differently.
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ log = logging.getLogger("comfyui-trilora")
 
 CACHE_FOLDER = "trilora_datasets"  # in ComfyUI's output folder
 _DIGESTS: dict[tuple, tuple[weakref.ref, str]] = {}
+# comfy/sd.py's load_checkpoint_guess_config tolerates these missing (SD1.5 checkpoints lack the
+# text projection and logit scale, which its encoding does not use); ComfyUI leaves them uninitialised.
+UNSET_CLIP_KEYS = (".logit_scale", ".transformer.text_projection.weight")
 
 
 def _memo(module, extra: tuple, compute) -> str:
@@ -65,7 +70,8 @@ def clip_digest(clip) -> str:
     extra = (str(clip.patcher.patches_uuid), str(clip.layer_idx))
     return _memo(model, extra, lambda: tensor_digest(
         [_label(f"{type(model).__name__}|{type(clip.tokenizer).__name__}|layer {clip.layer_idx}"),
-         *sorted(model.state_dict().items()), *_patch_tensors(clip.patcher.patches)]))
+         *sorted((k, v) for k, v in model.state_dict().items() if not k.endswith(UNSET_CLIP_KEYS)),
+         *_patch_tensors(clip.patcher.patches)]))
 
 
 def cache_path(name: str) -> str:

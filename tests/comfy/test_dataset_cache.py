@@ -129,6 +129,32 @@ def test_a_cache_of_another_clip_or_vae_is_refused_naming_the_file(comfy_host, t
         encode(comfy_host, tiny, tmp_path, cache, vae=other)
 
 
+def test_the_clips_digest_leaves_out_the_tensors_a_checkpoint_may_lack(comfy_host, tiny):
+    # SD1.5 checkpoints lack CLIP-L's text projection: ComfyUI leaves it uninitialised, so each
+    # process holds other bytes there (torchrun ranks refused rank 0's cache as "another CLIP").
+    module = pack_module(comfy_host, "nodes.dataset_cache")
+    clip = tiny.clip.clone()
+    clip.cond_stage_model = type(tiny.clip.cond_stage_model).__new__(type(tiny.clip.cond_stage_model))
+    clip.cond_stage_model.__dict__.update(tiny.clip.cond_stage_model.__dict__)  # a second object, the same modules
+    state = tiny.clip.cond_stage_model.state_dict()
+    (key,) = [k for k in state if k.endswith(".transformer.text_projection.weight")]
+    digest = module.clip_digest(tiny.clip)
+    with torch.inference_mode():  # the loaded weights are inference tensors
+        saved = state[key].clone()
+        try:
+            state[key].copy_(torch.randn_like(saved))  # other garbage in the unset tensor
+            assert module.clip_digest(clip) == digest
+            real = next(v for k, v in state.items() if k.endswith("q_proj.weight"))
+            real[0, 0] += 1  # a weight the checkpoint holds still counts
+            clip2 = tiny.clip.clone()
+            clip2.cond_stage_model = type(clip.cond_stage_model).__new__(type(clip.cond_stage_model))
+            clip2.cond_stage_model.__dict__.update(tiny.clip.cond_stage_model.__dict__)
+            assert module.clip_digest(clip2) != digest
+            real[0, 0] -= 1
+        finally:
+            state[key].copy_(saved)
+
+
 def test_edited_and_foreign_files_are_refused_before_anything_trains(comfy_host, tiny, tmp_path):
     folder_of_pictures(tmp_path)
     cache = tmp_path / "cache.safetensors"

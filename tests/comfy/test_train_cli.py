@@ -258,7 +258,7 @@ def test_a_rank_that_stops_ends_every_rank_with_the_last_good_adapter_saved_once
 
 
 def cache_line(log: str) -> tuple[int, int]:
-    found = re.search(r"TriLoRA dataset cache .*: (\d+) image\(s\) and caption\(s\) read, (\d+) encoded", log)
+    found = re.search(r"TriLoRA dataset cache .*: (\d+) items read, (\d+) encoded", log)
     assert found, log[-3000:]
     return int(found[1]), int(found[2])
 
