@@ -55,6 +55,7 @@ from .optimizer import (
 )
 from .safetensors_io import SafetensorsReader, atomic_write_bytes, content_hash, file_content_hash
 from .suffixes import TRILORA_PARTS
+from .timestep_rank import active_directions, band_starts, nested_bands, rank_mask
 from .timesteps import TIMESTEP_SAMPLINGS, sample_noise_levels
 from .training import (
     LOSS_FUNCTIONS,
@@ -78,6 +79,10 @@ from .validation import (
 )
 
 __all__ = [
+    "active_directions",
+    "band_starts",
+    "nested_bands",
+    "rank_mask",
     "read_dataset_cache",
     "tensor_digest",
     "text_digest",
