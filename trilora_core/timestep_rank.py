@@ -20,6 +20,7 @@ canonical SVD of the whole delta mixes the bands.
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -89,3 +90,40 @@ def nested_bands(layer: TriLoRALayer, bounds: list[int]) -> TriLoRALayer:
                       torch.cat([c.vt, c.vt.new_zeros(pad, *c.vt.shape[1:])])))
     return TriLoRALayer(u=torch.cat([p[0] for p in parts], 1).contiguous(), s=torch.cat([p[1] for p in parts]),
                         vt=torch.cat([p[2] for p in parts]).contiguous(), alpha=layer.alpha)
+
+
+# The file's record of the schedule it was trained with (JSON {"min_rank": int, "power": float}):
+# its layers are then in per-band canonical form (``banded``) and a loader masks them by noise level.
+TIMESTEP_RANK_KEY = "trilora_timestep_rank"
+
+
+def schedule_metadata(min_rank: int, power: float = 1.0) -> dict[str, str]:
+    """The metadata entry that records T-LoRA's schedule (empty for min_rank 0: off)."""
+    return {TIMESTEP_RANK_KEY: json.dumps({"min_rank": int(min_rank), "power": float(power)})} if min_rank else {}
+
+
+def read_schedule(metadata: dict[str, str] | None) -> tuple[int, float] | None:
+    """(min_rank, power) recorded in a file's metadata, None where it has none. Raises ValueError
+    naming the key when the entry is not the JSON ``schedule_metadata`` writes."""
+    text = (metadata or {}).get(TIMESTEP_RANK_KEY)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+        min_rank, power = int(value["min_rank"]), float(value["power"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"metadata {TIMESTEP_RANK_KEY} must be JSON {{\"min_rank\": int, \"power\": float}}, "
+                         f"got {text!r}") from err
+    if min_rank < 1 or not power > 0:
+        raise ValueError(f"metadata {TIMESTEP_RANK_KEY} needs min_rank >= 1 and power > 0, got {text!r}")
+    return min_rank, power
+
+
+def band_bounds(rank: int, min_rank: int, power: float = 1.0) -> list[int]:
+    """The direction counts that end the schedule's bands (``nested_bands``' bounds)."""
+    return [k for k, _ in band_starts(rank, min_rank, power) if k > 0]
+
+
+def banded(layer: TriLoRALayer, min_rank: int, power: float = 1.0) -> TriLoRALayer:
+    """The layer in the per-band canonical form of the schedule (min_rank, power)."""
+    return nested_bands(layer, band_bounds(layer.rank, min_rank, power))
