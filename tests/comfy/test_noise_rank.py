@@ -190,3 +190,14 @@ def test_partial_loading_runs_the_hooks_as_full_loading_and_unloading_removes_th
     base = unet(x, t, ctx).detach()
     torch.testing.assert_close(partial, full, rtol=1e-4, atol=1e-5)
     assert (full - base).abs().max() > 1e-3
+
+
+def test_export_as_lora_drops_the_schedule_and_the_stock_loader_applies_every_direction(comfy_host, tiny, restored):
+    core = comfy_host.core
+    layers = write_masked(comfy_host, tiny, "noise_rank_export.safetensors", 1)
+    name, _ = run_node(comfy_host, "TriLoRAExportLoRA", trilora_name="noise_rank_export.safetensors",
+                       filename_prefix="noise_rank/exported", save_dtype="fp32")
+    read = core.read_adapter_file(str(comfy_host.loras / name))
+    assert core.TIMESTEP_RANK_KEY not in read.metadata  # the bands do not survive a re-formed file
+    model, clip = comfy_host.nodes.LoraLoader().load_lora(tiny.model, tiny.clip, name, 1.0, 1.0)
+    assert_patched(patched_weights(model, clip), restored, layers, 1.0)
