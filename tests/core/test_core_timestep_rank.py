@@ -9,7 +9,19 @@ import math
 import pytest
 import torch
 
-from trilora_core import TriLoRALayer, active_directions, band_starts, nested_bands, rank_mask
+from trilora_core import (
+    TIMESTEP_RANK_KEY,
+    TriLoRALayer,
+    active_directions,
+    band_starts,
+    banded,
+    nested_bands,
+    rank_mask,
+    read_schedule,
+    read_trilora,
+    schedule_metadata,
+    write_trilora,
+)
 from trilora_core.canonical import canonicalize, is_canonical
 
 
@@ -102,3 +114,26 @@ def test_band_bounds_are_checked():
     for bad in ([], [2, 3], [2, 2, 4], [0, 4]):
         with pytest.raises(ValueError, match="band bounds must ascend"):
             nested_bands(layer, bad)
+
+
+def test_the_schedule_round_trips_through_metadata_and_bad_entries_are_named():
+    assert schedule_metadata(0) == {}
+    assert read_schedule(schedule_metadata(2, 0.5)) == (2, 0.5)
+    assert read_schedule({}) is None and read_schedule(None) is None
+    for bad in ("x", "{}", '{"min_rank": 0, "power": 1}', '{"min_rank": 1, "power": 0}', "[1]"):
+        with pytest.raises(ValueError, match=TIMESTEP_RANK_KEY):
+            read_schedule({TIMESTEP_RANK_KEY: bad})
+
+
+def test_a_banded_file_round_trips_and_keeps_its_prefixes(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    layer = TriLoRALayer(u=torch.randn(16, 6, generator=g), s=torch.rand(6, generator=g),
+                         vt=torch.randn(6, 9, generator=g), alpha=3.0)
+    path = str(tmp_path / "banded.safetensors")
+    write_trilora(path, {"lora_unet_x": layer}, schedule_metadata(1))
+    got = read_trilora(path).layers["lora_unet_x"]
+    for k in range(1, 7):
+        torch.testing.assert_close((got.u[:, :k] * got.s[:k]) @ got.vt[:k],
+                                   (layer.u[:, :k] * layer.s[:k]) @ layer.vt[:k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.s, banded(layer, 1).s)
+    assert not is_canonical(got)  # per band, not globally: s is not sorted across the bands here
