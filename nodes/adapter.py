@@ -39,6 +39,17 @@ def bypass_delta(x, up, vt, is_conv, conv_dim, kw_dict) -> torch.Tensor:
     return conv(hidden, up.reshape(*up.shape, *([1] * conv_dim)))
 
 
+def masked_bypass_delta(x, up, vt, mask, is_conv, conv_dim, kw_dict) -> torch.Tensor:
+    """``bypass_delta`` with direction i of sample b scaled by mask[b, i] ([batch, r]: a rank
+    mask per sample, as T-LoRA's timestep masking trains)."""
+    if not is_conv:
+        hidden = F.linear(x, vt.flatten(1))
+        return F.linear(hidden * mask.reshape(mask.shape[0], *([1] * (hidden.ndim - 2)), -1), up)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[conv_dim - 1]
+    hidden = conv(x, vt, **kw_dict) * mask.reshape(*mask.shape, *([1] * conv_dim))
+    return conv(hidden, up.reshape(*up.shape, *([1] * conv_dim)))
+
+
 class TriLoRAAdapter(WeightAdapterBase):
     """An inference adapter: weights = (u, s, vt, alpha)."""
 
@@ -126,15 +137,26 @@ class TriLoRATrainDiff(WeightAdapterTrainBase):
         # A Python number: no tensor ops (and no device sync) per forward for a fixed factor.
         self.scale = float(alpha) / self.trilora_s.shape[0]
 
+    # rank_mask: None, or [batch, r] set by the trainer around one forward and backward (T-LoRA's
+    # timestep masking); where a layer sees another batch size (or has no hook), the union applies.
+    rank_mask = None
+
     def __call__(self, w):
-        up = self.trilora_u * (self.trilora_s * self.scale)
+        s = self.trilora_s if self.rank_mask is None else self.trilora_s * self.rank_mask.amax(0)
+        up = self.trilora_u * (s * self.scale)
         delta = (up.to(w.dtype) @ self.trilora_vt.to(w.dtype).flatten(1)).reshape(w.shape)
         return w + delta
 
     def h(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         up = self.trilora_u * (self.trilora_s * (self.scale * getattr(self, "multiplier", 1.0)))
-        return bypass_delta(x, up.to(x.dtype), self.trilora_vt.to(x.dtype), self.is_conv, self.conv_dim,
-                            self.kw_dict)
+        mask = self.rank_mask
+        if mask is None:
+            return bypass_delta(x, up.to(x.dtype), self.trilora_vt.to(x.dtype), self.is_conv, self.conv_dim,
+                                self.kw_dict)
+        if mask.shape[0] != x.shape[0]:
+            mask = mask.amax(0, keepdim=True).expand(x.shape[0], -1)
+        return masked_bypass_delta(x, up.to(x.dtype), self.trilora_vt.to(x.dtype), mask.to(x.device, x.dtype),
+                                   self.is_conv, self.conv_dim, self.kw_dict)
 
     def g(self, y: torch.Tensor) -> torch.Tensor:
         return y

@@ -5,7 +5,15 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..trilora_core import DepthLayout, TriLoRAFile, block_group, truncate, truncation_limits
+from ..trilora_core import (
+    DepthLayout,
+    TriLoRAFile,
+    TriLoRAFileError,
+    block_group,
+    read_schedule,
+    truncate,
+    truncation_limits,
+)
 from .families import depth_layout_of, family_of
 from .file_cache import load_cached
 from .loras_folder import LorasFileNode
@@ -41,10 +49,20 @@ def load_onto(model, clip, trilora_name: str, strength_model: float, strength_cl
     path = folder_paths.get_full_path_or_raise("loras", trilora_name)
     read = load_cached(path)
     layers = read.layers
+    schedule, off = file_schedule(path, read.metadata), ""
     if max_rank or energy < 1.0:
         layers = {p: truncate(layer, **truncation_limits(max_rank, energy)) for p, layer in layers.items()}
+        off = "max_rank / energy re-sort the directions by strength"
     return apply_trilora(model, clip, layers, strength_model, strength_clip, path, key_strength=key_strength,
-                         diffs=read.diffs)
+                         diffs=read.diffs, schedule=schedule, schedule_off=off)
+
+
+def file_schedule(source: str, metadata: dict) -> tuple[int, float] | None:
+    """T-LoRA's noise-level rank a file records (trilora_core.read_schedule), its error naming the file."""
+    try:
+        return read_schedule(metadata)
+    except ValueError as err:
+        raise TriLoRAFileError(source, None, str(err)) from None
 
 
 class TriLoRALoader(LorasFileNode):
@@ -200,7 +218,9 @@ class ApplyTriLoRA(io.ComfyNode):
             raise ValueError("ApplyTriLoRA: trilora holds no layers; connect the TRILORA output of Train TriLoRA")
         if strength == 0:
             return io.NodeOutput(model)
-        out, _, _ = apply_trilora(model, None, trilora.layers, strength, 0.0, "TRILORA (in memory)")
+        source = "TRILORA (in memory)"
+        out, _, _ = apply_trilora(model, None, trilora.layers, strength, 0.0, source,
+                                  schedule=file_schedule(source, trilora.metadata))
         return io.NodeOutput(out)
 
 

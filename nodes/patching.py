@@ -22,6 +22,7 @@ from ..trilora_core import (
     target_of,
 )
 from .adapter import TriLoRAAdapter
+from .noise_rank import add_noise_rank, hookable
 
 log = logging.getLogger("comfyui-trilora")
 
@@ -38,6 +39,9 @@ class ApplyReport:
     aliases: list[list[str]] = field(default_factory=list)  # prefixes applied together on one weight
     diffs: dict[str, int] = field(default_factory=dict)  # "UNet"/"CLIP" -> full-weight diffs patched
     text_encoder_left: list[str] = field(default_factory=list)  # TE layers a model-only node leaves out
+    schedule: tuple[int, float] | None = None  # T-LoRA's noise-level rank recorded in the file
+    noise_rank: int = 0  # UNet layers masked by noise level at sampling
+    noise_rank_off: str = ""  # why a file's noise-level rank is not applied
 
     def summary(self) -> str:
         parts = ", ".join(f"{part} {n}" for part, n in self.matched.items()) or "none"
@@ -48,6 +52,7 @@ class ApplyReport:
             where = ", ".join(f"{part} {n}" for part, n in self.diffs.items())
             text += (f"; {sum(self.diffs.values())} full-weight diffs (.diff/.diff_b, as ComfyUI's Train LoRA "
                      f"writes them) applied as ComfyUI's LoraLoader applies them ({where})")
+        text += self.noise_rank_text()
         for group in self.aliases:
             text += f"; {' and '.join(group)} adapt the same weight: applied as their sum"
         if self.text_encoder_left:
@@ -58,6 +63,18 @@ class ApplyReport:
             shown = ", ".join(self.unmatched[:10]) + (" ..." if len(self.unmatched) > 10 else "")
             text += f"; {len(self.unmatched)} not matched: {shown}"
         return text
+
+
+    def noise_rank_text(self) -> str:
+        if self.schedule is None:
+            return ""
+        what = f"; noise-level rank (T-LoRA, min_rank {self.schedule[0]}): "
+        if self.noise_rank_off:
+            return what + f"not applied ({self.noise_rank_off}): every direction at every step"
+        full = self.matched.get("UNet", 0) - self.noise_rank
+        text = what + (f"{self.noise_rank} UNet layers use, at each sampling step, the directions trained at "
+                       f"its noise level (by sigma)")
+        return text + (f"; {full} UNet layers on fused weights use every direction" if full > 0 else "")
 
 
 def weight_shape(state_dict, value) -> tuple[int, ...] | None:
@@ -149,7 +166,8 @@ def group_by_strength(part: str, patches: dict, strength: float,
 
 def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: float, strength_clip: float,
                   source: str, key_strength: Callable[[str, str], float] | None = None,
-                  diffs: dict[str, torch.Tensor] | None = None):
+                  diffs: dict[str, torch.Tensor] | None = None, schedule: tuple[int, float] | None = None,
+                  schedule_off: str = ""):
     """Returns (model, clip, report): clones carrying the patches, or the inputs where a strength
     is 0 or there is nothing to patch. Raises TriLoRAFileError when no layer fits the model.
 
@@ -157,9 +175,11 @@ def apply_trilora(model, clip, layers: dict[str, TriLoRALayer], strength_model: 
     for each patched weight (part "UNet" or "CLIP", weight_key the model's state-dict key): the
     block-weights loader uses it. Weights whose strength comes to 0 are left unpatched.
     ``diffs`` are a file's full-weight diffs (P.diff / P.diff_b), applied as ComfyUI applies them.
-    With ``clip`` None, text-encoder layers are left out and said so, never an error."""
+    With ``clip`` None, text-encoder layers are left out and said so, never an error.
+    ``schedule`` (min_rank, power): T-LoRA's noise-level rank the file records (noise_rank.py)
+    for the diffusion model's layers; ``schedule_off`` says why a recorded one is not applied."""
     diffs = diffs or {}
-    report = ApplyReport(source, len(layers))
+    report = ApplyReport(source, len(layers), schedule=schedule, noise_rank_off=schedule_off)
     sides = []
     if model is not None:
         sides.append(("UNet", model, model.model, comfy.lora.model_lora_keys_unet(model.model, {}), strength_model))
@@ -211,7 +231,20 @@ def _patch(planned: list, key_strength, report: ApplyReport) -> dict:
         if not groups:
             continue
         clone = holder.clone()
+        masked = {}
         for group_strength, group in groups.items():
-            clone.add_patches(group, group_strength)
+            if part == "UNet" and report.schedule and not report.noise_rank_off:
+                masked.update(_noise_rank_layers(clone.model, group, group_strength))
+                group = {k: a for k, a in group.items() if k not in masked}
+            if group:
+                clone.add_patches(group, group_strength)
+        if masked:
+            add_noise_rank(clone, masked, report.schedule)
+            report.noise_rank = len(masked)
         results[part] = clone
     return results
+
+
+def _noise_rank_layers(model, patches: dict, strength: float) -> dict:
+    """{weight key: (layer, strength)} of the patches the noise-level mask can hook: whole weights."""
+    return {k: (a.layer, strength) for k, a in patches.items() if isinstance(a, TriLoRAAdapter) and hookable(model, k)}

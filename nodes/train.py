@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..trilora_core import TriLoRAFile
+from ..trilora_core import TriLoRAFile, read_schedule
 from .loras_folder import NONE_FILE, check_names, files_fingerprint
 from .patching import apply_trilora
 from .schema import LOSS_MAP, TRILORA
@@ -95,7 +95,8 @@ class TrainTriLoRA(io.ComfyNode):
             layers = trainer.layers()
             trilora = TriLoRAFile(layers, trainer.metadata(trainer.total))
         te_trained = args.text_encoder_lr > 0
-        out_model, out_clip, _ = apply_trilora(model, clip if te_trained else None, layers, 1.0, 1.0, "TrainTriLoRA")
+        out_model, out_clip, _ = apply_trilora(model, clip if te_trained else None, layers, 1.0, 1.0, "TrainTriLoRA",
+                                               schedule=read_schedule(trilora.metadata))
         loss_map = {"loss": list(trainer.losses), **trainer.monitor.curves()}
         return io.NodeOutput(out_model, trilora, loss_map, trainer.total, out_clip if te_trained else clip)
 

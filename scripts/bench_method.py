@@ -301,7 +301,8 @@ class Probe:
                 "heldout": (data.heldout, data.caption[data.style]),
                 "base": (torch.cat([data.base[k] for k in data.kinds]),
                          torch.cat([data.caption[k] for k in data.kinds for _ in range(len(data.base[k]))]))}
-        self.sets = {}
+        self.sets, self.levels = {}, {}
+        self.masks = None  # (adapters, min_rank, rank_mask): T-LoRA's mask in the measurement too
         for name, (x0, ctx) in sets.items():
             n = len(x0)
             x0 = x0.repeat(len(LEVELS), 1, 1, 1)
@@ -311,15 +312,29 @@ class Probe:
             noise = torch.randn(x0.shape, generator=g)
             coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
             self.sets[name] = (ms.noise_scaling(sigma, noise, x0, False), sigma, ctx, x0, coeff)
+            self.levels[name] = 1 - torch.tensor(LEVELS).repeat_interleave(n)  # noise level, 1 the noisiest
         self.reference = {name: self.predict(name) for name in self.sets}  # the base model's own
         self.start = self.measure()  # step 0 of every curve
 
     def predict(self, name: str, base=None):
         torch, base = self.torch, base or self.base
         xt, sigma, ctx, x0, coeff = self.sets[name]
+        out = []
         with torch.no_grad():
-            return torch.cat([base.apply_model(xt[i:i + 40], sigma[i:i + 40], c_crossattn=ctx[i:i + 40])
-                              for i in range(0, len(xt), 40)]).float()
+            for i in range(0, len(xt), 40):
+                self.mask(self.levels[name][i:i + 40])
+                out.append(base.apply_model(xt[i:i + 40], sigma[i:i + 40], c_crossattn=ctx[i:i + 40]))
+        self.mask(None)
+        return torch.cat(out).float()
+
+    def mask(self, levels) -> None:
+        """With ``masks`` set: each adapter uses, per sample, the directions T-LoRA's schedule gives
+        its noise level (what a sampler masking by noise level would give); None clears."""
+        if self.masks is None:
+            return
+        adapters, min_rank, rank_mask = self.masks
+        for a in adapters:
+            a.rank_mask = None if levels is None else rank_mask(levels, a.trilora_s.shape[0], min_rank)
 
     def measure(self, base=None) -> dict:
         """``base``: the BaseModel in training where it is not the probe's own (a reloaded copy)."""
@@ -391,6 +406,12 @@ def same_layers(host: Host, model, overrides: dict) -> set[str]:
     return {f"{t.name}.weight" for t in host.train_mod.find_targets(model, target)}
 
 
+def attached_adapters(base) -> list:
+    """TrainTriLoRA's adapters on ``base`` while it trains (the bypass forward hooks' adapters)."""
+    hooks = [h for m in base.diffusion_model.modules() for h in m._forward_hooks.values()]
+    return [h.args[0] for h in hooks if getattr(h, "args", None) and hasattr(h.args[0], "trilora_s")]
+
+
 def train_run(host: Host, run: dict, model, data: Data, probe: Probe, cfg: dict, overrides: dict) -> dict:
     """Trains one side (run: side, lr, rank, seed) from the pretrained base, measuring at the
     checkpoints; returns the curve."""
@@ -415,7 +436,13 @@ def train_run(host: Host, run: dict, model, data: Data, probe: Probe, cfg: dict,
 
     def hook(value, total, preview=None, node_id=None):
         if value in marks and value not in curve:
-            curve[value] = probe.measure(RELOADED[-1] if RELOADED else None)
+            if cfg.get("probe_min_rank") and side == "ours":
+                probe.masks = (attached_adapters(RELOADED[-1] if RELOADED else probe.base), cfg["probe_min_rank"],
+                               host.core.rank_mask)
+            try:
+                curve[value] = probe.measure(RELOADED[-1] if RELOADED else None)
+            finally:
+                probe.masks = None
 
     host.settle()
     RELOADED.clear()
@@ -755,6 +782,9 @@ def options(argv):
     parser.add_argument("--sides", nargs="*", choices=SIDES, default=list(SIDES),
                         help="train only these sides (--sides ours: a mechanism's runs for "
                              "scripts/bench_method_compare.py; no frontier or goals without lora and theirs)")
+    parser.add_argument("--probe-timestep-min-rank", type=int, default=0,
+                        help="measure TrainTriLoRA with T-LoRA's noise-level mask at sampling too (with --ours "
+                             "timestep_min_rank=N: the mask Load TriLoRA applies by the sampling step)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2, one per core of the "
                                                                 "machine it was sized for; 1: in this process)")
     opts = parser.parse_args(argv)
@@ -765,6 +795,7 @@ def options(argv):
     cfg["steps"] = opts.steps or cfg["steps"]
     cfg["checkpoints"] = sorted({c for c in cfg["checkpoints"] if c < cfg["steps"]} | {cfg["steps"]})
     cfg["thread_check"] = cfg["thread_check"] and not opts.no_thread_check
+    cfg["probe_min_rank"] = opts.probe_timestep_min_rank
     return opts, cfg
 
 

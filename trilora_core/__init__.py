@@ -55,6 +55,17 @@ from .optimizer import (
 )
 from .safetensors_io import SafetensorsReader, atomic_write_bytes, content_hash, file_content_hash
 from .suffixes import TRILORA_PARTS
+from .timestep_rank import (
+    TIMESTEP_RANK_KEY,
+    active_directions,
+    band_bounds,
+    band_starts,
+    banded,
+    nested_bands,
+    rank_mask,
+    read_schedule,
+    schedule_metadata,
+)
 from .timesteps import TIMESTEP_SAMPLINGS, sample_noise_levels
 from .training import (
     LOSS_FUNCTIONS,
@@ -78,6 +89,15 @@ from .validation import (
 )
 
 __all__ = [
+    "active_directions",
+    "band_starts",
+    "band_bounds",
+    "banded",
+    "read_schedule",
+    "schedule_metadata",
+    "TIMESTEP_RANK_KEY",
+    "nested_bands",
+    "rank_mask",
     "read_dataset_cache",
     "tensor_digest",
     "text_digest",

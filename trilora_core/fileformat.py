@@ -46,6 +46,7 @@ from .suffixes import (
     split_lora_key,
     split_trilora_key,
 )
+from .timestep_rank import banded, read_schedule
 
 FORMAT_VERSION = "1"
 FORMAT_KEY = "trilora_format"
@@ -316,7 +317,8 @@ def write_trilora(
 ) -> str:
     """Write ``layers`` (by module prefix) to ``path`` atomically and return the path.
 
-    Layers are put in canonical form first (unless ``canonical`` is False or they already
+    Layers are put in canonical form first (per band of T-LoRA's schedule where the metadata
+    records one: timestep_rank.banded; unless ``canonical`` is False or they already
     are), cast to ``dtype`` (None keeps each tensor's dtype) and checked like the reader
     checks them, so every written file can be read back. Alpha is stored as a float32 scalar.
     Metadata: the caller's entries plus trilora_format, ss_network_module, ss_network_dim,
@@ -333,6 +335,10 @@ def write_trilora(
             raise TriLoRAFileError(path, None, f"metadata must map str to str, got {key!r}: {type(value).__name__}")
         meta[key] = value
 
+    try:
+        schedule = read_schedule(meta)
+    except ValueError as err:
+        raise TriLoRAFileError(path, None, str(err)) from None
     tensors: dict[str, Tensor] = {}
     written: dict[str, TriLoRALayer] = {}
     alphas: dict[str, float] = {}
@@ -340,7 +346,12 @@ def write_trilora(
         if not isinstance(prefix, str) or not prefix:
             raise TriLoRAFileError(path, None, f"invalid layer prefix {prefix!r}")
         layer = layers[prefix]
-        written[prefix] = layer if not canonical or is_canonical(layer) else canonicalize(layer)
+        if not canonical:
+            written[prefix] = layer
+        elif schedule:  # T-LoRA's bands kept apart: each masked prefix stays the trained one
+            written[prefix] = banded(layer, *schedule)
+        else:
+            written[prefix] = layer if is_canonical(layer) else canonicalize(layer)
         alphas[prefix] = _layer_tensors(path, prefix, written[prefix], dtype, tensors)
 
     meta.update(_format_metadata(written, alphas))

@@ -11,7 +11,15 @@ import comfy.lora
 import folder_paths
 from comfy_api.latest import io
 
-from ...trilora_core import TriLoRAFile, TriLoRALayer, canonicalize, is_canonical, rank_range, read_trilora
+from ...trilora_core import (
+    TIMESTEP_RANK_KEY,
+    TriLoRAFile,
+    TriLoRALayer,
+    canonicalize,
+    is_canonical,
+    rank_range,
+    read_trilora,
+)
 from ..file_cache import load_cached
 from ..loras_folder import NONE_FILE, relative_name, save_new_file
 from ..schema import SAVE_DTYPES
@@ -20,9 +28,10 @@ log = logging.getLogger("comfyui-trilora")
 
 CATEGORY = "utils/trilora"
 TOOL_ARGS_KEY = "trilora_tool_args"  # JSON: which tool made the file, from what, with which settings
-# Metadata that describes the network itself: recomputed for every file written, never copied.
+# Metadata that describes the network itself: recomputed for every file written, never copied. The
+# noise-level rank's schedule too: a tool re-forms the layers, which mixes the schedule's bands.
 _NETWORK_KEYS = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "sshs_model_hash",
-                 "sshs_legacy_hash", "trilora_format", "modelspec.hash_sha256", TOOL_ARGS_KEY}
+                 "sshs_legacy_hash", "trilora_format", "modelspec.hash_sha256", TOOL_ARGS_KEY, TIMESTEP_RANK_KEY}
 
 
 def tool_schema(node: type, display_name: str, description: str, inputs: list, outputs: list,

@@ -22,6 +22,7 @@ from ...trilora_core import (
     layers_by_weight,
     optimizer_file_path,
     read_optimizer_file,
+    schedule_metadata,
     write_optimizer_file,
 )
 from ..file_cache import load_cached
@@ -148,6 +149,7 @@ def run_metadata(args: TrainArgs, start: StartState, losses: list[float], num_im
                     ss_caption_dropout_rate=repr(float(args.caption_dropout_rate)),
                     ss_shuffle_caption=str(args.shuffle_caption), ss_keep_tokens=str(args.keep_tokens))
     meta.update(base_meta)
+    meta.update(schedule_metadata(args.timestep_min_rank))  # T-LoRA's schedule, for the loaders' mask
     return meta
 
 

@@ -21,7 +21,7 @@ NODE = "TrainTriLoRA"
 TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "none": None}
 TEXT_ENCODER_SETTINGS = ("text_encoder_lr", "caption_dropout_rate", "shuffle_caption", "keep_tokens")
 # The settings the node shows after its clip and captions inputs: the text encoder's, then newer ones.
-AFTER_CLIP_SETTINGS = (*TEXT_ENCODER_SETTINGS, "offloading")
+AFTER_CLIP_SETTINGS = (*TEXT_ENCODER_SETTINGS, "offloading", "timestep_min_rank")
 TARGETS = ("attention", "attention+feedforward", "all linear", "all linear+conv")
 
 # Defaults (see docs/training-defaults.md for why).
@@ -216,6 +216,13 @@ class TrainArgs:
                                "each layer to the GPU when it runs (ComfyUI's low-VRAM partial load, as its "
                                "Train LoRA's offloading): for a base larger than the card; slower. Gradient "
                                "checkpointing is on while part of the model stays in CPU memory.")
+    # T-LoRA's noise-level rank (nodes/training/rank_control.py), after all older inputs (on the node: last).
+    timestep_min_rank: int = setting(0, io.Int, "T-LoRA's noise-level-dependent rank: at noise level t (1 the "
+                                     "noisiest) only the first floor((1 - t) x (rank - this)) + this directions "
+                                     "of s train, so the noisiest levels use the fewest. The file records it and "
+                                     "Load TriLoRA / Apply TriLoRA apply the same mask at each sampling step (a "
+                                     "stock LoRA loader, after Export TriLoRA as LoRA, uses every direction at "
+                                     "every step). 0 = off.", not_negative, min=0, max=512)
 
     @classmethod
     def schema_inputs(cls, text_encoder: bool = False) -> list:

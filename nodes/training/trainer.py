@@ -30,6 +30,7 @@ from ...trilora_core import (
     TriLoRAFile,
     TriLoRALayer,
     all_finite,
+    banded,
     bucket_batch,
     canonicalize,
     generator,
@@ -53,6 +54,7 @@ from .failures import LastGood, RunFailures, is_out_of_memory, memory_hints
 from .family import FamilySettings
 from .monitor import Monitor, MonitorData, monitor_inputs
 from .parallel import OneProcess
+from .rank_control import timestep_rank_masks
 from .targets import attach, find_targets
 from .text_encoder import CaptionEncoder, GivenCaptions, check_captions
 
@@ -148,8 +150,7 @@ class TriLoRATrainer:
         self.loss_fn = functools.partial(weighted_loss, loss_function(args.loss_function), settings.loss_weighting,
                                          args.min_snr_gamma)  # (model_sampling, sigma, coeff, error) -> loss
         self.total = start.step + args.steps
-        self.losses: list[float] = []
-        self.checkpoints: list[str] = []
+        self.losses, self.checkpoints = [], []  # the loss per step, the files written
         self.adapters, self.groups, self.optimizer = make_factors(args, targets, self.text, start, self.device)
         self.params = [p for g in self.groups for p in g["params"]]
         self.step = self.done = start.step  # the step under way; the updates completed
@@ -167,8 +168,7 @@ class TriLoRATrainer:
         gen = generator(self.args.seed, "noise", step, micro)
         levels = sample_noise_levels(self.settings.timestep_sampling, len(batch), gen)
         noises = [torch.randn(self.images[i].shape, generator=gen) for i in batch]
-        # ComfyUI's percent runs the other way: 0 is the start of sampling, at the most noise.
-        sigmas = [float(ms.percent_to_sigma(1.0 - float(t))) for t in levels]
+        sigmas = [float(ms.percent_to_sigma(1.0 - float(t))) for t in levels]  # percent 0: the most noise
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         total = 0.0
         for positions, conds in self.text.groups(batch, self.parallel.share(len(batch)), step, micro):
@@ -178,14 +178,15 @@ class TriLoRATrainer:
             xt = ms.noise_scaling(sigma, noise, x0, False)
             target = ms.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise), x0, False)
             model_wrap.conds["positive"] = conds
-            with autocast:
-                denoised = model_wrap(xt, sigma, **extra_args)
-            # The model's output enters calculate_denoised linearly: its coefficient turns the
-            # denoised error back into the error of the model's own prediction (eps, v, flow...).
-            coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
-            loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
-            weight = len(positions) / len(batch)
-            self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
+            with timestep_rank_masks(self.args.timestep_min_rank, self.adapters, self.targets, levels, positions):
+                with autocast:
+                    denoised = model_wrap(xt, sigma, **extra_args)
+                # The model's output enters calculate_denoised linearly: its coefficient turns the
+                # denoised error back into the error of the model's own prediction (eps, v, flow...).
+                coeff = ms.calculate_denoised(sigma, torch.ones_like(x0), torch.zeros_like(x0))
+                loss = self.loss_fn(ms, sigma, coeff, (denoised.float() - target) / coeff)
+                weight = len(positions) / len(batch)
+                self.scaler.scale(loss * (weight / self.args.grad_accumulation_steps)).backward()
             total += float(loss.detach()) * weight
         return total
 
@@ -277,7 +278,8 @@ class TriLoRATrainer:
 
     def layers(self, canonical: bool = True) -> dict[str, TriLoRALayer]:
         """The factors now, float32 on the CPU, canonical unless asked otherwise."""
-        return {prefix: adapter_layer(adapter, canonical) for prefix, adapter in self.adapters.items()}
+        return {prefix: adapter_layer(adapter, canonical, self.args.timestep_min_rank)
+                for prefix, adapter in self.adapters.items()}
 
     def metadata(self, steps_done: int) -> dict[str, str]:
         meta = run_metadata(self.args, self.start, self.losses, len(self.images), self.base_meta, steps_done)
@@ -341,10 +343,14 @@ def make_factors(args: TrainArgs, targets, text: GivenCaptions, start: StartStat
     return adapters, groups, optimizer
 
 
-def adapter_layer(adapter, canonical: bool = True) -> TriLoRALayer:
+def adapter_layer(adapter, canonical: bool = True, timestep_min_rank: int = 0) -> TriLoRALayer:
+    """The factors, float32 on the CPU; canonical: in canonical form, per band of T-LoRA's
+    schedule with ``timestep_min_rank`` (the bands the mask trained, kept apart: banded)."""
     layer = TriLoRALayer(adapter.trilora_u.detach().float().cpu().clone(),
                          adapter.trilora_s.detach().float().cpu().clone(),
                          adapter.trilora_vt.detach().float().cpu().clone(), float(adapter.alpha))
+    if canonical and timestep_min_rank:
+        return banded(layer, timestep_min_rank)
     return canonicalize(layer) if canonical else layer
 
 
