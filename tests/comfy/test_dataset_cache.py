@@ -133,26 +133,29 @@ def test_the_clips_digest_leaves_out_the_tensors_a_checkpoint_may_lack(comfy_hos
     # SD1.5 checkpoints lack CLIP-L's text projection: ComfyUI leaves it uninitialised, so each
     # process holds other bytes there (torchrun ranks refused rank 0's cache as "another CLIP").
     module = pack_module(comfy_host, "nodes.dataset_cache")
-    clip = tiny.clip.clone()
-    clip.cond_stage_model = type(tiny.clip.cond_stage_model).__new__(type(tiny.clip.cond_stage_model))
-    clip.cond_stage_model.__dict__.update(tiny.clip.cond_stage_model.__dict__)  # a second object, the same modules
-    state = tiny.clip.cond_stage_model.state_dict()
-    (key,) = [k for k in state if k.endswith(".transformer.text_projection.weight")]
+    model = tiny.clip.cond_stage_model
+
+    def digest_of_a_new_object() -> str:  # digests are kept per object: a second one, the same modules
+        clip = tiny.clip.clone()
+        clip.cond_stage_model = type(model).__new__(type(model))
+        clip.cond_stage_model.__dict__.update(model.__dict__)
+        return module.clip_digest(clip)
+
+    state = model.state_dict()
+    (unset,) = [k for k in state if k.endswith(".transformer.text_projection.weight")]
+    real = next(k for k in state if k.endswith("q_proj.weight"))
+    saved = {k: state[k].clone() for k in (unset, real)}
     digest = module.clip_digest(tiny.clip)
     with torch.inference_mode():  # the loaded weights are inference tensors
-        saved = state[key].clone()
         try:
-            state[key].copy_(torch.randn_like(saved))  # other garbage in the unset tensor
-            assert module.clip_digest(clip) == digest
-            real = next(v for k, v in state.items() if k.endswith("q_proj.weight"))
-            real[0, 0] += 1  # a weight the checkpoint holds still counts
-            clip2 = tiny.clip.clone()
-            clip2.cond_stage_model = type(clip.cond_stage_model).__new__(type(clip.cond_stage_model))
-            clip2.cond_stage_model.__dict__.update(tiny.clip.cond_stage_model.__dict__)
-            assert module.clip_digest(clip2) != digest
-            real[0, 0] -= 1
+            state[unset].copy_(torch.randn_like(saved[unset]))  # other garbage in the unset tensor
+            assert digest_of_a_new_object() == digest
+            state[real][0, 0] += 1  # a weight the checkpoint holds still counts
+            assert digest_of_a_new_object() != digest
         finally:
-            state[key].copy_(saved)
+            for k, value in saved.items():  # bit for bit: the session's CLIP is shared
+                state[k].copy_(value)
+    assert all(torch.equal(state[k], v) for k, v in saved.items() if k == real)
 
 
 def test_edited_and_foreign_files_are_refused_before_anything_trains(comfy_host, tiny, tmp_path):
