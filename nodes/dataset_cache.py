@@ -96,6 +96,11 @@ class Encoded:
     encoded: int  # images + captions encoded now
     read: int  # images + captions read from the cache file
 
+    def log_cache(self, path: str) -> None:
+        """The cache line the node and the command line print (tests read it)."""
+        log.info("TriLoRA dataset cache %s: %d items read, %d encoded (an item is an image or a caption)", path,
+                 self.read, self.encoded)
+
 
 def _cached(path: str | None, vae, clip) -> tuple[dict, dict, dict]:
     if path is None:

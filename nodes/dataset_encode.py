@@ -3,13 +3,9 @@ that Train TriLoRA takes, as ComfyUI 0.33's Make Training Dataset outputs them, 
 kept in a cache file (dataset_cache.py)."""
 from __future__ import annotations
 
-import logging
-
 from comfy_api.latest import io
 
 from .dataset_cache import cache_path, encode_dataset
-
-log = logging.getLogger("comfyui-trilora")
 
 
 def captions_for(images: list, captions: list[str] | None) -> list[str]:
@@ -61,8 +57,7 @@ class TriLoRAEncodeDataset(io.ComfyNode):
         path = cache_path(name) if name else None
         done = encode_dataset(images, captions_for(images, captions), vae[0], clip[0], path)
         if path is not None:
-            log.info("TriLoRA dataset cache %s: %d items read, %d encoded (an item is an image or a caption)", path, done.read,
-                     done.encoded)
+            done.log_cache(path)
         return io.NodeOutput(done.latents, done.conditioning)
 
 

@@ -316,7 +316,7 @@ def encode_dataset(values: dict, clip, vae) -> tuple[list, list, list[str]]:
             if rank == 0:
                 os.remove(path)
     if path is not None and not own:
-        log.info("TriLoRA dataset cache %s: %d items read, %d encoded (an item is an image or a caption)", path, done.read, done.encoded)
+        done.log_cache(path)
     return done.latents, done.conditioning, captions
 
 
