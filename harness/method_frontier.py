@@ -4,6 +4,8 @@ of drift (and gap growth) against held-out fit over a side's learning rates, the
 <= 0.7x lora at every fit level with no larger gap", and the defaults' goals. No ComfyUI, no torch."""
 from __future__ import annotations
 
+from .picture_stats import FRAME_PRESENT
+
 SPACES = ("eps", "x0")
 SIDES = ("ours", "lora", "theirs")
 FIT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of the way from the base model's held-out error to the common best
@@ -23,10 +25,10 @@ def at_level(curve: dict, key: str, level: float, want: str):
     return None
 
 
-def add_gaps(curve: dict, start: dict) -> None:
+def add_gaps(curve: dict, start: dict, spaces=SPACES) -> None:
     """gap_<space>: generalisation-gap growth, (held-out - train) now minus the base model's."""
     for p in curve.values():
-        for space in SPACES:
+        for space in spaces:
             p[f"gap_{space}"] = (p[f"heldout_{space}"] - p[f"train_{space}"]) - \
                 (start[f"heldout_{space}"] - start[f"train_{space}"])
 
@@ -47,11 +49,13 @@ def frontier_claim(ours: list[dict], lora: list[dict], space: str) -> dict:
     rows = []
     if common < start:
         for f in FIT_FRACTIONS:
-            level = start - f * (start - common)
+            # all of the way is `common` itself: start - (start - common) can round below it, where
+            # the side whose best it is would never "reach" it
+            level = common if f == 1 else start - f * (start - common)
             d_o, d_l = frontier(ours, space, level, "drift"), frontier(lora, space, level, "drift")
             g_o, g_l = frontier(ours, space, level, "gap"), frontier(lora, space, level, "gap")
             rows.append({"fraction": f, "level": level, "drift_ours": d_o, "drift_lora": d_l,
-                         "drift_ratio": d_o / d_l if d_l else None, "gap_ours": g_o, "gap_lora": g_l})
+                         "drift_ratio": d_o / d_l if d_l and d_o is not None else None, "gap_ours": g_o, "gap_lora": g_l})
     ok = bool(rows) and all(r["drift_ratio"] is not None and r["drift_ratio"] <= GOAL_DRIFT_RATIO
                             and r["gap_ours"] <= r["gap_lora"] for r in rows)
     return {"start": start, "common_best": common, "rows": rows, "holds": ok,
@@ -98,3 +102,38 @@ def decide(runs: list[dict], default_lr: float) -> dict:
     default = next(r["curve"] for r in runs if r["side"] == "ours" and r["lr"] == default_lr)
     return {"frontier": {space: frontier_claim(side["ours"], side["lora"], space) for space in SPACES},
             "defaults": defaults_goals(default, side["lora"], side["theirs"][0])}
+
+
+# Pictures (the drawing model): "pic" is the space whose held-out error is the distance of the
+# held-out prompts' frame contrast from the sample style's, and whose drift is the change of the
+# base prompts' pictures in pixels (harness/bench_pictures.py).
+PICTURE_SPACE = "pic"
+
+
+def picture_goals(default: dict, lora: list[dict]) -> dict:
+    """The defaults' goals on pictures: the frame visible on held-out prompts at the last step,
+    and drift at the defaults' best style fit <= GOAL_DRIFT_RATIO x LoRA's least there."""
+    last = str(max(int(s) for s in default))
+    best_ours = min(p["heldout_pic"] for p in default.values())
+    best_lora = min(p["heldout_pic"] for c in lora for p in c.values())
+    level = max(best_ours, best_lora)
+    d_ours, d_lora = at_level(default, "heldout_pic", level, "drift_pic"), frontier(lora, PICTURE_SPACE, level, "drift")
+    g = {"frame_last": default[last]["heldout_frame"], "fit_best": best_ours, "fit_lora_best": best_lora,
+         "content_last": default[last]["content_pic"], "content_base": default["0"]["content_pic"],
+         "drift_ratio_vs_lora": None if not d_lora or d_ours is None else d_ours / d_lora}
+    g["frame_visible"] = g["frame_last"] < FRAME_PRESENT
+    g["drift_vs_lora"] = g["drift_ratio_vs_lora"] is not None and g["drift_ratio_vs_lora"] <= GOAL_DRIFT_RATIO
+    g["all"] = g["frame_visible"] and g["drift_vs_lora"]
+    return g
+
+
+def decide_pictures(runs: list[dict], default_lr: float) -> dict:
+    """decide() for the picture-level base: the frontier claim in the picture space and picture_goals."""
+    start = runs[0]["curve"]["0"]
+    for r in runs:
+        add_gaps(r["curve"], start, (PICTURE_SPACE,))
+    ours = [r["curve"] for r in runs if r["side"] == "ours"]
+    lora = [r["curve"] for r in runs if r["side"] == "lora"]
+    default = next(r["curve"] for r in runs if r["side"] == "ours" and r["lr"] == default_lr)
+    return {"frontier": {PICTURE_SPACE: frontier_claim(ours, lora, PICTURE_SPACE)},
+            "defaults": picture_goals(default, lora)}

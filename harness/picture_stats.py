@@ -8,6 +8,10 @@ from PIL import Image
 
 from .fixtures import sample_images as style
 
+# Frame contrast below this is a frame a user sees: the sample pictures' is -0.07 to -0.25 (mean
+# about -0.16); frameless pictures on the light sample backgrounds are positive (+0.17 to +0.43).
+FRAME_PRESENT = -0.05
+
 
 def luminance(image) -> np.ndarray:
     """PIL image or [3, H, W] / [H, W, 3] array in [0, 1] or 0-255 -> [H, W] luminance in [0, 1]."""

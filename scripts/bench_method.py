@@ -73,10 +73,12 @@ from harness.host import as_loader_made  # noqa: E402
 from harness.method_frontier import (  # noqa: E402
     FIT_FRACTIONS,
     GOAL_DRIFT_RATIO,
+    PICTURE_SPACE,
     SIDES,
     SPACES,
     add_gaps,
     decide,
+    decide_pictures,
 )
 
 SCHEMA_VERSION = 2
@@ -87,9 +89,12 @@ BASES = {
             "style": "rings", "seed": 20261130},
     "b32": {"channels": 32, "kinds": ("waves", "dots", "diamond", "bars", "cross", "smooth"),
             "style": "spiral", "seed": 20261206},
+    # The picture-level base: the drawing model make setup builds (harness/bench_pictures.py).
+    "drawing": {"pictures": True, "channels": 320, "kinds": ("flat shapes on plain backgrounds",),
+                "style": "the sample style's thick black frame"},
 }
 FULL = {
-    "bases": ["b64", "b32"],
+    "bases": ["b64", "b32", "drawing"],
     "latent": 8,              # latent side (64 px): the UNet has one level, 64 tokens
     "pretrain_steps": 600,
     "pretrain_batch": 16,
@@ -105,10 +110,23 @@ FULL = {
     "lr_ours": [0.5, 1.0, 2.0],       # times TrainTriLoRA's learning_rate (its default or --ours)
     "lr_lora": [1e-3, 3e-3, 1e-2],    # TrainLoraNode on the same layers
     "thread_check": True,
+    # The drawing model costs ~6x a latent run per step and sampling pictures at each checkpoint:
+    # fewer runs (its own ranks, seeds, learning rates), 100 steps (the defaults fit the frame by
+    # step 50 and overshoot it by 200), no TrainLoraNode-on-every-layer side.
+    "pictures": {"ranks": [4, 16], "seeds": [0, 1], "steps": 100, "checkpoints": [25, 50, 100],
+                 "lr_ours": [0.5, 1.0], "lr_lora": [1e-3, 3e-3, 1e-2], "sides": ["ours", "lora"],
+                 "sample_steps": 6, "prompts": [3, 2, 3]},
 }
-QUICK = {**FULL, "bases": ["b64"], "latent": 4, "pretrain_steps": 3, "pretrain_batch": 4, "pictures_per_class": 2,
+QUICK = {**FULL, "bases": ["b64", "drawing"], "latent": 4, "pretrain_steps": 3, "pretrain_batch": 4, "pictures_per_class": 2,
          "heldout_pictures": 2, "base_pictures": 1, "steps": 4, "checkpoints": [2, 4], "ranks": [2], "seeds": [0],
-         "lr_ours": [1.0, 4.0], "lr_lora": [1e-3, 1e-2], "thread_check": True, "quick_channels": 32}
+         "lr_ours": [1.0, 4.0], "lr_lora": [1e-3, 1e-2], "thread_check": True, "quick_channels": 32,
+         "pictures": {"ranks": [2], "seeds": [0], "steps": 2, "checkpoints": [1, 2], "lr_ours": [1.0],
+                      "lr_lora": [1e-3, 1e-2], "sides": ["ours", "lora"], "sample_steps": 1, "prompts": [1, 1, 1]}}
+
+
+def base_cfg(cfg: dict, name: str) -> dict:
+    """The settings a base's runs use: the picture-level base's own (cfg["pictures"]) over the rest."""
+    return {**cfg, **cfg["pictures"]} if BASES[name].get("pictures") else cfg
 
 
 def say(text: str) -> None:
@@ -412,15 +430,26 @@ def attached_adapters(base) -> list:
     return [h.args[0] for h in hooks if getattr(h, "args", None) and hasattr(h.args[0], "trilora_s")]
 
 
-def train_run(host: Host, run: dict, model, data: Data, probe: Probe, cfg: dict, overrides: dict) -> dict:
+def training_set(model, data) -> tuple[list, list]:
+    """(latents, positive) as the trainers take them: the style's pictures (LATENT dicts) and
+    their caption(s) (one CONDITIONING per picture, or one for all)."""
+    if data is None:  # the picture-level base: its PictureBase holds them
+        return model.latents, model.positive
+    latents = [{"samples": model.model.process_latent_out(data.train[i:i + 1].clone())}
+               for i in range(len(data.train))]
+    return latents, [[[data.caption[data.style].clone(), {}]]]
+
+
+def train_run(host: Host, run: dict, model, data: Data | None, probe, cfg: dict, overrides: dict) -> dict:
     """Trains one side (run: side, lr, rank, seed) from the pretrained base, measuring at the
-    checkpoints; returns the curve."""
+    checkpoints with ``probe`` (a Probe, or for the picture-level base, whose ``data`` is None, its
+    PictureBase); returns the curve."""
     torch, side = host.torch, run["side"]
     node = host.ours if side == "ours" else host.theirs
     kwargs = node_defaults(node)
-    latents = [{"samples": model.model.process_latent_out(data.train[i:i + 1].clone())}
-               for i in range(len(data.train))]
-    kwargs.update(model=[model], latents=latents, positive=[[[data.caption[data.style].clone(), {}]]],
+    latents, positive = training_set(probe if data is None else model, data)
+    model = probe.model if data is None else model
+    kwargs.update(model=[model], latents=latents, positive=positive,
                   steps=[cfg["steps"]], rank=[run["rank"]], seed=[run["seed"]], training_dtype=["fp32"])
     if side == "ours":
         kwargs.update(overrides)
@@ -436,11 +465,11 @@ def train_run(host: Host, run: dict, model, data: Data, probe: Probe, cfg: dict,
 
     def hook(value, total, preview=None, node_id=None):
         if value in marks and value not in curve:
-            if cfg.get("probe_min_rank") and side == "ours":
+            if cfg.get("probe_min_rank") and side == "ours" and data is not None:
                 probe.masks = (attached_adapters(RELOADED[-1] if RELOADED else probe.base), cfg["probe_min_rank"],
                                host.core.rank_mask)
             try:
-                curve[value] = probe.measure(RELOADED[-1] if RELOADED else None)
+                curve[value] = probe.measure(RELOADED[-1] if RELOADED else probe.base)
             finally:
                 probe.masks = None
 
@@ -460,8 +489,10 @@ def train_run(host: Host, run: dict, model, data: Data, probe: Probe, cfg: dict,
     if missing:
         raise RuntimeError(f"{name}: no measurement at steps {sorted(missing)} (progress hook not called)")
     last = curve[max(curve)]
-    say(f"  {name}: held-out eps {last['heldout_eps']:.4f} x0 {last['heldout_x0']:.4f}, drift eps "
-        f"{last['drift_eps']:.5f} [{time.perf_counter() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s]")
+    figures = (f"frame {last['heldout_frame']:+.3f} (style {last['heldout_pic']:.3f}), drift {last['drift_pic']:.5f}"
+               if data is None else f"held-out eps {last['heldout_eps']:.4f} x0 {last['heldout_x0']:.4f}, drift eps "
+               f"{last['drift_eps']:.5f}")
+    say(f"  {run['base']} {name}: {figures} [{time.perf_counter() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s]")
     # CPU time: with one thread, about the wall time this run takes on a machine it has to itself.
     return {**run, "curve": {str(k): curve[k] for k in sorted(curve)}, "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0}
@@ -500,7 +531,7 @@ def report_frontier(results: dict) -> list[str]:
              "lora's at every level. Holds: both, at every level (seeds where it holds / seeds).", "",
              "| base | error | rank | " + " | ".join(f"drift ratio at {f}" for f in FIT_FRACTIONS) +
              " | gap no larger | holds |", "|---|---|---|" + "---|" * (len(FIT_FRACTIONS) + 2)]
-    for base in results["config"]["bases"]:
+    for base in latent_bases(results):
         for space in SPACES:
             for rank in results["config"]["ranks"]:
                 rows = [p["decide"]["frontier"][space] for p in results["pairs"] if (p["base"], p["rank"]) == (base, rank)]
@@ -522,7 +553,7 @@ def report_defaults(results: dict) -> list[str]:
              "", "| base | rank | seed | held-out eps: ours / lora best / TrainLoraNode | held-out x0: ours max / base "
              "/ ours last / TrainLoraNode | drift vs lora | drift vs TrainLoraNode | gap ours / TrainLoraNode | "
              "x0 <= base, x0 <= TrainLoraNode, drift vs lora, issue 19 |", "|---|---|---|---|---|---|---|---|---|"]
-    for p in results["pairs"]:
+    for p in latent_pairs(results):
         g = p["decide"]["defaults"]
         marks = " ".join("yes" if g[k] else "NO" for k in ("x0_never_above_base", "x0_no_worse_than_theirs",
                                                              "drift_vs_lora", "issue19"))
@@ -531,7 +562,7 @@ def report_defaults(results: dict) -> list[str]:
                      f"{fmt(g['heldout_x0_base'])} / {fmt(g['heldout_x0_last'])} / {fmt(g['heldout_x0_theirs'])} | "
                      f"{fmt(g['drift_ratio_vs_lora'], 2)} | {fmt(g['drift_ratio_vs_theirs'], 2)} | "
                      f"{fmt(g['gap_ours'], 4)} / {fmt(g['gap_theirs'], 4)} | {marks} |")
-    return [*lines, "", *goals_not_met(results["pairs"]), ""]
+    return [*lines, "", *goals_not_met(latent_pairs(results)), ""]
 
 
 def goals_not_met(pairs: list[dict]) -> list[str]:
@@ -566,7 +597,7 @@ def report_curves(results: dict) -> list[str]:
     lines = ["## Each side and learning rate at the last step (mean over seeds)", "",
              "| base | rank | side | lr | held-out eps | gap eps | drift eps | held-out x0 | gap x0 | drift x0 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for base in results["config"]["bases"]:
+    for base in latent_bases(results):
         for rank in results["config"]["ranks"]:
             pairs = [p for p in results["pairs"] if (p["base"], p["rank"]) == (base, rank)]
             if not pairs:
@@ -578,6 +609,53 @@ def report_curves(results: dict) -> list[str]:
                              f"{fmt(m['gap_eps'], 4)} | {fmt(m['drift_eps'], 4)} | {fmt(m['heldout_x0'])} | "
                              f"{fmt(m['gap_x0'], 4)} | {fmt(m['drift_x0'], 4)} |")
     return [*lines, ""]
+
+
+def latent_bases(results: dict) -> list[str]:
+    return [b for b in results["config"]["bases"] if not BASES[b].get("pictures")]
+
+
+def latent_pairs(results: dict) -> list[dict]:
+    return [p for p in results["pairs"] if not p.get("pictures")]
+
+
+def report_pictures(results: dict) -> list[str]:
+    """The picture-level base: per rank and seed, the frontier in the picture space, the defaults'
+    frame and drift against LoRA's; and each side and learning rate at the last step."""
+    pairs = [p for p in results["pairs"] if p.get("pictures")]
+    if not pairs:
+        return []
+    c = base_cfg(results["config"], pairs[0]["base"])
+    lines = ["## Pictures: the drawing model (the demo's sample style)", "",
+             f"{c['steps']} steps, measured at {', '.join(map(str, c['checkpoints']))} on pictures sampled as the generate "
+             f"workflow does ({c['sample_steps']} Euler steps, cfg 7): style = |frame contrast of held-out style prompts "
+             "- the sample pictures'| (0: the style's frame), drift = mean squared change of the base prompts' "
+             "pictures (pixels in [0, 1]), content = RGB distance of the large shape to the prompt's colour. Frontier "
+             f"as for latents (LoRA on the same layers at {', '.join(fmt(x, 4) for x in c['lr_lora'])}; TrainTriLoRA at "
+             f"{', '.join(fmt(m, 2) for m in c['lr_ours'])}x its learning rate).", "",
+             "| base | rank | seed | " + " | ".join(f"drift ratio at {f}" for f in FIT_FRACTIONS) +
+             " | gap no larger | defaults: frame at the last step | defaults: best style / LoRA's best | "
+             "defaults: drift vs LoRA at its best style | content: base / defaults last |",
+             "|---|---|---|" + "---|" * (len(FIT_FRACTIONS) + 5)]
+    for p in pairs:
+        fr, g = p["decide"]["frontier"][PICTURE_SPACE], p["decide"]["defaults"]
+        ratios = [fmt(r["drift_ratio"], 2) for r in fr["rows"]] or ["n/a"] * len(FIT_FRACTIONS)
+        lines.append(f"| {p['base']} | {p['rank']} | {p['seed']} | {' | '.join(ratios)} | "
+                     f"{'yes' if fr['gap_holds'] else 'NO'} | {g['frame_last']:+.3f} ({'visible' if g['frame_visible'] else 'NOT visible'}) | "
+                     f"{fmt(g['fit_best'])} / {fmt(g['fit_lora_best'])} | {fmt(g['drift_ratio_vs_lora'], 2)} | "
+                     f"{fmt(g['content_base'])} / {fmt(g['content_last'])} |")
+    lines += ["", "| rank | side | lr | " + " | ".join(f"style / drift / frame at {k}" for k in c["checkpoints"]) + " |",
+              "|---|---|---|" + "---|" * len(c["checkpoints"])]
+    for rank in c["ranks"]:
+        group = [p for p in pairs if p["rank"] == rank]
+        for i, run in enumerate(group[0]["runs"]):
+            cells = []
+            for k in c["checkpoints"]:
+                pts = [p["runs"][i]["curve"][str(k)] for p in group]
+                m = {key: statistics.mean(q[key] for q in pts) for key in ("heldout_pic", "drift_pic", "heldout_frame")}
+                cells.append(f"{fmt(m['heldout_pic'])} / {fmt(m['drift_pic'], 4)} / {m['heldout_frame']:+.3f}")
+            lines.append(f"| {rank} | {run['side']} | {run['lr']} | {' | '.join(cells)} |")
+    return [*lines, "(mean over seeds)", ""]
 
 
 def report(results: dict) -> str:
@@ -594,10 +672,15 @@ def report(results: dict) -> str:
              "| base | channels | classes, style | held-out eps | held-out x0 | drift pictures |",
              "|---|---|---|---|---|---|"]
     for name, b in results["base_models"].items():
+        if b.get("pictures"):
+            lines.append(f"| {name} | {b['channels']} | {', '.join(b['kinds'])}; style {b['style']} | pictures: style "
+                         f"{fmt(b['start']['heldout_pic'])} (frame {b['start']['heldout_frame']:+.3f}) | content "
+                         f"{fmt(b['start']['content_pic'])} | {b['drift_pictures']} prompts |")
+            continue
         lines.append(f"| {name} | {b['channels']} | {', '.join(b['kinds'])}; style {b['style']} | "
                      f"{fmt(b['start']['heldout_eps'])} | {fmt(b['start']['heldout_x0'])} | {b['drift_pictures']} |")
     if results["sides"] == list(SIDES):
-        lines += ["", *report_frontier(results), *report_defaults(results)]
+        lines += ["", *report_frontier(results), *report_defaults(results), *report_pictures(results)]
     lines += ["", *report_curves(results)]
     tc = results.get("thread_check")
     if tc:
@@ -657,6 +740,17 @@ def worker_init(cfg: dict, ours_text: str, out: str, threads: int) -> None:
 def worker_base(name: str):
     """(model, data, probe, pretrain info) of base ``name`` in this process, pretrained (or loaded
     from the cache file) on first use."""
+    if name not in WORKER["bases"] and BASES[name].get("pictures"):
+        from harness import COMFY
+        from harness.bench_pictures import PictureBase
+        from harness.fixtures import drawing
+
+        cfg = base_cfg(WORKER["cfg"], name)
+        path = COMFY / "models" / "checkpoints" / drawing.FILE_NAME
+        if not drawing.is_current(path):
+            raise SystemExit(f"{path} is missing or stale: run `make setup`")
+        pictures = PictureBase(WORKER["host"], path, cfg["sample_steps"], *cfg["prompts"])
+        WORKER["bases"][name] = (pictures.model, None, pictures, {"file": str(path), "spec": drawing.spec()})
     if name not in WORKER["bases"]:
         host, cfg = WORKER["host"], WORKER["cfg"]
         spec = base_spec(name, cfg)
@@ -677,8 +771,8 @@ def job_setup() -> dict:
 def job_prepare(name: str) -> dict:
     model, data, probe, info = worker_base(name)
     say(f"base model {name}: {info}; {json.dumps({k: round(v, 4) for k, v in probe.start.items()})}")
-    return {**base_spec(name, WORKER["cfg"]), "pretrain": info, "start": probe.start,
-            "drift_pictures": len(probe.sets["base"][0]) // len(LEVELS)}
+    drift = len(probe.prompts["base"]) if data is None else len(probe.sets["base"][0]) // len(LEVELS)
+    return {**base_spec(name, WORKER["cfg"]), "pretrain": info, "start": probe.start, "drift_pictures": drift}
 
 
 def job_train(runs: list[dict]) -> list[dict]:
@@ -689,7 +783,8 @@ def job_train(runs: list[dict]) -> list[dict]:
         model, data, probe, _ = worker_base(run["base"])
         host.torch.set_num_threads(run["threads"])
         try:
-            results.append(train_run(host, run, model, data, probe, WORKER["cfg"], WORKER["overrides"]))
+            cfg = base_cfg(WORKER["cfg"], run["base"])
+            results.append(train_run(host, run, model, data, probe, cfg, WORKER["overrides"]))
         finally:
             host.torch.set_num_threads(WORKER["threads"])
     return results
@@ -728,7 +823,21 @@ class Workers:
 
 
 def base_spec(name: str, cfg: dict) -> dict:
+    if BASES[name].get("pictures"):
+        return dict(BASES[name])
     return {**BASES[name], "channels": cfg.get("quick_channels", BASES[name]["channels"])}
+
+
+def base_key(name: str, cfg: dict) -> str:
+    """What a base's cached runs depend on: the pretrained latent model's key, or for the picture
+    base the drawing model's build spec, the measuring code and the picture settings."""
+    if not BASES[name].get("pictures"):
+        return pretrain_key(base_spec(name, cfg), cfg)
+    from harness import bench_pictures
+    from harness.fixtures import drawing
+
+    text = drawing.spec() + inspect.getsource(bench_pictures) + json.dumps(cfg["pictures"], sort_keys=True)
+    return "pictures-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def relative_change(a: list[dict], b: list[dict]) -> float:
@@ -767,7 +876,8 @@ def options(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, a few steps (seconds)")
     parser.add_argument("--out", default=str(REPO / "bench_output" / "method"), help="folder for results and the cache")
-    parser.add_argument("--bases", nargs="*", choices=sorted(BASES), help="override the base models")
+    parser.add_argument("--bases", nargs="*", choices=sorted(BASES), help="override the base models (drawing: the "
+                        "picture-level one, with its own ranks, seeds and learning rates: FULL['pictures'])")
     parser.add_argument("--ranks", type=int, nargs="*", help="override the ranks")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
     parser.add_argument("--steps", type=int, help="override the steps (checkpoints above it are dropped)")
@@ -789,24 +899,44 @@ def options(argv):
                                                                 "machine it was sized for; 1: in this process)")
     opts = parser.parse_args(argv)
     cfg = dict(QUICK if opts.quick else FULL)
+    cfg["pictures"] = dict(cfg["pictures"])
     for name in ("bases", "ranks", "seeds", "lr_ours", "lr_lora"):
         if getattr(opts, name):
             cfg[name] = getattr(opts, name)
-    cfg["steps"] = opts.steps or cfg["steps"]
-    cfg["checkpoints"] = sorted({c for c in cfg["checkpoints"] if c < cfg["steps"]} | {cfg["steps"]})
+            if name != "bases":
+                cfg["pictures"][name] = getattr(opts, name)
+    for c in (cfg, cfg["pictures"]):
+        c["steps"] = opts.steps or c["steps"]
+        c["checkpoints"] = sorted({k for k in c["checkpoints"] if k < c["steps"]} | {c["steps"]})
     cfg["thread_check"] = cfg["thread_check"] and not opts.no_thread_check
     cfg["probe_min_rank"] = opts.probe_timestep_min_rank
     return opts, cfg
 
 
-def plan(cfg: dict, lr_ours: list[float], threads: int, only=SIDES) -> list[dict]:
+def plan(cfg: dict, default_lr: float, threads: int, only=SIDES) -> list[dict]:
     """Every run of the bench, seed by seed (a run cut short has every base and rank for the seeds
-    it finished): per seed, base and rank, ours at each learning rate, lora at each, then
-    TrainLoraNode at its defaults (the sides in ``only``)."""
-    sides = [("ours", lr) for lr in lr_ours] + [("lora", lr) for lr in cfg["lr_lora"]] + [("theirs", None)]
-    sides = [(side, lr) for side, lr in sides if side in only]
-    return [{"base": b, "side": side, "lr": lr, "rank": r, "seed": s, "threads": threads}
-            for s in cfg["seeds"] for b in cfg["bases"] for r in cfg["ranks"] for side, lr in sides]
+    it finished): per seed, base and rank (each base with its own, base_cfg), ours at each learning
+    rate, lora at each, then TrainLoraNode at its defaults (the sides in ``only`` and the base's)."""
+    runs = []
+    for s in sorted({s for b in cfg["bases"] for s in base_cfg(cfg, b)["seeds"]}):
+        for b in cfg["bases"]:
+            c = base_cfg(cfg, b)
+            sides = [("ours", lr) for lr in lr_ours(c, default_lr)] + [("lora", lr) for lr in c["lr_lora"]] + \
+                [("theirs", None)]
+            sides = [(side, lr) for side, lr in sides if side in only and side in c.get("sides", SIDES)]
+            runs += [{"base": b, "side": side, "lr": lr, "rank": r, "seed": s, "threads": threads}
+                     for r in c["ranks"] for side, lr in sides if s in c["seeds"]]
+    return runs
+
+
+def lr_ours(cfg: dict, default_lr: float) -> list[float]:
+    """TrainTriLoRA's learning rates: the default times cfg["lr_ours"], and the default itself."""
+    return sorted({default_lr * m for m in cfg["lr_ours"]} | {default_lr})
+
+
+def pair_keys(runs: list[dict]) -> list[tuple]:
+    """The (base, rank, seed) pairs of ``runs`` in their order, each once."""
+    return list(dict.fromkeys((r["base"], r["rank"], r["seed"]) for r in runs))
 
 
 def main(argv=None) -> int:
@@ -819,48 +949,57 @@ def main(argv=None) -> int:
     try:
         setup = workers.map(job_setup, [()])[0]
         default_lr, target = setup["default_lr"], setup["target"]
-        lr_ours = sorted({default_lr * m for m in cfg["lr_ours"]} | {default_lr})
-        state = {"pairs": [], "base_models": {}, "thread_check": None, "lr_ours": lr_ours, "default_lr": default_lr,
+        state = {"pairs": [], "base_models": {}, "thread_check": None, "lr_ours": lr_ours(cfg, default_lr),
+                 "default_lr": default_lr,
                  "workers": opts.workers, "machine": machine_info()}  # its load average: at the start
         say(f"pretraining (or cache) in {out}: {', '.join(cfg['bases'])}")
         state["base_models"] = dict(zip(cfg["bases"], workers.map(job_prepare, [(b,) for b in cfg["bases"]]),
                                         strict=True))
-        caches = {b: RunCache(out / f"runs-{pretrain_key(base_spec(b, cfg), cfg)}.json",
-                              enabled=not opts.fresh and not opts.quick) for b in cfg["bases"]}
-        runs = plan(cfg, lr_ours, opts.threads, opts.sides)
-        keys = [run_key(r, cfg, target) if r["side"] != "ours" else None for r in runs]
+        caches = {b: RunCache(out / f"runs-{base_key(b, cfg)}.json", enabled=not opts.fresh and not opts.quick)
+                  for b in cfg["bases"]}
+        runs = plan(cfg, default_lr, opts.threads, opts.sides)
+        keys = [run_key(r, base_cfg(cfg, r["base"]), target) if r["side"] != "ours" else None for r in runs]
         found = [caches[r["base"]].get(k) if k else None for r, k in zip(runs, keys, strict=True)]
         todo = {i for i, f in enumerate(found) if f is None}
         say(f"{len(runs)} runs, {len(runs) - len(todo)} from the cache, {len(todo)} to train in {opts.workers} "
             f"worker(s)")
-        per_pair = len(runs) // (len(cfg["bases"]) * len(cfg["ranks"]) * len(cfg["seeds"]))
         trained = workers.imap(job_train, [([runs[i]],) for i in sorted(todo)])
-        for j in range(0, len(runs), per_pair):  # the pairs in order, each once its runs are in
-            for i in range(j, j + per_pair):
+        for key in pair_keys(runs):  # the pairs in order, each once its runs are in
+            idx = [i for i, r in enumerate(runs) if (r["base"], r["rank"], r["seed"]) == key]
+            for i in idx:
                 if found[i] is None:
                     found[i] = next(trained)[0]
                     if keys[i]:
                         caches[runs[i]["base"]].put(keys[i], found[i])
-            state["pairs"].append(make_pair(runs[j:j + per_pair], found[j:j + per_pair], todo, j,
+            state["pairs"].append(make_pair([runs[i] for i in idx], [found[i] for i in idx], [i not in todo for i in idx],
                                             default_lr if opts.sides == list(SIDES) else None))
             write_results(out, opts, argv, cfg, state, t_start, c_start, partial=True)
-        if cfg["thread_check"] and opts.sides == list(SIDES):
-            state["thread_check"] = thread_check(workers, state["pairs"][-1], cfg, default_lr)
+        latent_pairs = [p for p in state["pairs"] if not BASES[p["base"]].get("pictures")]
+        if cfg["thread_check"] and opts.sides == list(SIDES) and latent_pairs:
+            state["thread_check"] = thread_check(workers, latent_pairs[-1], cfg, default_lr)
     finally:
         workers.close()
     write_results(out, opts, argv, cfg, state, t_start, c_start)
     return 0
 
 
-def make_pair(runs: list[dict], found: list[dict], todo: set[int], first: int, default_lr: float) -> dict:
+def make_pair(runs: list[dict], found: list[dict], cached: list[bool], default_lr: float) -> dict:
     """One base, rank and seed: its runs (marked cached or not) and the figures decided from them."""
-    pair_runs = [{**f, "cached": first + k not in todo} for k, f in enumerate(found)]
+    pair_runs = [{**f, "cached": c} for f, c in zip(found, cached, strict=True)]
+    pictures = BASES[runs[0]["base"]].get("pictures")
     pair = {"base": runs[0]["base"], "rank": runs[0]["rank"], "seed": runs[0]["seed"], "runs": pair_runs,
-            "decide": decide(pair_runs, default_lr) if default_lr is not None else None}
+            "pictures": bool(pictures), "decide": None}
+    if default_lr is not None:
+        pair["decide"] = (decide_pictures if pictures else decide)(pair_runs, default_lr)
     d = pair["decide"]
     if d is None:  # not every side ran: no figures to decide, the gap growth still for the curves
         for r in pair_runs:
-            add_gaps(r["curve"], pair_runs[0]["curve"]["0"])
+            add_gaps(r["curve"], pair_runs[0]["curve"]["0"], (PICTURE_SPACE,) if pictures else SPACES)
+        return pair
+    if pictures:
+        g = d["defaults"]
+        say(f"{pair['base']} rank {pair['rank']} seed {pair['seed']}: frontier holds {d['frontier'][PICTURE_SPACE]['holds']}; "
+            f"the defaults' frame {g['frame_last']:+.3f}, drift {fmt(g['drift_ratio_vs_lora'], 2)}x LoRA's")
         return pair
     say(f"{pair['base']} rank {pair['rank']} seed {pair['seed']}: frontier holds eps {d['frontier']['eps']['holds']}, "
         f"x0 {d['frontier']['x0']['holds']}; defaults' goals {'met' if d['defaults']['all'] else 'NOT met'}")
@@ -878,8 +1017,9 @@ def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, par
     so a run cut short keeps what it measured."""
     stamp = _dt.datetime.now(_dt.timezone.utc)
     label = opts.label or ("quick" if opts.quick else "full")
-    order = {(b, r, s): i for i, (b, r, s) in enumerate((b, r, s) for b in cfg["bases"] for r in cfg["ranks"]
-                                                          for s in cfg["seeds"])}
+    order = {(b, r, s): i for i, (b, r, s) in enumerate((b, r, s) for b in cfg["bases"]
+                                                          for r in base_cfg(cfg, b)["ranks"]
+                                                          for s in base_cfg(cfg, b)["seeds"])}
     pairs = state["pairs"] = sorted(state["pairs"], key=lambda p: order[(p["base"], p["rank"], p["seed"])])
     results = {
         "schema": SCHEMA_VERSION, "quick": opts.quick, "label": label, "time": stamp.isoformat(timespec="seconds"),
@@ -890,7 +1030,8 @@ def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, par
         "cpu_seconds": None if partial else cpu_time() - c_start,
         "train_cpu_seconds": sum(r["cpu_seconds"] for p in pairs for r in p["runs"] if not r["cached"]),
         "loadavg_end": os.getloadavg(),
-        "frontier_holds": {s: all(p["decide"]["frontier"][s]["holds"] for p in pairs if p["decide"]) for s in SPACES},
+        "frontier_holds": {s: all(p["decide"]["frontier"][s]["holds"] for p in pairs if p["decide"]
+                                  and s in p["decide"]["frontier"]) for s in (*SPACES, PICTURE_SPACE)},
         "defaults_goals_met": all(p["decide"]["defaults"]["all"] for p in pairs if p["decide"]),
     }
     text = report(results)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS = {"train_eps", "heldout_eps", "drift_eps", "train_x0", "heldout_x0", "drift_x0", "gap_eps", "gap_x0"}
+PICTURE_METRICS = {"heldout_pic", "train_pic", "drift_pic", "gap_pic", "heldout_frame", "content_pic"}
 
 
 def test_bench_method_quick_writes_well_formed_results(tmp_path):
@@ -25,9 +26,23 @@ def test_bench_method_quick_writes_well_formed_results(tmp_path):
     results = json.loads((out / "latest-quick.json").read_text())
     assert results["schema"] == 2 and results["quick"] is True
     cfg = results["config"]
+    assert cfg["bases"] == ["b64", "drawing"]  # a latent base and the picture-level one
+    pic = cfg["pictures"]
     assert [(p["base"], p["rank"], p["seed"]) for p in results["pairs"]] == \
-        [(b, r, s) for b in cfg["bases"] for r in cfg["ranks"] for s in cfg["seeds"]]
-    for pair in results["pairs"]:
+        [("b64", r, s) for r in cfg["ranks"] for s in cfg["seeds"]] + \
+        [("drawing", r, s) for r in pic["ranks"] for s in pic["seeds"]]
+    for pair in [p for p in results["pairs"] if p["base"] == "drawing"]:
+        assert pair["pictures"] and [(r["side"], r["lr"]) for r in pair["runs"]] == \
+            [("ours", results["default_lr"]), *(("lora", lr) for lr in pic["lr_lora"])]
+        for run in pair["runs"]:
+            assert [int(s) for s in run["curve"]] == [0, *pic["checkpoints"]]
+            assert run["curve"]["0"]["drift_pic"] == 0
+            for point in run["curve"].values():
+                assert PICTURE_METRICS <= set(point) and all(math.isfinite(point[k]) for k in PICTURE_METRICS), point
+            assert run["curve"][str(pic["steps"])]["drift_pic"] > 0, run["side"]  # the pictures changed
+        assert {"rows", "holds", "gap_holds"} <= set(pair["decide"]["frontier"]["pic"])
+        assert {"frame_visible", "drift_vs_lora", "frame_last", "all"} <= set(pair["decide"]["defaults"])
+    for pair in [p for p in results["pairs"] if p["base"] != "drawing"]:
         sides = [(r["side"], r["lr"]) for r in pair["runs"]]
         assert sides == [*(("ours", lr) for lr in results["lr_ours"]), *(("lora", lr) for lr in cfg["lr_lora"]),
                          ("theirs", None)]
@@ -66,4 +81,5 @@ def test_bench_method_quick_writes_well_formed_results(tmp_path):
         [[r["curve"] for r in p["runs"]] for p in results["pairs"]]
     text = (out / "latest-quick.md").read_text()
     assert "## The frontier claim" in text and "## The defaults' goals" in text and "## Thread check" in text
-    assert text.count("| ours |") == len(cfg["ranks"]) * len(results["lr_ours"])
+    assert "## Pictures: the drawing model" in text
+    assert text.count("| ours |") == len(cfg["ranks"]) * len(results["lr_ours"]) + len(pic["ranks"])

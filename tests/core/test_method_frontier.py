@@ -55,3 +55,16 @@ def test_no_claim_where_a_side_never_improves_on_the_base():
     flat = [curve([(0, 1.0, 0.0), (20, 1.1, 0.3)])]
     claim = frontier_claim([curve(SLOW)], flat, "eps")
     assert claim["rows"] == [] and not claim["holds"]
+
+
+def test_the_last_level_is_the_common_best_itself_not_a_rounded_neighbour():
+    # 0.2784 - 1.0 * (0.2784 - 0.0409...) rounds below 0.0409...: ours, whose best that is, must
+    # still reach it (found by the picture base's first run: a crash on None / float)
+    best = 0.04085290591915443
+    ours = [curve([(0, 0.2784, 0.0), (50, best, 0.02), (100, 0.06, 0.03)])]
+    lora = [curve([(0, 0.2784, 0.0), (50, 0.03, 0.05), (100, 0.001, 0.06)])]
+    assert 0.2784 - (0.2784 - best) != best  # the rounding this guards against
+    claim = frontier_claim(ours, lora, "eps")
+    assert claim["common_best"] == best and claim["rows"][-1]["level"] == best
+    assert claim["rows"][-1]["drift_ours"] == pytest.approx(0.02)
+    assert all(r["drift_ratio"] is not None for r in claim["rows"])
