@@ -31,6 +31,8 @@ def side_curves(results: dict, side: str = "ours") -> dict:
     """{(base, rank, seed): [the side's curves, one per learning rate]} with gap growth added."""
     out = {}
     for p in results["pairs"]:
+        if p.get("pictures"):  # the picture-level base has no eps or x0 figures
+            continue
         start = p["runs"][0]["curve"]["0"]
         curves = [r["curve"] for r in p["runs"] if r["side"] == side]
         for c in curves:
