@@ -57,7 +57,8 @@ number of workers or which worker ran what (tests/comfy/test_bench_method_smoke.
     .venv/bin/python scripts/bench_method.py --bases b64 --ranks 4 --seeds 0 --ours loss_weighting=min_snr --label x
                                                        # an experiment: lora's and theirs' runs come from the cache
 
-Results: bench_output/method/<label>-<time>.json, latest.json and latest.md (--out to change).
+Results: bench_output/method/<label>-<time>.json and .md, latest.json and latest.md for the full bench (latest-<label>.*
+for another --label or --quick; --out to change).
 """
 from __future__ import annotations
 
@@ -1049,7 +1050,8 @@ def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, par
         (out / f"{label}-partial.md").write_text(text)
         return
     name = f"{label}-{stamp.strftime('%Y%m%d-%H%M%S')}"
-    suffix = "-quick" if opts.quick else ""
+    # latest.json is the full bench's: an experiment (--label) or the smoke run keeps its own latest
+    suffix = "" if label == "full" else f"-{label}"
     for path in (out / f"{name}.json", out / f"latest{suffix}.json"):
         path.write_text(json.dumps(results, indent=1))
     for path in (out / f"{name}.md", out / f"latest{suffix}.md"):
