@@ -691,9 +691,12 @@ def report(results: dict) -> str:
             continue
         lines.append(f"| {name} | {b['channels']} | {', '.join(b['kinds'])}; style {b['style']} | "
                      f"{fmt(b['start']['heldout_eps'])} | {fmt(b['start']['heldout_x0'])} | {b['drift_pictures']} |")
+    latent = bool(latent_pairs(results))  # none with --bases drawing: no empty latent tables
     if results["sides"] == list(SIDES):
-        lines += ["", *report_frontier(results), *report_defaults(results), *report_pictures(results)]
-    lines += ["", *report_curves(results)]
+        lines += ["", *(report_frontier(results) + report_defaults(results) if latent else []),
+                  *report_pictures(results)]
+    if latent:
+        lines += ["", *report_curves(results)]
     tc = results.get("thread_check")
     if tc:
         lines += ["## Thread check", "",
