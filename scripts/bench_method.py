@@ -258,6 +258,25 @@ def reload_base(host: Host, channels: int, like):
     return patcher
 
 
+def track_reloads(patcher):
+    """A patcher from ComfyUI's checkpoint loader (the picture base): from 0.33 on, TrainLoraNode
+    trains a copy that the loader's cached_patcher_init loads again, so that copy, not ``patcher``,
+    is the one to measure (RELOADED, as reload_base does for the latent bases). Without the hook
+    (0.3.75) ``patcher`` is left as it is."""
+    init = getattr(patcher, "cached_patcher_init", None)
+    if not init:
+        return patcher
+    load, *rest = init  # (loader, args) or (loader, args, index of the patcher in what it returns)
+
+    def reload(*args, **kwargs):
+        out = load(*args, **kwargs)
+        RELOADED.append((out[rest[1]] if len(rest) > 1 else out).model)
+        return out
+
+    patcher.cached_patcher_init = (reload, *rest)
+    return patcher
+
+
 def pretrain_key(base: dict, cfg: dict) -> str:
     keys = ("latent", "pretrain_steps", "pretrain_batch", "pretrain_lr", "pictures_per_class")
     code = "".join(inspect.getsource(f) for f in (_pattern, Data, build_base, pretrain))  # what makes the model
@@ -765,6 +784,7 @@ def worker_base(name: str):
         if not drawing.is_current(path):
             raise SystemExit(f"{path} is missing or stale: run `make setup`")
         pictures = PictureBase(WORKER["host"], path, cfg["sample_steps"], *cfg["prompts"])
+        track_reloads(pictures.model)
         WORKER["bases"][name] = (pictures.model, None, pictures, {"file": str(path), "spec": drawing.spec()})
     if name not in WORKER["bases"]:
         host, cfg = WORKER["host"], WORKER["cfg"]
