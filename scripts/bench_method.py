@@ -76,7 +76,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: harness
-from harness import REPO  # noqa: E402
+from harness import COMFY_VERSION, REPO  # noqa: E402
 from harness.bench import BenchHost as Host  # noqa: E402
 from harness.bench import machine_info  # noqa: E402
 from harness.host import as_loader_made  # noqa: E402
@@ -663,7 +663,10 @@ def report_pictures(results: dict) -> list[str]:
              "- the sample pictures'| (0: the style's frame), drift = mean squared change of the base prompts' "
              "pictures (pixels in [0, 1]), content = RGB distance of the large shape to the prompt's colour. Frontier "
              f"as for latents (LoRA on the same layers at {', '.join(fmt(x, 4) for x in c['lr_lora'])}; TrainTriLoRA at "
-             f"{', '.join(fmt(m, 2) for m in c['lr_ours'])}x its learning rate).", "",
+             f"{', '.join(fmt(m, 2) for m in c['lr_ours'])}x its learning rate). The defaults' columns: the "
+             "default learning rate's run alone, at the best style it reaches (or LoRA's best, if that is worse), "
+             "which can be earlier than the last step; the drift ratio columns use every TrainTriLoRA learning rate "
+             "at the levels both sides reach.", "",
              "| base | rank | seed | " + " | ".join(f"drift ratio at {f}" for f in FIT_FRACTIONS) +
              " | gap no larger | defaults: frame at the last step | defaults: best style / LoRA's best | "
              "defaults: drift vs LoRA at its best style | content: base / defaults last |",
@@ -734,7 +737,7 @@ def report(results: dict) -> str:
 def run_key(run: dict, cfg: dict, target: str) -> str:
     where = f"-{target}" if run["side"] == "lora" else ""
     return (f"{run['side']}{where}-lr{run['lr']}-r{run['rank']}-s{run['seed']}-t{run['threads']}-n{cfg['steps']}"
-            f"-c{','.join(map(str, cfg['checkpoints']))}-nockpt")
+            f"-c{','.join(map(str, cfg['checkpoints']))}-nockpt-comfy{'.'.join(map(str, COMFY_VERSION))}")  # 0.33 trains a copy
 
 
 class RunCache:
@@ -945,6 +948,9 @@ def options(argv):
         c["checkpoints"] = sorted({k for k in c["checkpoints"] if k < c["steps"]} | {c["steps"]})
     cfg["thread_check"] = cfg["thread_check"] and not opts.no_thread_check
     cfg["probe_min_rank"] = opts.probe_timestep_min_rank
+    # the whole bench (its report is latest.md): nothing narrowed, TrainTriLoRA at its defaults
+    cfg["whole"] = not opts.quick and not opts.ours and opts.sides == list(SIDES) and not opts.steps and not any(
+        getattr(opts, n) for n in ("bases", "ranks", "seeds", "lr_ours", "lr_lora"))
     return opts, cfg
 
 
@@ -1051,7 +1057,7 @@ def write_results(out: Path, opts, argv, cfg, state: dict, t_start, c_start, par
     """The JSON and the markdown tables; after each base, rank and seed too (<label>-partial.*),
     so a run cut short keeps what it measured."""
     stamp = _dt.datetime.now(_dt.timezone.utc)
-    label = opts.label or ("quick" if opts.quick else "full")
+    label = opts.label or ("quick" if opts.quick else "full" if cfg.get("whole") else "subset")
     order = {(b, r, s): i for i, (b, r, s) in enumerate((b, r, s) for b in cfg["bases"]
                                                           for r in base_cfg(cfg, b)["ranks"]
                                                           for s in base_cfg(cfg, b)["seeds"])}
