@@ -7,7 +7,7 @@ on pictures it generates, as a user looks at them:
 - style fit on held-out prompts (`heldout_pic`): how far the mean frame contrast
   (harness.picture_stats.frame_contrast) of pictures generated from style prompts not among the
   training captions is from the sample pictures' own; lower is better, 0 is the style's frame;
-- the same on 4 of the training captions (`train_pic`), so gap growth is defined as for latents;
+- the same on the first few training captions (`train_pic`), so gap growth is defined as for latents;
 - drift (`drift_pic`): the mean squared change, in pixels in [0, 1], of the pictures generated
   from the base model's own captions (no trigger word), against the untouched model's pictures
   from the same noise;
@@ -70,9 +70,9 @@ class PictureBase:
         n = sum(len(v) for v in self.prompts.values())
         self.noise = torch.randn(n, 4, SIZE // 8, SIZE // 8, generator=g)
         self.sample_contrast = float(sum(picture_stats.frame_contrast(p) for p in pictures) / len(pictures))
-        self.reference = None
-        self.reference = self.generate(self.model.model)
-        self.start = self.measure(self.model.model)
+        # the untouched model's pictures: the drift reference and, scored, step 0 of every curve
+        self.reference = self.generate(self.base)
+        self.start = self.score(self.reference)
 
     def encode(self, text: str):
         """CLIPTextEncode's CONDITIONING for ``text``."""
@@ -107,20 +107,21 @@ class PictureBase:
 
     def measure(self, base) -> dict:
         """The figures of the module docstring for ``base`` as it is now."""
-        pics = self.generate(base)
+        return self.score(self.generate(base))
+
+    def score(self, pics: dict) -> dict:
+        """The figures of the module docstring for pictures ``generate`` made."""
         out = {}
         for name in ("heldout", "train"):
             contrast = sum(picture_stats.frame_contrast(p.numpy()) for p in pics[name]) / len(pics[name])
             out[f"{name}_pic"] = abs(contrast - self.sample_contrast)
             out[f"{name}_frame"] = contrast
-        out["drift_pic"] = 0.0 if self.reference is None else \
-            float((pics["base"] - self.reference["base"]).square().mean())
+        out["drift_pic"] = float((pics["base"] - self.reference["base"]).square().mean())
         distances = [picture_stats.colour_distance(to_image(p), c) for p, c in zip(pics["heldout"],
                                                                                   self.heldout_colours, strict=True)]
         out["content_pic"] = sum(d["distance"] for d in distances) / len(distances)
         out["content_kept"] = sum(d["nearest"] == c for d, c in zip(distances, self.heldout_colours, strict=True)) \
             / len(distances)
-        self.last = pics
         return out
 
 

@@ -459,11 +459,11 @@ def attached_adapters(base) -> list:
     return [h.args[0] for h in hooks if getattr(h, "args", None) and hasattr(h.args[0], "trilora_s")]
 
 
-def training_set(model, data) -> tuple[list, list]:
+def training_set(model, data, probe) -> tuple[list, list]:
     """(latents, positive) as the trainers take them: the style's pictures (LATENT dicts) and
     their caption(s) (one CONDITIONING per picture, or one for all)."""
     if data is None:  # the picture-level base: its PictureBase holds them
-        return model.latents, model.positive
+        return probe.latents, probe.positive
     latents = [{"samples": model.model.process_latent_out(data.train[i:i + 1].clone())}
                for i in range(len(data.train))]
     return latents, [[[data.caption[data.style].clone(), {}]]]
@@ -476,8 +476,7 @@ def train_run(host: Host, run: dict, model, data: Data | None, probe, cfg: dict,
     torch, side = host.torch, run["side"]
     node = host.ours if side == "ours" else host.theirs
     kwargs = node_defaults(node)
-    latents, positive = training_set(probe if data is None else model, data)
-    model = probe.model if data is None else model
+    latents, positive = training_set(model, data, probe)
     # Gradient checkpointing off on every side: it only saves memory (the figures agree to ~1e-7
     # relative with it on, less than the thread check's change) and costs ~27 % more CPU.
     kwargs.update(model=[model], latents=latents, positive=positive, gradient_checkpointing=[False],
